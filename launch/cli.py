@@ -1,0 +1,132 @@
+"""`pretrain`: what a person types. Each command parses, validates and hands off; no training
+logic lives here."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+EXIT_BAD_INPUT = 2
+
+
+def _fail(msg: str) -> int:
+    print(f"pretrain: error: {msg}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def _load(args: argparse.Namespace):
+    from trainer.config import load_config
+
+    return load_config(args.config, args.set)
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from trainer.data import prepare
+
+    return prepare.run(args)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    from cluster.driver import run_training
+
+    s = run_training(cfg)
+    print(
+        f"done: {s['steps']} steps, {s['tokens']:,} tokens, final loss {s['final_loss']:.4f}, "
+        f"{s['tokens_per_s']:,.0f} tokens/s, {s['wall_s']:.0f} s wall; run files: {s['run_dir']}"
+    )
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    """Print the resolved config (YAML + --set), or every field with its doc."""
+    import yaml
+
+    from trainer.config import describe_fields
+
+    if args.fields:
+        for name, default, doc in describe_fields():
+            print(f"{name:36s} {default:24s} {doc}")
+        return 0
+    if not args.config:
+        return _fail("give a CONFIG file, or --fields to list every field")
+    print(yaml.safe_dump(_load(args).to_dict(), sort_keys=False), end="")
+    return 0
+
+
+def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument(
+        "config", nargs=None if required else "?", help="YAML config file, e.g. configs/tiny-cpu.yaml"
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set train.steps=100 (repeatable; beats the YAML)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pretrain",
+        description="Pretrain GPT/LLaMA-style models on Ray + DeepSpeed from one YAML config.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    from trainer.data import prepare
+
+    p = sub.add_parser(
+        "prepare",
+        help="tokenize raw text into WebDataset shards + manifest.json",
+        description="Train (or load) a tokenizer and write token shards and a manifest.",
+    )
+    prepare.add_arguments(p)
+    p.set_defaults(fn=cmd_prepare)
+
+    p = sub.add_parser(
+        "train",
+        help="train from a config on a local or remote Ray cluster",
+        description="Validate CONFIG, start (or join) Ray and run the training to the end.",
+    )
+    _add_config_args(p)
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser(
+        "config",
+        help="print the resolved config, or every field with its meaning",
+        description="Print CONFIG after --set overrides and defaults, validated.",
+    )
+    _add_config_args(p, required=False)
+    p.add_argument(
+        "--fields", action="store_true", help="list every config field, its default and its meaning"
+    )
+    p.set_defaults(fn=cmd_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=os.environ.get("PRETRAIN_LOG_LEVEL", "INFO"), format="%(message)s")
+    args = build_parser().parse_args(argv)
+    from trainer.config import ConfigError
+    from trainer.data.manifest import ManifestError
+
+    try:
+        return args.fn(args)
+    except (ConfigError, ManifestError) as e:
+        return _fail(str(e))
+    except Exception as e:  # known bad-input errors from the other layers
+        from cluster.driver import RunError
+        from trainer.data.prepare import PrepareError
+        from trainer.data.storage import StorageError
+        from trainer.data.stream import DataError
+
+        if isinstance(e, (RunError, PrepareError, StorageError, DataError)):
+            return _fail(str(e))
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""The `pretrain` CLI as a user meets it: help, and bad input that fails fast and cleanly."""
+
+import pytest
+
+COMMANDS = ["prepare", "train", "config"]
+
+
+def test_top_level_help(pretrain_cli):
+    p = pretrain_cli("--help")
+    assert p.returncode == 0
+    for c in COMMANDS:
+        assert c in p.stdout
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_each_command_has_help(pretrain_cli, command):
+    p = pretrain_cli(command, "--help")
+    assert p.returncode == 0 and "usage: pretrain " + command in p.stdout
+
+
+def test_missing_config_file_exits_2(pretrain_cli, tmp_path):
+    p = pretrain_cli("train", str(tmp_path / "nope.yaml"), cwd=tmp_path)
+    assert p.returncode == 2
+    assert "nope.yaml does not exist" in p.stderr
+    assert "Traceback" not in p.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_unparsable_yaml_exits_2(pretrain_cli, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {d_model: [\n")
+    p = pretrain_cli("train", str(bad), cwd=tmp_path)
+    assert p.returncode == 2 and "bad.yaml is not valid YAML" in p.stderr
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("train.steps=lots", "train.steps"),
+        ("optim.lr=-0.1", "optim.lr"),
+        ("cluster.num_workers=0", "cluster.num_workers"),
+        ("model.d_model=100", "model.d_model"),
+    ],
+)
+def test_bad_field_exits_2_and_writes_nothing(pretrain_cli, tmp_path, override, field):
+    from tests.conftest import ROOT
+
+    p = pretrain_cli(
+        "train",
+        str(ROOT / "configs/tiny-cpu.yaml"),
+        "--set",
+        override,
+        "--set",
+        f"cluster.storage_path={tmp_path}/runs",
+        cwd=tmp_path,
+    )
+    assert p.returncode == 2, p.stderr
+    assert field in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "runs").exists()
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_missing_corpus_names_it_and_writes_nothing(pretrain_cli, tmp_path):
+    from tests.conftest import ROOT
+
+    p = pretrain_cli(
+        "train",
+        str(ROOT / "configs/tiny-cpu.yaml"),
+        "--set",
+        f"data.path={tmp_path}/nodata",
+        "--set",
+        f"cluster.storage_path={tmp_path}/runs",
+        cwd=tmp_path,
+    )
+    assert p.returncode == 2
+    assert f"{tmp_path}/nodata" in p.stderr and "pretrain prepare" in p.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_seq_len_longer_than_stored_blocks(pretrain_cli, tmp_path, corpus):
+    from tests.conftest import ROOT
+
+    p = pretrain_cli(
+        "train",
+        str(ROOT / "configs/tiny-cpu.yaml"),
+        "--set",
+        f"data.path={corpus}",
+        "--set",
+        "data.seq_len=64",
+        "--set",
+        f"cluster.storage_path={tmp_path}/runs",
+        cwd=tmp_path,
+    )
+    assert p.returncode == 2
+    assert "data.seq_len (64)" in p.stderr and "--block-len 65" in p.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_config_prints_resolved_yaml(pretrain_cli):
+    p = pretrain_cli("config", "configs/tiny-cpu.yaml", "--set", "train.steps=7")
+    assert p.returncode == 0 and "steps: 7" in p.stdout
+
+
+def test_config_fields_documents_every_field(pretrain_cli):
+    p = pretrain_cli("config", "--fields")
+    assert p.returncode == 0
+    assert "parallel.zero_stage" in p.stdout and "model.n_kv_heads" in p.stdout

@@ -1,0 +1,85 @@
+import pytest
+import torch
+
+from trainer.config import ModelConfig
+from trainer.model import Transformer, cross_entropy, flops_per_token, param_count
+
+SHAPES = {
+    "llama-gqa": ModelConfig(vocab_size=97, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16),
+    "llama-mha-tied": ModelConfig(
+        vocab_size=97, d_model=64, n_layers=3, n_heads=4, max_seq_len=16, tie_embeddings=True
+    ),
+    "gpt2": ModelConfig(arch="gpt2", vocab_size=97, d_model=64, n_layers=2, n_heads=4, max_seq_len=16),
+}
+
+
+@pytest.mark.parametrize("name", SHAPES)
+def test_parameter_count_matches_closed_form(name):
+    cfg = SHAPES[name]
+    model = Transformer(cfg)
+    counted = sum(p.numel() for p in model.parameters())  # shared tensors are yielded once
+    assert counted == param_count(cfg)
+
+
+def test_known_llama_7b_count():
+    # LLaMA-7B: 6,738,415,616 parameters (Touvron et al. 2023; the HF checkpoint's count).
+    cfg = ModelConfig(vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, d_ff=11008, max_seq_len=2048)
+    assert param_count(cfg) == 6_738_415_616
+
+
+def test_known_gpt2_small_count():
+    # GPT-2 small with tied embeddings: 124,439,808 parameters (HF gpt2).
+    cfg = ModelConfig(
+        arch="gpt2",
+        vocab_size=50257,
+        d_model=768,
+        n_layers=12,
+        n_heads=12,
+        max_seq_len=1024,
+        tie_embeddings=True,
+    )
+    assert param_count(cfg) == 124_439_808
+
+
+@pytest.mark.parametrize("name", SHAPES)
+def test_causal(name):
+    torch.manual_seed(0)
+    cfg = SHAPES[name]
+    model = Transformer(cfg).eval()
+    idx = torch.randint(0, cfg.vocab_size, (2, 12))
+    changed = idx.clone()
+    changed[:, 7] = (changed[:, 7] + 1) % cfg.vocab_size
+    with torch.no_grad():
+        a, b = model(idx), model(changed)
+    assert torch.equal(a[:, :7], b[:, :7])  # earlier positions bit-identical
+    assert not torch.allclose(a[:, 7:], b[:, 7:])  # the changed token does matter downstream
+
+
+@pytest.mark.parametrize("name", SHAPES)
+def test_one_adamw_step_lowers_loss(name):
+    torch.manual_seed(0)
+    cfg = SHAPES[name]
+    model = Transformer(cfg)
+    idx = torch.randint(0, cfg.vocab_size, (4, 13))
+    x, y = idx[:, :-1], idx[:, 1:]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    before = cross_entropy(model(x), y)
+    before.backward()
+    opt.step()
+    with torch.no_grad():
+        after = cross_entropy(model(x), y)
+    assert after < before - 0.05
+    # a fresh model predicts close to uniform: loss ~ ln(V)
+    assert abs(before.item() - torch.log(torch.tensor(97.0)).item()) < 0.3
+
+
+def test_tied_embeddings_share_storage():
+    model = Transformer(SHAPES["llama-mha-tied"])
+    assert model.head.out.weight is model.embed.tok.weight
+
+
+def test_flops_per_token_palm_formula():
+    # PaLM appendix B: 6N + 12*L*H*Q*T; N = non-embedding parameters incl. the output projection.
+    cfg = SHAPES["llama-gqa"]
+    n = param_count(cfg) - cfg.vocab_size * cfg.d_model
+    assert flops_per_token(cfg, 16) == 6 * n + 12 * 2 * 4 * 16 * 16

@@ -1,0 +1,418 @@
+"""Typed, validated run configuration.
+
+One dataclass per section; each field carries a one-line doc (the `doc` metadata) saying what it
+is for and when to change it. Precedence, written once: CLI `--set a.b=c` > YAML > defaults.
+Unknown keys, wrong types and impossible values raise `ConfigError` naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem; the message names the file or field and the fix."""
+
+
+def _f(default: Any, doc: str, **kw: Any) -> Any:
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata={"doc": doc}, **kw)
+    return field(default=default, metadata={"doc": doc}, **kw)
+
+
+@dataclass
+class ModelConfig:
+    arch: Literal["llama", "gpt2"] = _f(
+        "llama", "llama: RMSNorm+RoPE+SwiGLU+GQA; gpt2: LayerNorm+GELU+learned positions"
+    )
+    vocab_size: int = _f(0, "tokenizer vocabulary size; 0 = take it from the data manifest")
+    d_model: int = _f(256, "hidden size")
+    n_layers: int = _f(4, "number of transformer blocks")
+    n_heads: int = _f(4, "attention heads; d_model must be divisible by it")
+    n_kv_heads: int = _f(0, "key/value heads for grouped-query attention; 0 = n_heads (plain MHA)")
+    d_ff: int = _f(0, "MLP hidden size; 0 = LLaMA's 8/3*d_model rounded up to 64 (gpt2: 4*d_model)")
+    max_seq_len: int = _f(256, "longest sequence the model supports (rotary table / position table size)")
+    rope_theta: float = _f(10000.0, "rotary embedding base; raise it for long contexts")
+    norm_eps: float = _f(1e-5, "epsilon of RMSNorm/LayerNorm")
+    tie_embeddings: bool = _f(False, "share the input embedding and the output projection")
+    init_std: float = _f(
+        0.02, "std of the normal init; residual projections are scaled by 1/sqrt(2*n_layers)"
+    )
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def ff_dim(self) -> int:
+        if self.d_ff:
+            return self.d_ff
+        if self.arch == "gpt2":
+            return 4 * self.d_model
+        return 64 * ((int(8 * self.d_model / 3) + 63) // 64)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+@dataclass
+class DataConfig:
+    path: str = _f("data/pystdlib", "prepared corpus: directory or http(s)/s3 URL holding manifest.json")
+    seq_len: int = _f(256, "training sequence length; may be shorter than the stored block length")
+    num_streams: int = _f(
+        0, "logical streams S (a multiple of every DP size you will use); 0 = from the manifest"
+    )
+    prefetch: int = _f(4, "micro batches read ahead by a background thread per rank (0 = read inline)")
+
+
+@dataclass
+class ParallelConfig:
+    zero_stage: int = _f(3, "DeepSpeed ZeRO stage 0-3 (0 = plain data parallel)")
+    tp: int = _f(1, "tensor-parallel degree")
+    pp: int = _f(1, "pipeline-parallel degree (needs zero_stage <= 1)")
+    micro_batch_size: int = _f(8, "sequences per rank per forward pass")
+    global_batch_size: int = _f(16, "sequences per optimizer step over all DP ranks; accumulation is derived")
+    activation_checkpointing: bool = _f(False, "recompute each block in backward to save activation memory")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _f(3e-4, "peak learning rate after warmup")
+    min_lr: float = _f(3e-5, "learning rate at the end of the cosine decay")
+    warmup_steps: int = _f(20, "linear warmup steps from 0 to lr")
+    weight_decay: float = _f(
+        0.1, "AdamW decoupled weight decay on matrices (norm weights and biases are not decayed)"
+    )
+    beta1: float = _f(0.9, "AdamW beta1")
+    beta2: float = _f(0.95, "AdamW beta2")
+    eps: float = _f(1e-8, "AdamW epsilon")
+    grad_clip: float = _f(1.0, "clip the global gradient norm to this; 0 disables clipping")
+    fused: bool = _f(False, "DeepSpeed's fused CUDA Adam (GPU only); off = torch AdamW")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = _f(300, "optimizer steps to train for")
+    seed: int = _f(1234, "seed for init, data order and dropout")
+    log_every: int = _f(10, "log metrics every N steps")
+    eval_every: int = _f(0, "validation every N steps (0 = only at the end if eval_batches > 0)")
+    eval_batches: int = _f(0, "micro batches of the validation split per evaluation (0 = no validation)")
+    precision: Literal["auto", "fp32", "bf16"] = _f("auto", "auto = bf16 on GPU, fp32 on CPU")
+    device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto = cuda when a GPU is visible")
+    compile: bool = _f(False, "torch.compile each transformer block")
+    torch_threads: int = _f(0, "intra-op CPU threads per worker; 0 = cores / workers on this node")
+    peak_tflops: float = _f(0.0, "device peak dense TFLOP/s for MFU; 0 = detect (known GPUs), none on CPU")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = _f(0, "save a committed checkpoint every N steps (0 = only at the end)")
+    keep: int = _f(2, "committed checkpoints kept (>= 2)")
+    save_final: bool = _f(True, "save a checkpoint when training ends")
+
+
+@dataclass
+class ClusterConfig:
+    address: str = _f("", "Ray cluster address (ray://, auto, host:port); empty = start a local Ray")
+    num_workers: int = _f(2, "Ray Train workers = DeepSpeed ranks")
+    use_gpu: Literal["auto", "true", "false"] = _f(
+        "auto", "one GPU per worker; auto = when the cluster has GPUs"
+    )
+    cpus_per_worker: float = _f(1.0, "CPUs reserved per worker")
+    resources_per_worker: dict = _f(
+        {}, "extra custom Ray resources per worker, e.g. {accelerator_type:H100: 0.01}"
+    )
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = _f(
+        "PACK", "how workers are placed on nodes"
+    )
+    max_failures: int = _f(2, "worker-group restarts Ray Train may do before the run fails")
+    storage_path: str = _f("runs", "where runs live: <storage_path>/<run_name>/")
+    run_name: str = _f("", "run name; empty = <config name>-<timestamp>")
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = _f(True, "log to MLflow")
+    uri: str = _f("sqlite:///mlflow.db", "MLflow tracking URI; default is a SQLite store in the working dir")
+    experiment: str = _f("pretrain", "MLflow experiment name")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    name: str = _f("run", "config name (defaults to the YAML file's stem)")
+
+    # ------------------------------------------------------------------ derived layout
+    def dp(self, world_size: int | None = None) -> int:
+        world = world_size or self.cluster.num_workers
+        return world // (self.parallel.tp * self.parallel.pp)
+
+    def grad_accum(self, world_size: int | None = None) -> int:
+        return self.parallel.global_batch_size // (self.parallel.micro_batch_size * self.dp(world_size))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self, sections: tuple[str, ...] = ("model",)) -> str:
+        """Hash of the sections that must not change across a resume."""
+        d = self.to_dict()
+        blob = json.dumps({k: d[k] for k in sections}, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def validate(self) -> Config:
+        _validate(self)
+        return self
+
+
+# ---------------------------------------------------------------------------------- building
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{where}: {value!r} is not {_type_name(tp)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{where}: {value!r} has the wrong type")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads `3e-4` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    raise ConfigError(f"{where}: unsupported field type {tp}")
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"{path}: unknown key (known keys here: {known})")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value if value is not None else {}, path)
+        else:
+            kwargs[key] = _coerce(value, tp, path)
+    return cls(**kwargs)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b=c` -> (["a", "b"], parsed c). Values are parsed as YAML scalars."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.steps=100")
+    key, _, text = item.partition("=")
+    try:
+        value = yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        value = text
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = raw
+        for k in keys[:-1]:
+            if node.get(k) is None:
+                node[k] = {}
+            if not isinstance(node[k], dict):
+                raise ConfigError(f"--set {item}: {k} is not a section")
+            node = node[k]
+        node[keys[-1]] = value
+    return raw
+
+
+def load_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {p}: top level must be a mapping of sections")
+    raw.setdefault("name", p.stem)
+    return raw
+
+
+def from_dict(raw: dict) -> Config:
+    return _build(Config, raw, "").validate()
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """YAML file + `--set` overrides -> validated Config."""
+    raw = load_yaml(path)
+    apply_overrides(raw, overrides or [])
+    try:
+        return from_dict(raw)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+# ---------------------------------------------------------------------------------- validation
+
+
+def _validate(c: Config) -> None:
+    m, p, o, _t, k, cl = c.model, c.parallel, c.optim, c.train, c.checkpoint, c.cluster
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ConfigError(msg)
+
+    for sec, names in {
+        "model": ("d_model", "n_layers", "n_heads", "max_seq_len"),
+        "data": ("seq_len",),
+        "parallel": ("tp", "pp", "micro_batch_size", "global_batch_size"),
+        "train": ("steps", "log_every"),
+        "cluster": ("num_workers",),
+    }.items():
+        for n in names:
+            v = getattr(getattr(c, sec), n)
+            need(v > 0, f"{sec}.{n} must be > 0, got {v}")
+    for sec, names in {
+        "model": ("vocab_size", "n_kv_heads", "d_ff"),
+        "optim": ("warmup_steps", "weight_decay", "grad_clip", "min_lr"),
+        "train": ("eval_every", "eval_batches", "torch_threads", "peak_tflops"),
+        "checkpoint": ("every",),
+        "cluster": ("max_failures",),
+        "data": ("num_streams", "prefetch"),
+    }.items():
+        for n in names:
+            v = getattr(getattr(c, sec), n)
+            need(v >= 0, f"{sec}.{n} must be >= 0, got {v}")
+
+    need(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
+    need(o.min_lr <= o.lr, f"optim.min_lr ({o.min_lr}) must be <= optim.lr ({o.lr})")
+    need(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1 and optim.beta2 must be in [0, 1)")
+    need(o.eps > 0, f"optim.eps must be > 0, got {o.eps}")
+    need(m.norm_eps > 0 and m.init_std > 0, "model.norm_eps and model.init_std must be > 0")
+    need(
+        m.d_model % m.n_heads == 0,
+        f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads})",
+    )
+    need(
+        m.arch == "gpt2" or m.head_dim % 2 == 0,
+        f"model.d_model / model.n_heads = {m.head_dim} must be even for rotary embeddings",
+    )
+    need(
+        m.n_heads % m.kv_heads == 0,
+        f"model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads ({m.kv_heads})",
+    )
+    need(
+        m.arch == "llama" or m.n_kv_heads in (0, m.n_heads),
+        "model.n_kv_heads: the gpt2 arch has no GQA; set 0",
+    )
+    need(
+        c.data.seq_len <= m.max_seq_len,
+        f"data.seq_len ({c.data.seq_len}) must be <= model.max_seq_len ({m.max_seq_len})",
+    )
+    need(p.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage must be 0, 1, 2 or 3, got {p.zero_stage}")
+    need(
+        p.pp == 1 or p.zero_stage <= 1,
+        f"parallel.pp={p.pp} needs parallel.zero_stage<=1 (DeepSpeed forbids ZeRO-2/3 with pipeline "
+        "parallelism); set zero_stage: 1 or pp: 1",
+    )
+    world = cl.num_workers
+    need(
+        world % (p.tp * p.pp) == 0,
+        f"cluster.num_workers ({world}) must be divisible by parallel.tp*parallel.pp ({p.tp * p.pp})",
+    )
+    dp = c.dp()
+    need(
+        p.global_batch_size % (p.micro_batch_size * dp) == 0,
+        f"parallel.global_batch_size ({p.global_batch_size}) must be divisible by "
+        f"parallel.micro_batch_size*dp ({p.micro_batch_size}*{dp})",
+    )
+    for n in ("n_heads", "kv_heads", "ff_dim"):
+        v = getattr(m, n)
+        need(
+            v % p.tp == 0,
+            f"model.{n.replace('kv_heads', 'n_kv_heads').replace('ff_dim', 'd_ff')} ({v}) "
+            f"must be divisible by parallel.tp ({p.tp})",
+        )
+    need(p.pp <= m.n_layers, f"parallel.pp ({p.pp}) must be <= model.n_layers ({m.n_layers})")
+    need(k.keep >= 2, f"checkpoint.keep must be >= 2 (the newest may be mid-write), got {k.keep}")
+    need(cl.cpus_per_worker > 0, f"cluster.cpus_per_worker must be > 0, got {cl.cpus_per_worker}")
+    need(
+        not (o.fused and c.train.device == "cpu"),
+        "optim.fused: the fused Adam is a CUDA kernel; set optim.fused: false on CPU",
+    )
+    for name in ("storage_path",):
+        need(getattr(cl, name) != "", f"cluster.{name} must not be empty")
+    need(c.data.path != "", "data.path must name the prepared corpus (run `pretrain prepare` first)")
+
+
+def describe_fields(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted name, default, doc) for every field, for `pretrain train --help-config`."""
+    out = []
+    for f in dataclasses.fields(cls):
+        name = f"{prefix}{f.name}"
+        tp = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            out += describe_fields(tp, name + ".")
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            out.append((name, repr(default), f.metadata.get("doc", "")))
+    return out

@@ -1,0 +1,743 @@
+"""`pretrain prepare`: raw text -> tokenizer -> fixed-length token blocks -> WebDataset shards.
+
+Output directory (`--out`):
+
+    tokenizer.json           HF `tokenizers` file (byte-level BPE, <|endoftext|> = EOS)
+    train-000000.tar ...     WebDataset shards; sample key = global block index (9 digits),
+    val-000000.tar ...       member `<key>.tokens` = block_len little-endian uint16/uint32 ids
+    manifest.json            written last: the dataset is valid iff it exists and checks out
+
+Documents are tokenized in input order, each followed by EOS, concatenated into one stream and cut
+into blocks of exactly `block_len` tokens (the tail that does not fill a block is dropped). The last
+`val_blocks` blocks form the "val" split. Everything is built in a temporary directory next to
+`--out` and moved in at the end, so an interrupted run leaves no manifest that lies.
+
+When the tokenizer is trained here, the inputs are read twice (train, then tokenize) rather than
+held in memory; URLs are therefore fetched twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import io
+import json
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from datetime import datetime, timezone
+from typing import IO, Any
+
+import numpy as np
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from trainer.data.manifest import MANIFEST_NAME, Manifest, ShardInfo, SplitInfo, fsync_dir, write_manifest
+
+EOS_TOKEN = "<|endoftext|>"
+TOKENIZER_NAME = "tokenizer.json"
+TEXT_EXTENSIONS = (".txt", ".md", ".py", ".rst")
+JSONL_EXTENSIONS = (".jsonl", ".jsonl.gz", ".jsonl.zst")
+PARQUET_EXTENSIONS = (".parquet",)
+# 256 byte symbols + <|endoftext|>: anything smaller cannot encode arbitrary bytes.
+MIN_VOCAB_SIZE = 257
+# Tokenization work unit: big enough to amortize IPC, small enough to keep workers busy.
+_BATCH_DOCS = 256
+_BATCH_CHARS = 1 << 20
+_URL_TIMEOUT_S = 60
+
+
+class PrepareError(ValueError):
+    """Bad input or option for `pretrain prepare`; the message names the file or option."""
+
+
+# ---- entry points -----------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the `pretrain prepare` arguments to `parser`."""
+    parser.add_argument(
+        "inputs",
+        nargs="+",
+        help="text sources: files, directories (recursive: .txt .md .py .rst .jsonl .jsonl.gz "
+        ".jsonl.zst .parquet), globs, or http(s) URLs; read in the given order, files sorted",
+    )
+    parser.add_argument(
+        "--out", required=True, help="output directory for shards, tokenizer.json, manifest.json"
+    )
+    parser.add_argument(
+        "--tokenizer",
+        metavar="PATH",
+        default=None,
+        help="reuse this tokenizer.json (must contain <|endoftext|>) instead of training a byte-level BPE",
+    )
+    parser.add_argument(
+        "--vocab-size", type=int, default=8192, help="vocabulary size of the trained tokenizer (default 8192)"
+    )
+    parser.add_argument(
+        "--block-len",
+        type=int,
+        default=2049,
+        help="tokens per sample; use the model's seq_len + 1 so inputs and shifted targets fit (default 2049)",
+    )
+    parser.add_argument(
+        "--samples-per-shard", type=int, default=256, help="blocks per tar shard (default 256)"
+    )
+    parser.add_argument(
+        "--val-blocks",
+        type=int,
+        default=None,
+        help="blocks at the end of the stream held out as the val split (default: max(1, 0.5%% of blocks))",
+    )
+    parser.add_argument(
+        "--text-field", default="text", help="JSON Lines / Parquet field holding the text (default 'text')"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=None, help="tokenizer processes (default: all CPU cores)"
+    )
+    parser.add_argument("--max-docs", type=int, default=None, help="stop after this many documents")
+    parser.add_argument(
+        "--tokenizer-sample-docs",
+        type=int,
+        default=None,
+        help="train the tokenizer on only the first N documents (default: all)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the shards (*.tar), manifest.json and tokenizer.json in a non-empty --out",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run `pretrain prepare` from parsed arguments; prepare() prints progress and the summary."""
+    prepare(
+        args.inputs,
+        args.out,
+        tokenizer=args.tokenizer,
+        vocab_size=args.vocab_size,
+        block_len=args.block_len,
+        samples_per_shard=args.samples_per_shard,
+        val_blocks=args.val_blocks,
+        text_field=args.text_field,
+        workers=args.workers,
+        max_docs=args.max_docs,
+        tokenizer_sample_docs=args.tokenizer_sample_docs,
+        overwrite=args.overwrite,
+    )
+    # stdout gets only the manifest path, so scripts can capture it.
+    print(os.path.join(args.out, MANIFEST_NAME))
+    return 0
+
+
+def prepare(
+    inputs: list[str],
+    out: str,
+    *,
+    tokenizer: str | None = None,
+    vocab_size: int = 8192,
+    block_len: int = 2049,
+    samples_per_shard: int = 256,
+    val_blocks: int | None = None,
+    text_field: str = "text",
+    workers: int | None = None,
+    max_docs: int | None = None,
+    tokenizer_sample_docs: int | None = None,
+    overwrite: bool = False,
+) -> Manifest:
+    """Tokenize `inputs` into WebDataset shards under `out`; returns the manifest written last."""
+    start = time.monotonic()
+    _check_options(
+        block_len=block_len,
+        samples_per_shard=samples_per_shard,
+        val_blocks=val_blocks,
+        workers=workers,
+        max_docs=max_docs,
+        tokenizer_sample_docs=tokenizer_sample_docs,
+        vocab_size=None if tokenizer else vocab_size,
+    )
+    workers = workers or os.cpu_count() or 1
+    out = os.path.abspath(out)
+    _check_out_dir(out, overwrite)
+    sources = resolve_inputs(inputs)
+
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    # Same filesystem as `out`, so the final moves are renames; the dot hides it from directory inputs.
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.prepare-", dir=parent)
+    progress = _Progress()
+    try:
+        tok_path = os.path.join(tmp, TOKENIZER_NAME)
+        if tokenizer:
+            tok = _load_tokenizer(tokenizer, tok_path)
+            tokenizer_source: dict[str, Any] = {"file": tokenizer}
+        else:
+            sample = (
+                tokenizer_sample_docs
+                if max_docs is None
+                else min(max_docs, tokenizer_sample_docs or max_docs)
+            )
+            tok = _train_tokenizer(iter_documents(sources, text_field, sample), vocab_size, progress)
+            tok.save(tok_path)
+            tokenizer_source = {"trained": {"vocab_size": vocab_size, "sample_docs": tokenizer_sample_docs}}
+        eos_id = tok.token_to_id(EOS_TOKEN)
+        vocab = tok.get_vocab_size(with_added_tokens=True)
+        dtype = "uint16" if vocab <= 1 << 16 else "uint32"
+
+        tokens_path = os.path.join(tmp, "tokens.bin")
+        n_docs, n_tokens = _tokenize_to_file(
+            iter_documents(sources, text_field, max_docs), tok, eos_id, dtype, workers, tokens_path, progress
+        )
+        if n_docs == 0:
+            raise PrepareError(
+                f"inputs {list(inputs)} contain no documents (empty files or no {text_field!r} values)"
+            )
+        n_blocks = n_tokens // block_len
+        n_val = val_blocks if val_blocks is not None else max(1, n_blocks // 200)
+        if n_blocks < n_val + 1:
+            raise PrepareError(
+                f"too little text: {n_docs} documents gave {n_tokens} tokens = {n_blocks} block(s) of "
+                f"--block-len {block_len}, but one train block + --val-blocks {n_val} are needed; "
+                "add input or lower --block-len"
+            )
+        n_train = n_blocks - n_val
+
+        blocks = np.memmap(tokens_path, dtype=_np_dtype(dtype), mode="r", shape=(n_blocks, block_len))
+        splits = {
+            "train": _write_split(tmp, "train", blocks, 0, n_train, samples_per_shard, progress),
+            "val": _write_split(tmp, "val", blocks, n_train, n_blocks, samples_per_shard, progress),
+        }
+        del blocks  # release the mapping before the temp dir goes
+        progress.done()
+
+        manifest = Manifest(
+            version=1,
+            dtype=dtype,
+            block_len=block_len,
+            vocab_size=vocab,
+            eos_id=eos_id,
+            tokenizer_file=TOKENIZER_NAME,
+            tokenizer_sha256=_sha256_file(tok_path),
+            splits=splits,
+            source={
+                "inputs": list(inputs),
+                "documents": n_docs,
+                "tokens": n_tokens,
+                "dropped_tail_tokens": n_tokens - n_blocks * block_len,
+                "text_field": text_field,
+                "max_docs": max_docs,
+                "tokenizer": tokenizer_source,
+                "tool_version": _tool_version(),
+            },
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        ).seal()
+        names = [s.name for split in splits.values() for s in split.shards] + [TOKENIZER_NAME]
+        _commit(tmp, out, names, manifest)
+    finally:
+        progress.done()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    n_shards = sum(len(s.shards) for s in manifest.splits.values())
+    print(
+        f"[prepare] done: {n_docs:,} documents, {n_tokens:,} tokens, {n_train:,} train + {n_val:,} val "
+        f"blocks of {block_len}, {n_shards} shards, {time.monotonic() - start:.1f}s -> {out}",
+        file=sys.stderr,
+        flush=True,
+    )
+    return manifest
+
+
+# ---- inputs -----------------------------------------------------------------------------------
+
+
+def resolve_inputs(inputs: Sequence[str]) -> list[str]:
+    """Expand inputs to an ordered list of files and URLs (each directory/glob sorted, no duplicates)."""
+    if not inputs:
+        raise PrepareError("no inputs given: pass files, directories, globs or http(s) URLs")
+    resolved: list[str] = []
+    seen: set[str] = set()
+    for item in inputs:
+        if _is_url(item):
+            found = [item]
+        elif os.path.isdir(item):
+            found = _walk(item)
+            if not found:
+                raise PrepareError(f"input directory {item} has no {_known_extensions()} files")
+        elif os.path.isfile(item):
+            found = [item]
+        elif any(c in item for c in "*?["):
+            import glob
+
+            found = []
+            for match in sorted(glob.glob(item, recursive=True)):
+                found.extend(_walk(match) if os.path.isdir(match) else [match])
+            if not found:
+                raise PrepareError(f"input glob {item} matched no files")
+        else:
+            raise PrepareError(f"input {item} does not exist (not a file, directory, glob or http(s) URL)")
+        for f in found:
+            key = f if _is_url(f) else os.path.realpath(f)
+            if key not in seen:
+                seen.add(key)
+                resolved.append(f)
+    return resolved
+
+
+def iter_documents(sources: Iterable[str], text_field: str, max_docs: int | None = None) -> Iterator[str]:
+    """Yield non-empty documents from resolved sources in order, at most `max_docs`."""
+    if max_docs is not None and max_docs < 1:
+        return
+    count = 0
+    for source in sources:
+        for doc in _read_source(source, text_field):
+            if not doc:
+                continue
+            count += 1
+            yield doc
+            if max_docs is not None and count >= max_docs:
+                return  # before opening the next file or URL
+
+
+def _is_url(s: str) -> bool:
+    return s.startswith(("http://", "https://"))
+
+
+def _known_extensions() -> str:
+    return " ".join(TEXT_EXTENSIONS + JSONL_EXTENSIONS + PARQUET_EXTENSIONS)
+
+
+def _walk(root: str) -> list[str]:
+    """Files under `root` with a known extension, sorted; hidden files and directories skipped."""
+    exts = TEXT_EXTENSIONS + JSONL_EXTENSIONS + PARQUET_EXTENSIONS
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found.extend(
+            os.path.join(dirpath, f) for f in filenames if not f.startswith(".") and f.lower().endswith(exts)
+        )
+    return sorted(found)
+
+
+def _path_of(location: str) -> str:
+    """The part of a file path or URL whose ending tells the format (a URL's query is ignored)."""
+    return urllib.parse.urlparse(location).path if _is_url(location) else location
+
+
+def _format_of(location: str) -> str:
+    name = _path_of(location).lower()
+    if name.endswith(JSONL_EXTENSIONS):
+        return "jsonl"
+    if name.endswith(PARQUET_EXTENSIONS):
+        return "parquet"
+    return "text"
+
+
+def _read_source(location: str, text_field: str) -> Iterator[str]:
+    """Documents of one file or URL; read errors become PrepareError naming it."""
+    fmt = _format_of(location)
+    try:
+        with _open_binary(location) as raw:
+            if fmt == "text":
+                yield raw.read().decode("utf-8", errors="replace")
+            elif fmt == "jsonl":
+                yield from _read_jsonl(location, raw, text_field)
+            else:
+                yield from _read_parquet(location, raw, text_field)
+    except PrepareError:
+        raise
+    except (OSError, EOFError, UnicodeError, ValueError) as e:
+        # gzip/zstd/http errors surface here mid-stream; name the file, not a library internals line.
+        raise PrepareError(f"cannot read input {location}: {e}") from e
+
+
+def _open_binary(location: str) -> IO[bytes]:
+    if _is_url(location):
+        try:
+            return urllib.request.urlopen(location, timeout=_URL_TIMEOUT_S)
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            raise PrepareError(f"cannot fetch input {location}: {e}") from e
+    try:
+        return open(location, "rb")
+    except OSError as e:
+        raise PrepareError(f"cannot read input file {location}: {e.strerror or e}") from e
+
+
+def _read_jsonl(location: str, raw: IO[bytes], text_field: str) -> Iterator[str]:
+    name = _path_of(location).lower()
+    stream: IO[bytes]
+    if name.endswith(".gz"):
+        stream = gzip.GzipFile(fileobj=raw)
+    elif name.endswith(".zst"):
+        try:
+            import zstandard
+        except ImportError:
+            raise PrepareError(
+                f"input {location} is zstd-compressed: install `zstandard` (pip install zstandard) to read it"
+            ) from None
+        stream = zstandard.ZstdDecompressor().stream_reader(raw)
+    else:
+        stream = raw
+    for lineno, line in enumerate(io.TextIOWrapper(stream, encoding="utf-8", errors="replace"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise PrepareError(f"{location}:{lineno}: invalid JSON ({e.msg})") from None
+        if not isinstance(record, dict) or text_field not in record:
+            raise PrepareError(f"{location}:{lineno}: no {text_field!r} field (set --text-field)")
+        text = record[text_field]
+        if text is None:
+            continue
+        if not isinstance(text, str):
+            raise PrepareError(
+                f"{location}:{lineno}: field {text_field!r} is {type(text).__name__}, not a string"
+            )
+        yield text
+
+
+def _read_parquet(location: str, raw: IO[bytes], text_field: str) -> Iterator[str]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise PrepareError(
+            f"input {location} is Parquet: install `pyarrow` (pip install pyarrow) to read it"
+        ) from None
+    # Parquet needs random access; a URL's body is buffered in memory.
+    parquet = pq.ParquetFile(raw if raw.seekable() else io.BytesIO(raw.read()))
+    if text_field not in parquet.schema_arrow.names:
+        raise PrepareError(
+            f"{location}: no column {text_field!r} (columns: {parquet.schema_arrow.names}; set --text-field)"
+        )
+    for batch in parquet.iter_batches(columns=[text_field], batch_size=1024):
+        for text in batch.column(0).to_pylist():
+            if text is None:
+                continue
+            if not isinstance(text, str):
+                raise PrepareError(
+                    f"{location}: column {text_field!r} holds {type(text).__name__}, not strings"
+                )
+            yield text
+
+
+# ---- tokenizer --------------------------------------------------------------------------------
+
+
+def _train_tokenizer(docs: Iterator[str], vocab_size: int, progress: _Progress) -> Tokenizer:
+    """Byte-level BPE (GPT-2 style) with <|endoftext|> at id 0."""
+    tok = Tokenizer(models.BPE())
+    # No prefix space: decode(encode(text)) must give back text exactly, block boundaries included.
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+
+    def counted() -> Iterator[str]:
+        for doc in docs:
+            progress.update("training tokenizer", docs=1)
+            yield doc
+
+    tok.train_from_iterator(counted(), trainer)
+    progress.reset()
+    return tok
+
+
+def _load_tokenizer(path: str, copy_to: str) -> Tokenizer:
+    """Load a given tokenizer.json, check it has <|endoftext|>, and copy the file byte-for-byte."""
+    try:
+        tok = Tokenizer.from_file(path)
+    except Exception as e:  # tokenizers raises a bare Exception for unreadable/invalid files
+        raise PrepareError(f"--tokenizer {path}: cannot load as a tokenizers JSON file ({e})") from e
+    if tok.token_to_id(EOS_TOKEN) is None:
+        raise PrepareError(
+            f"--tokenizer {path}: has no {EOS_TOKEN} token, which prepare uses as the document separator (EOS)"
+        )
+    shutil.copyfile(path, copy_to)
+    return tok
+
+
+# ---- tokenization -----------------------------------------------------------------------------
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(tokenizer_json: str, eos_id: int, child: bool) -> None:
+    if child:
+        # Each process is one worker; Rayon threads inside each would oversubscribe the cores.
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    tok = Tokenizer.from_str(tokenizer_json)
+    # A literal "<|endoftext|>" inside a document is text, not a document boundary.
+    tok.encode_special_tokens = True
+    _WORKER.update(tokenizer=tok, eos_id=eos_id)
+
+
+def _encode_docs(docs: list[str]) -> np.ndarray:
+    """Ids of `docs`, each followed by EOS, as one uint32 array."""
+    tok: Tokenizer = _WORKER["tokenizer"]
+    eos_id: int = _WORKER["eos_id"]
+    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)  # no offsets: faster where available
+    ids = [e.ids for e in encode(docs, add_special_tokens=False)]
+    out = np.empty(sum(len(x) for x in ids) + len(ids), dtype=np.uint32)
+    pos = 0
+    for x in ids:
+        out[pos : pos + len(x)] = x
+        pos += len(x)
+        out[pos] = eos_id
+        pos += 1
+    return out
+
+
+def _batches(docs: Iterator[str]) -> Iterator[list[str]]:
+    batch: list[str] = []
+    chars = 0
+    for doc in docs:
+        batch.append(doc)
+        chars += len(doc)
+        if len(batch) >= _BATCH_DOCS or chars >= _BATCH_CHARS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def _ordered_map(
+    fn: Callable[[list[str]], np.ndarray], batches: Iterator[list[str]], workers: int, initargs: tuple
+) -> Iterator[tuple[int, np.ndarray]]:
+    """(len(batch), fn(batch)) in input order; like Pool.imap but with bounded read-ahead.
+
+    Pool.imap's feeder thread drains the whole input at once, which would hold a corpus in memory.
+    """
+    if workers == 1:
+        _init_worker(*initargs, False)
+        for batch in batches:
+            yield len(batch), fn(batch)
+        return
+    # spawn, not fork: the parent may already run Rayon/OpenMP threads, and forking those can deadlock.
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(*initargs, True)) as pool:
+        pending: deque[tuple[int, Any]] = deque()
+        for batch in batches:
+            pending.append((len(batch), pool.apply_async(fn, (batch,))))
+            if len(pending) >= 2 * workers:
+                n, result = pending.popleft()
+                yield n, result.get()
+        while pending:
+            n, result = pending.popleft()
+            yield n, result.get()
+
+
+def _tokenize_to_file(
+    docs: Iterator[str], tok: Tokenizer, eos_id: int, dtype: str, workers: int, path: str, progress: _Progress
+) -> tuple[int, int]:
+    """Write the EOS-separated token stream of `docs` to `path`; returns (documents, tokens)."""
+    np_dtype = _np_dtype(dtype)
+    limit = np.iinfo(np_dtype).max
+    n_docs = n_tokens = 0
+    with open(path, "wb") as f:
+        for n, ids in _ordered_map(_encode_docs, _batches(docs), workers, (tok.to_str(), eos_id)):
+            if ids.size and int(ids.max()) > limit:
+                raise PrepareError(f"tokenizer produced id {int(ids.max())}, which does not fit {dtype}")
+            f.write(ids.astype(np_dtype).tobytes())
+            n_docs += n
+            n_tokens += ids.size
+            progress.update("tokenizing", docs=n, tokens=ids.size)
+    return n_docs, n_tokens
+
+
+# ---- shards -----------------------------------------------------------------------------------
+
+
+def _write_split(
+    tmp: str,
+    split: str,
+    blocks: np.ndarray,
+    start: int,
+    stop: int,
+    samples_per_shard: int,
+    progress: _Progress,
+) -> SplitInfo:
+    """Write blocks[start:stop] as `<split>-%06d.tar` shards; key = global block index."""
+    import webdataset as wds  # imported here: it pulls in torch, which tokenizer workers do not need
+
+    block_len = blocks.shape[1]
+    shards: list[ShardInfo] = []
+    counts: dict[str, int] = {}
+    open_files: dict[str, IO[bytes]] = {}
+
+    # Our own opener/post instead of gopen: no URL parsing of local paths, and we fsync + hash each
+    # shard as ShardWriter closes it, recording exactly the file names it produced.
+    def opener(fname: str) -> IO[bytes]:
+        f = open(fname, "wb")
+        open_files[fname] = f
+        counts[fname] = 0
+        return f
+
+    def post(fname: str) -> None:
+        f = open_files.pop(fname)
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+        samples = counts[fname]
+        shards.append(
+            ShardInfo(
+                name=os.path.basename(fname),
+                samples=samples,
+                tokens=samples * block_len,
+                bytes=os.path.getsize(fname),
+                sha256=_sha256_file(fname),
+            )
+        )
+        progress.update("writing shards", shards=1)
+
+    pattern = os.path.join(tmp.replace("%", "%%"), f"{split}-%06d.tar")
+    try:
+        writer = wds.ShardWriter(
+            pattern,
+            maxcount=samples_per_shard,
+            maxsize=float(1 << 62),
+            post=post,
+            verbose=0,
+            opener=opener,
+            encoder=False,  # values are already bytes; nothing is ever pickled
+            mtime=0.0,  # fixed tar member times: same data gives byte-identical shards and sha256s
+        )
+        with writer:
+            for i in range(start, stop):
+                writer.write({"__key__": f"{i:09d}", "tokens": blocks[i].tobytes()})
+                counts[writer.fname] += 1
+    finally:
+        for f in open_files.values():
+            f.close()
+    return SplitInfo(shards=shards, samples=stop - start, tokens=(stop - start) * block_len)
+
+
+def _commit(tmp: str, out: str, names: list[str], manifest: Manifest) -> None:
+    """Move the new files into `out`, replacing only ours, and write the manifest last."""
+    os.makedirs(out, exist_ok=True)
+    # The old manifest goes first: from here until the new one lands, `out` has no commit record.
+    old_manifest = os.path.join(out, MANIFEST_NAME)
+    if os.path.exists(old_manifest):
+        os.remove(old_manifest)
+    for name in os.listdir(out):
+        if name.endswith(".tar") or name == TOKENIZER_NAME:
+            os.remove(os.path.join(out, name))
+    for name in names:
+        os.replace(os.path.join(tmp, name), os.path.join(out, name))
+    fsync_dir(out)
+    write_manifest(out, manifest)
+
+
+# ---- small pieces -----------------------------------------------------------------------------
+
+
+def _check_options(
+    *,
+    block_len: int,
+    samples_per_shard: int,
+    val_blocks: int | None,
+    workers: int | None,
+    max_docs: int | None,
+    tokenizer_sample_docs: int | None,
+    vocab_size: int | None,
+) -> None:
+    if block_len < 2:
+        raise PrepareError(f"--block-len must be >= 2 (inputs + shifted targets), got {block_len}")
+    if samples_per_shard < 1:
+        raise PrepareError(f"--samples-per-shard must be >= 1, got {samples_per_shard}")
+    if val_blocks is not None and val_blocks < 1:
+        raise PrepareError(f"--val-blocks must be >= 1 (the val split cannot be empty), got {val_blocks}")
+    for option, value in (
+        ("--workers", workers),
+        ("--max-docs", max_docs),
+        ("--tokenizer-sample-docs", tokenizer_sample_docs),
+    ):
+        if value is not None and value < 1:
+            raise PrepareError(f"{option} must be >= 1, got {value}")
+    if vocab_size is not None and vocab_size < MIN_VOCAB_SIZE:
+        raise PrepareError(
+            f"--vocab-size {vocab_size} is too small: a byte-level BPE needs at least {MIN_VOCAB_SIZE} "
+            f"(256 bytes + {EOS_TOKEN})"
+        )
+
+
+def _check_out_dir(out: str, overwrite: bool) -> None:
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise PrepareError(f"--out {out} exists and is not a directory")
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise PrepareError(
+            f"--out {out} is not empty; pass --overwrite to replace its shards (*.tar), manifest.json "
+            "and tokenizer.json (other files are kept)"
+        )
+
+
+def _np_dtype(dtype: str) -> np.dtype:
+    return np.dtype("<u2" if dtype == "uint16" else "<u4")
+
+
+def _sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _tool_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"pretrain {version('pretrain')}"
+    except PackageNotFoundError:
+        return "pretrain unknown"
+
+
+class _Progress:
+    """One stderr line, rewritten at most once a second."""
+
+    def __init__(self, interval_s: float = 1.0) -> None:
+        self.interval_s = interval_s
+        self.start = time.monotonic()
+        self.last = self.start  # runs shorter than a second print only the summary
+        self.docs = self.tokens = self.shards = 0
+        self.shown = False
+
+    def update(self, phase: str, *, docs: int = 0, tokens: int = 0, shards: int = 0) -> None:
+        self.docs += docs
+        self.tokens += tokens
+        self.shards += shards
+        now = time.monotonic()
+        if now - self.last < self.interval_s:
+            return
+        self.last = now
+        rate = self.tokens / max(now - self.start, 1e-9)
+        line = (
+            f"[prepare] {phase}: {self.docs:,} docs, {self.tokens:,} tokens, {rate:,.0f} tok/s, "
+            f"{self.shards} shards"
+        )
+        sys.stderr.write(f"\r{line:<100}")
+        sys.stderr.flush()
+        self.shown = True
+
+    def reset(self) -> None:
+        """Start counting afresh (the tokenizer pass and the tokenize pass read the same documents)."""
+        self.docs = self.tokens = self.shards = 0
+        self.start = time.monotonic()
+
+    def done(self) -> None:
+        """End the progress line so the next output starts on its own line."""
+        if self.shown:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+            self.shown = False
