@@ -109,7 +109,10 @@ class TrainConfig:
     eval_batches: int = _f(0, "micro batches of the validation split per evaluation (0 = no validation)")
     precision: Literal["auto", "fp32", "bf16"] = _f("auto", "auto = bf16 on GPU, fp32 on CPU")
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto = cuda when a GPU is visible")
-    compile: bool = _f(False, "torch.compile each transformer block")
+    compile: bool = _f(False, "torch.compile each transformer block (one compile, reused by every block)")
+    attention: Literal["auto", "flash", "efficient", "cudnn", "math"] = _f(
+        "auto", "SDPA backend; auto lets torch pick (flash on GPU in bf16); flash/efficient/cudnn need a GPU"
+    )
     torch_threads: int = _f(0, "intra-op CPU threads per worker; 0 = cores / workers on this node")
     peak_tflops: float = _f(0.0, "device peak dense TFLOP/s for MFU; 0 = detect (known GPUs), none on CPU")
 
@@ -397,7 +400,11 @@ def _validate(c: Config) -> None:
     need(cl.cpus_per_worker > 0, f"cluster.cpus_per_worker must be > 0, got {cl.cpus_per_worker}")
     need(
         not (o.fused and c.train.device == "cpu"),
-        "optim.fused: the fused Adam is a CUDA kernel; set optim.fused: false on CPU",
+        "optim.fused: the fused AdamW is a CUDA kernel; set optim.fused: false on CPU",
+    )
+    need(
+        c.train.attention in ("auto", "math") or c.train.device != "cpu",
+        f"train.attention={c.train.attention} is a CUDA kernel; set train.attention: auto or math on CPU",
     )
     for name in ("storage_path",):
         need(getattr(cl, name) != "", f"cluster.{name} must not be empty")

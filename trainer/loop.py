@@ -6,6 +6,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -18,6 +19,7 @@ from trainer.engine import initialize, lr_at, precision, set_lr
 from trainer.fsutil import write_json_atomic
 from trainer.metrics import ConsoleLogger, MlflowLogger, MultiLogger, NullLogger, detect_peak_tflops, mfu
 from trainer.model import Transformer, cross_entropy, flops_per_token, param_count
+from trainer.parallel.plan import apply_plan, check_device_switches, sdpa_context
 from trainer.session import Session, session_from_env
 
 log = logging.getLogger("pretrain")
@@ -64,6 +66,38 @@ def make_logger(cfg: Config, session: Session) -> NullLogger:
     return MultiLogger(*loggers)
 
 
+class PhaseTimer:
+    """Wall time per phase of a step; syncs the device around each phase when enabled."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.enabled, self.totals = device, False, {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        if not self.enabled:
+            yield
+            return
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        yield
+        sync()
+        self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - t0
+
+    def pop(self) -> dict[str, float]:
+        out, self.totals = self.totals, {}
+        return out
+
+
+def memory_gb(device: torch.device) -> float:
+    """Peak device memory on GPU; peak resident memory of this process on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
 def train(
     cfg: Config,
     session: Session | None = None,
@@ -88,8 +122,9 @@ def train(
     if batches is None:
         manifest = manifest or open_manifest(cfg.data.path)
     cfg = resolve_model_config(cfg, manifest)
+    check_device_switches(cfg, device)
     torch.manual_seed(cfg.train.seed)  # same init on every rank, before ZeRO partitions it
-    model = Transformer(cfg.model)
+    model = apply_plan(Transformer(cfg.model), cfg)
     engine, optimizer = initialize(cfg, model, session.world_size, device, session.local_rank)
     if batches is None:
         stream = TokenStream(
@@ -121,21 +156,27 @@ def train(
 
     losses: dict[int, float] = {}
     loss_sum = torch.zeros((), device=device)
+    timer = PhaseTimer(device)
     window_start, window_steps, data_wait, t_start = time.perf_counter(), 0, 0.0, None
     for step in range(cfg.train.steps):
+        log_now = (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps
+        timer.enabled = log_now  # phase timing syncs the device, so only on logged steps
         set_lr(optimizer, lr_at(step, cfg.optim, cfg.train.steps))
         for _ in range(accum):
             t0 = time.perf_counter()
             x, y = next(batches)
             data_wait += time.perf_counter() - t0
-            loss = cross_entropy(engine(x.to(device, non_blocking=True)), y.to(device, non_blocking=True))
-            engine.backward(loss)
-            engine.step()
+            with timer("forward"), sdpa_context(cfg):
+                loss = cross_entropy(engine(x.to(device, non_blocking=True)), y.to(device, non_blocking=True))
+            with timer("backward"):
+                engine.backward(loss)
+            with timer("optimizer"):
+                engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
             loss_sum += loss.detach().float() / accum
         window_steps += 1
         if t_start is None:
             t_start = time.perf_counter()  # steady state starts after the first step (warm-up, allocs)
-        if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps:
+        if log_now:
             dist.all_reduce(loss_sum)  # sum over DP ranks of the per-rank mean losses
             now = time.perf_counter()
             dt = (now - window_start) / window_steps
@@ -148,6 +189,8 @@ def train(
                 "tokens_seen": float((step + 1) * tokens_per_step),
                 "step_time_s": dt,
                 "data_wait_frac": data_wait / (now - window_start),
+                "memory_gb": memory_gb(device),
+                **{f"{k}_s": v for k, v in timer.pop().items()},
             }
             if peak:
                 metrics["mfu"] = mfu(tps, fpt, peak, session.world_size)

@@ -1,0 +1,63 @@
+"""Speed switches: each one is loss-parity tested against the plain setting (fp32, CPU), and the
+GPU-only ones are refused on CPU with the field to change."""
+
+import pytest
+
+from tests.conftest import tiny_config
+from tests.test_loop import V, affine_stream
+from trainer.config import ConfigError
+from trainer.loop import train
+
+STEPS = 4
+
+
+def _losses(**sections):
+    sections.setdefault("model", {}).update({"vocab_size": V})
+    sections.setdefault("train", {}).update({"steps": STEPS})
+    return train(tiny_config(**sections), batches=affine_stream(3)).losses
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return _losses()
+
+
+def test_activation_checkpointing_parity(reference):
+    got = _losses(parallel={"activation_checkpointing": True})
+    assert got == pytest.approx(reference, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_compile_parity(reference):
+    got = _losses(train={"compile": True})
+    assert got == pytest.approx(reference, abs=1e-4)
+
+
+def test_math_attention_parity(reference):
+    got = _losses(train={"attention": "math"})
+    assert got == pytest.approx(reference, abs=1e-6)
+
+
+def test_bf16_tracks_fp32(reference):
+    got = _losses(train={"precision": "bf16"}, parallel={"zero_stage": 1})
+    # bf16 keeps 8 mantissa bits: the curve follows fp32 closely, not bitwise.
+    assert got == pytest.approx(reference, abs=3e-2)
+
+
+def test_zero_stages_agree(reference):
+    for stage in (0, 1, 2):
+        assert _losses(parallel={"zero_stage": stage}) == pytest.approx(reference, abs=1e-5), stage
+
+
+@pytest.mark.parametrize(
+    "sections, field",
+    [({"optim": {"fused": True}}, "optim.fused"), ({"train": {"attention": "flash"}}, "train.attention")],
+)
+def test_gpu_only_switches_refused_on_cpu(sections, field):
+    with pytest.raises(ConfigError, match=field):
+        _losses(**sections)
+
+
+def test_gpu_only_switches_refused_at_config_time_when_device_is_cpu():
+    with pytest.raises(ConfigError, match="train.attention"):
+        tiny_config(train={"device": "cpu", "attention": "efficient"})

@@ -1,0 +1,64 @@
+"""Turns a plain model into the one this rank trains, in a fixed order (as torchtitan does):
+
+1. activation checkpointing per block (recompute the block in backward),
+2. torch.compile per block (the blocks share code and shapes, so one compiled graph serves all),
+3. ZeRO partitioning happens afterwards, in `deepspeed.initialize`.
+
+The model file knows nothing of this: the plan sets `model.block_fn`, the single hook through
+which every block is called.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from trainer.config import Config
+from trainer.model import Transformer
+
+
+def _checkpointed(block, x, cos, sin):
+    return checkpoint(block, x, cos, sin, use_reentrant=False)
+
+
+def apply_plan(model: Transformer, cfg: Config) -> Transformer:
+    if cfg.parallel.activation_checkpointing:
+        model.block_fn = _checkpointed
+    if cfg.train.compile:
+        for block in model.blocks:
+            block.compile(dynamic=False)
+    return model
+
+
+def check_device_switches(cfg: Config, device: torch.device) -> None:
+    """GPU-only switches are refused on CPU with the field to change, never silently ignored."""
+    from trainer.config import ConfigError
+
+    if device.type != "cuda":
+        if cfg.optim.fused:
+            raise ConfigError(
+                "optim.fused: the fused AdamW is a CUDA kernel and this rank has no GPU; "
+                "set optim.fused: false"
+            )
+        if cfg.train.attention not in ("auto", "math"):
+            raise ConfigError(
+                f"train.attention={cfg.train.attention} is a CUDA kernel and this rank has no GPU; "
+                "set train.attention: auto"
+            )
+
+
+def sdpa_context(cfg: Config):
+    """A context selecting the attention kernel, or a no-op for `auto`."""
+    from contextlib import nullcontext
+
+    if cfg.train.attention == "auto":
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "math": SDPBackend.MATH,
+    }[cfg.train.attention]
+    return sdpa_kernel([backend])
