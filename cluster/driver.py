@@ -8,12 +8,14 @@ import json
 import logging
 import os
 import shutil
+import signal
 import time
 from dataclasses import replace
 from pathlib import Path
 
+from cluster.tracking import check_reachable
 from trainer.config import Config, save_config
-from trainer.data.storage import is_remote
+from trainer.data.storage import check_root, is_remote
 from trainer.fsutil import write_json_atomic
 
 log = logging.getLogger("pretrain")
@@ -57,11 +59,25 @@ def start_ray(cfg: Config):
 
     if ray.is_initialized():
         return ray
-    if cfg.cluster.address:
-        ray.init(address=cfg.cluster.address, log_to_driver=True)
-    else:
-        # An embedded cluster for this process only, reachable from this machine only.
-        # The dashboard serves Ray's state API, which Ray Train uses to clean up after itself.
+    # Inside a Ray job (`pretrain submit`, `ray job submit`) Ray sets RAY_ADDRESS to the cluster's
+    # GCS: join it. An http(s) RAY_ADDRESS is a job-API address meant for `ray job`, not for us.
+    joined = os.environ.get("RAY_ADDRESS", "")
+    address = cfg.cluster.address or ("" if joined.startswith(("http://", "https://")) else joined)
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return ray
+    # An embedded cluster for this process only, reachable from this machine only.
+    # The dashboard serves Ray's state API, which Ray Train uses to clean up after itself.
+    # On Linux Ray turns a 127.0.0.1 node address into the machine's own IP, so gcs, raylet,
+    # workers and agents would listen on every interface; Ray's single-machine mode (its default
+    # on macOS/Windows) keeps the node address, and so every one of those sockets, on 127.0.0.1.
+    # The processes started by ray.init inherit the switch; it is undone for this process after.
+    from ray._private import ray_constants
+
+    saved = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
         ray.init(
             _node_ip_address="127.0.0.1",
             include_dashboard=True,
@@ -69,7 +85,27 @@ def start_ray(cfg: Config):
             log_to_driver=True,
             configure_logging=False,
         )
+    finally:
+        if saved[0] is None:
+            os.environ.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+        else:
+            os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = saved[0]
+        ray_constants.ENABLE_RAY_CLUSTER = saved[1]
     return ray
+
+
+class RunStopped(RunError):
+    """The driver was asked to stop (SIGTERM): the run can be continued with `pretrain resume`."""
+
+
+def _raise_stopped(signum, frame):
+    raise RunStopped("stopped by SIGTERM; continue it with `pretrain resume RUN`")
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 def check_corpus(cfg: Config) -> None:
@@ -96,17 +132,22 @@ def check_corpus(cfg: Config) -> None:
 
 
 def run_training(cfg: Config) -> dict:
-    """Run `cfg` to completion on Ray; returns the final summary plus the run's location."""
+    """A new run of `cfg` on Ray, to completion; returns the final summary plus the run's location."""
+    check_root(cfg.data.path)  # refuses pipe: and unknown schemes before paths are made absolute
     cfg = absolutize(cfg)
     check_corpus(cfg)
     name, run_dir = new_run_dir(cfg)
+    if cfg.tracking.enabled:
+        check_reachable(cfg.tracking.uri)
     cfg = replace(cfg, cluster=replace(cfg.cluster, run_name=name))
     run_dir.mkdir(parents=True)
     try:
         save_config(cfg, run_dir / "config.yaml")
-        from cluster.tracking import create_mlflow_run
+        from cluster.tracking import create_mlflow_run, log_run_artifacts
 
         mlflow_run_id = create_mlflow_run(cfg, run_dir) if cfg.tracking.enabled else ""
+        if mlflow_run_id:
+            log_run_artifacts(cfg, mlflow_run_id)
         write_run_record(
             run_dir,
             {
@@ -119,7 +160,69 @@ def run_training(cfg: Config) -> dict:
     except Exception:
         shutil.rmtree(run_dir, ignore_errors=True)  # never leave a half-made run behind
         raise
+    return _fit(cfg, run_dir, mlflow_run_id)
 
+
+# What `pretrain resume RUN --set ...` may change: how long and where it runs, not what it trains.
+RESUMABLE_OVERRIDES = (
+    "data.path",
+    "train.steps",
+    "train.stop_at",
+    "train.log_every",
+    "train.torch_threads",
+    "checkpoint.",
+    "cluster.address",
+    "cluster.max_failures",
+    "cluster.cpus_per_worker",
+    "cluster.resources_per_worker",
+    "cluster.placement_strategy",
+    "cluster.use_gpu",
+    "data.prefetch",
+    "tracking.uri",
+)
+
+
+def find_run(run: str, storage_path: str = "runs") -> Path:
+    """A run by directory path, or by name under `storage_path`."""
+    for candidate in (Path(run), Path(storage_path) / run):
+        if (candidate / "config.yaml").is_file() and (candidate / "run.json").is_file():
+            return candidate.resolve()
+    raise RunError(
+        f"no run {run!r}: neither {run} nor {Path(storage_path) / run} holds a run "
+        "(config.yaml + run.json); give the run directory or --storage-path"
+    )
+
+
+def resume_training(run: str, overrides: list[str], storage_path: str = "runs") -> dict:
+    """Continue a run from its newest committed checkpoint, same config, same MLflow run."""
+    from trainer.config import ConfigError, apply_overrides, from_dict, load_yaml
+
+    run_dir = find_run(run, storage_path)
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if not key.startswith(RESUMABLE_OVERRIDES):
+            raise ConfigError(
+                f"--set {key}: a resumed run keeps its model, data, batch and optimizer settings "
+                f"(changing them would not continue the same run); start a new run instead. "
+                f"Resume may change: {', '.join(RESUMABLE_OVERRIDES)}"
+            )
+    raw = load_yaml(run_dir / "config.yaml")
+    raw.setdefault("train", {})["stop_at"] = 0  # a resume runs to train.steps unless told to stop again
+    cfg = from_dict(apply_overrides(raw, overrides))
+    cfg = replace(cfg, cluster=replace(cfg.cluster, storage_path=str(run_dir.parent), run_name=run_dir.name))
+    check_corpus(cfg)
+    record = json.loads((run_dir / "run.json").read_text())
+    mlflow_run_id = record.get("mlflow_run_id", "")
+    if cfg.tracking.enabled and mlflow_run_id:
+        from cluster.tracking import reopen_mlflow_run
+
+        reopen_mlflow_run(cfg, mlflow_run_id)
+    save_config(cfg, run_dir / "config.yaml")
+    write_run_record(run_dir, {**record, "state": "running", "resumes": record.get("resumes", 0) + 1})
+    return _fit(cfg, run_dir, mlflow_run_id)
+
+
+def _fit(cfg: Config, run_dir: Path, mlflow_run_id: str) -> dict:
     t0 = time.perf_counter()
     ray = start_ray(cfg)
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -127,7 +230,16 @@ def run_training(cfg: Config) -> dict:
 
     from cluster.ray_session import worker_main
 
-    cl = cfg.cluster
+    if cfg.tracking.enabled and mlflow_run_id:
+        from cluster.tracking import tag_ray_job
+
+        tag_ray_job(cfg, mlflow_run_id)
+    from cluster.tracking import ray_job_id
+
+    job = ray_job_id()
+    if job:
+        write_run_record(run_dir, {**json.loads((run_dir / "run.json").read_text()), "ray_job_id": job})
+    cl, name = cfg.cluster, run_dir.name
     use_gpu = cl.use_gpu == "true" or (cl.use_gpu == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
     trainer = TorchTrainer(
         worker_main,
@@ -143,20 +255,25 @@ def run_training(cfg: Config) -> dict:
             resources_per_worker={"CPU": cl.cpus_per_worker, **cl.resources_per_worker},
             placement_strategy=cl.placement_strategy,
         ),
+        # Ray Train's own files for this run live beside ours, under <run_dir>/ray/.
         run_config=RunConfig(
-            name=name,
-            storage_path=cl.storage_path,
-            failure_config=FailureConfig(max_failures=cl.max_failures),
+            name="ray", storage_path=str(run_dir), failure_config=FailureConfig(max_failures=cl.max_failures)
         ),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
     )
     state = "failed"
+    # `pretrain stop` / a scheduler ends the driver with SIGTERM: turn it into an exception so the
+    # run record and the MLflow run are closed below instead of staying "running".
+    previous = signal.signal(signal.SIGTERM, _raise_stopped) if _main_thread() else None
     try:
+        from cluster.capacity import check_capacity
+
+        check_capacity(cfg, ray, use_gpu=use_gpu)
         result = trainer.fit()
         if result.error:
-            raise RunError(f"run {name} failed: {result.error}")
+            raise RunError(f"run {name} failed: {result.error}; continue it with `pretrain resume {run_dir}`")
         summary = json.loads((run_dir / "summary.json").read_text())
-        state = "succeeded"
+        state = "succeeded" if summary["steps"] >= cfg.train.steps else "stopped"
         return {
             **summary,
             "run_name": name,
@@ -164,12 +281,17 @@ def run_training(cfg: Config) -> dict:
             "wall_s": time.perf_counter() - t0,
             "mlflow_run_id": mlflow_run_id,
         }
+    except RunStopped:
+        state = "stopped"
+        raise
     finally:
-        write_run_record(
-            run_dir,
-            {"name": name, "mlflow_run_id": mlflow_run_id, "state": state, "tracking_uri": cfg.tracking.uri},
-        )
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        record = json.loads((run_dir / "run.json").read_text())
+        write_run_record(run_dir, {**record, "state": state})
         if cfg.tracking.enabled and mlflow_run_id:
-            from cluster.tracking import end_mlflow_run
+            from cluster.tracking import end_mlflow_run, log_event_artifact
 
-            end_mlflow_run(cfg, mlflow_run_id, "FINISHED" if state == "succeeded" else "FAILED")
+            if (run_dir / "events.jsonl").exists():
+                log_event_artifact(cfg, mlflow_run_id, run_dir / "events.jsonl")
+            end_mlflow_run(cfg, mlflow_run_id, "FINISHED" if state != "failed" else "FAILED")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import warnings
 
 
@@ -16,8 +17,15 @@ def worker_main(loop_config: dict) -> None:
     from trainer.loop import train
     from trainer.session import Session
 
+    class RaySession(Session):
+        def preemption_requested(self) -> bool:
+            # Ray Train's notice of a node being reclaimed (spot instances, drains); a collective,
+            # called by every rank at the same logged steps.
+            get_info = getattr(ray.train, "get_preemption_info", None)
+            return get_info is not None and get_info() is not None
+
     ctx = ray.train.get_context()
-    session = Session(
+    session = RaySession(
         rank=ctx.get_world_rank(),
         world_size=ctx.get_world_size(),
         local_rank=ctx.get_local_rank(),
@@ -25,4 +33,26 @@ def worker_main(loop_config: dict) -> None:
         run_dir=loop_config["run_dir"],
         mlflow_run_id=loop_config["mlflow_run_id"],
     )
+    record_worker(session.run_dir, session.rank, ctx)
     train(from_dict(loop_config["config"]), session)
+
+
+def record_worker(run_dir: str, rank: int, ctx) -> None:
+    """`<run_dir>/workers/rank<r>.json`: where this rank runs (node, host, pid), for placement
+    checks and for finding a rank's logs; rewritten by every (re)start of the worker group."""
+    import ray
+
+    from trainer.fsutil import write_json_atomic
+
+    os.makedirs(os.path.join(run_dir, "workers"), exist_ok=True)
+    write_json_atomic(
+        os.path.join(run_dir, "workers", f"rank{rank}.json"),
+        {
+            "rank": rank,
+            "local_rank": ctx.get_local_rank(),
+            "node_rank": ctx.get_node_rank(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "hostname": socket.gethostname(),
+            "pid": os.getpid(),
+        },
+    )

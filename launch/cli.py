@@ -32,12 +32,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = _load(args)
     from cluster.driver import run_training
 
-    s = run_training(cfg)
+    return _summary(run_training(cfg))
+
+
+def _summary(s: dict) -> int:
     print(
         f"done: {s['steps']} steps, {s['tokens']:,} tokens, final loss {s['final_loss']:.4f}, "
         f"{s['tokens_per_s']:,.0f} tokens/s, {s['wall_s']:.0f} s wall; run files: {s['run_dir']}"
     )
     return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from cluster.driver import resume_training
+
+    return _summary(resume_training(args.run, args.set, args.storage_path))
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -95,6 +104,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser(
+        "resume",
+        help="continue a run from its newest committed checkpoint",
+        description="Continue RUN (a run directory, or a name under --storage-path) from its newest committed "
+        "checkpoint, with its own config and MLflow run. --set may extend train.steps or change where it runs; "
+        "changes to the model, data or batch are refused.",
+    )
+    p.add_argument("run", help="run directory, or run name under --storage-path")
+    p.add_argument(
+        "--storage-path", default="runs", help="where runs live (cluster.storage_path), default: runs"
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override, e.g. --set train.steps=2000 (repeatable)",
+    )
+    p.set_defaults(fn=cmd_resume)
+
+    from launch import ui
+
+    p = sub.add_parser(
+        "ui",
+        help="serve the MLflow UI for the runs' tracking store (127.0.0.1)",
+        description="Start the MLflow UI for tracking.uri of CONFIG or a run directory, on 127.0.0.1.",
+    )
+    ui.add_arguments(p)
+    p.set_defaults(fn=ui.run)
+
+    p = sub.add_parser(
         "config",
         help="print the resolved config, or every field with its meaning",
         description="Print CONFIG after --set overrides and defaults, validated.",
@@ -104,6 +143,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--fields", action="store_true", help="list every config field, its default and its meaning"
     )
     p.set_defaults(fn=cmd_config)
+
+    from launch import jobs
+
+    jobs.register(sub)
+    from launch import export
+
+    export.register(sub)
+    from launch import plan
+
+    plan.register(sub)
     return parser
 
 
@@ -119,11 +168,25 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(e))
     except Exception as e:  # known bad-input errors from the other layers
         from cluster.driver import RunError
+        from cluster.jobs import JobError
+        from cluster.tracking import TrackingError
+        from trainer.checkpoint import CheckpointError
         from trainer.data.prepare import PrepareError
         from trainer.data.storage import StorageError
         from trainer.data.stream import DataError
+        from trainer.export import ExportError
 
-        if isinstance(e, (RunError, PrepareError, StorageError, DataError)):
+        known = (
+            RunError,
+            JobError,
+            TrackingError,
+            CheckpointError,
+            ExportError,
+            PrepareError,
+            StorageError,
+            DataError,
+        )
+        if isinstance(e, known):
             return _fail(str(e))
         raise
 

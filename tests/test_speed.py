@@ -61,3 +61,25 @@ def test_gpu_only_switches_refused_on_cpu(sections, field):
 def test_gpu_only_switches_refused_at_config_time_when_device_is_cpu():
     with pytest.raises(ConfigError, match="train.attention"):
         tiny_config(train={"device": "cpu", "attention": "efficient"})
+
+
+def test_grad_norm_is_reported_with_zero0():
+    from tests.test_loop import affine_stream as stream
+
+    class Keep:
+        rows: list = []
+
+        def log(self, m, step):
+            self.rows.append(m)
+
+        def flush(self, timeout_s=0):
+            return True
+
+        def close(self):
+            pass
+
+    keep = Keep()
+    cfg = tiny_config(model={"vocab_size": V}, train={"steps": 2}, parallel={"zero_stage": 0})
+    train(cfg, batches=stream(0), logger=keep)
+    norms = [m["grad_norm"] for m in keep.rows if "grad_norm" in m]
+    assert norms and all(n > 0 for n in norms)

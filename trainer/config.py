@@ -73,6 +73,9 @@ class DataConfig:
         0, "logical streams S (a multiple of every DP size you will use); 0 = from the manifest"
     )
     prefetch: int = _f(4, "micro batches read ahead by a background thread per rank (0 = read inline)")
+    loader_workers: int = _f(
+        0, "shard reader threads per rank (network latency); the order never depends on it"
+    )
 
 
 @dataclass
@@ -102,11 +105,14 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = _f(300, "optimizer steps to train for")
+    steps: int = _f(300, "optimizer steps to train for (the LR schedule spans these)")
+    stop_at: int = _f(0, "end this job at this step with a committed checkpoint (time-boxed jobs); 0 = steps")
     seed: int = _f(1234, "seed for init, data order and dropout")
     log_every: int = _f(10, "log metrics every N steps")
     eval_every: int = _f(0, "validation every N steps (0 = only at the end if eval_batches > 0)")
-    eval_batches: int = _f(0, "micro batches of the validation split per evaluation (0 = no validation)")
+    eval_batches: int = _f(
+        0, "global batches (of global_batch_size sequences) of the val split per evaluation (0 = none)"
+    )
     precision: Literal["auto", "fp32", "bf16"] = _f("auto", "auto = bf16 on GPU, fp32 on CPU")
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto = cuda when a GPU is visible")
     compile: bool = _f(False, "torch.compile each transformer block (one compile, reused by every block)")
@@ -121,7 +127,16 @@ class TrainConfig:
 class CheckpointConfig:
     every: int = _f(0, "save a committed checkpoint every N steps (0 = only at the end)")
     keep: int = _f(2, "committed checkpoints kept (>= 2)")
+    keep_every: int = _f(
+        0, "also keep every checkpoint whose step is a multiple of this, permanently (0 = none)"
+    )
+    ignore_data_mismatch: bool = _f(
+        False, "resume although the corpus, seed, streams or global batch differ from the checkpoint's"
+    )
     save_final: bool = _f(True, "save a checkpoint when training ends")
+    storage: str = _f(
+        "", "where committed checkpoints are kept: empty = <run_dir>/checkpoints; or s3://bucket/prefix"
+    )
 
 
 @dataclass
@@ -148,6 +163,7 @@ class TrackingConfig:
     enabled: bool = _f(True, "log to MLflow")
     uri: str = _f("sqlite:///mlflow.db", "MLflow tracking URI; default is a SQLite store in the working dir")
     experiment: str = _f("pretrain", "MLflow experiment name")
+    system_metrics_every_s: float = _f(10.0, "CPU/memory/GPU sampling interval per node (0 = off)")
 
 
 @dataclass
@@ -337,10 +353,11 @@ def _validate(c: Config) -> None:
     for sec, names in {
         "model": ("vocab_size", "n_kv_heads", "d_ff"),
         "optim": ("warmup_steps", "weight_decay", "grad_clip", "min_lr"),
-        "train": ("eval_every", "eval_batches", "torch_threads", "peak_tflops"),
-        "checkpoint": ("every",),
+        "checkpoint": ("every", "keep_every"),
+        "train": ("eval_every", "eval_batches", "torch_threads", "peak_tflops", "stop_at"),
         "cluster": ("max_failures",),
-        "data": ("num_streams", "prefetch"),
+        "data": ("num_streams", "prefetch", "loader_workers"),
+        "tracking": ("system_metrics_every_s",),
     }.items():
         for n in names:
             v = getattr(getattr(c, sec), n)
@@ -395,8 +412,22 @@ def _validate(c: Config) -> None:
             f"model.{n.replace('kv_heads', 'n_kv_heads').replace('ff_dim', 'd_ff')} ({v}) "
             f"must be divisible by parallel.tp ({p.tp})",
         )
+    need(
+        m.vocab_size == 0 or m.vocab_size % p.tp == 0,
+        f"model.vocab_size ({m.vocab_size}) must be divisible by parallel.tp ({p.tp}) (each TP rank holds "
+        "vocab_size/tp rows of the embedding and the output head); round it up to a multiple of tp",
+    )
     need(p.pp <= m.n_layers, f"parallel.pp ({p.pp}) must be <= model.n_layers ({m.n_layers})")
+    need(
+        p.pp == 1 or not m.tie_embeddings,
+        f"model.tie_embeddings is not supported with parallel.pp={p.pp} (the shared matrix would live on "
+        "the first and the last stage); set tie_embeddings: false or pp: 1",
+    )
     need(k.keep >= 2, f"checkpoint.keep must be >= 2 (the newest may be mid-write), got {k.keep}")
+    need(
+        k.storage == "" or (k.storage.startswith("s3://") and k.storage[len("s3://") :].strip("/") != ""),
+        f"checkpoint.storage ({k.storage!r}) must be empty (<run_dir>/checkpoints) or an s3://bucket/prefix",
+    )
     need(cl.cpus_per_worker > 0, f"cluster.cpus_per_worker must be > 0, got {cl.cpus_per_worker}")
     need(
         not (o.fused and c.train.device == "cpu"),

@@ -88,8 +88,9 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def initialize(cfg: Config, model: nn.Module, world_size: int, device: torch.device, local_rank: int = 0):
-    """Wrap `model` in a DeepSpeed engine. The process group must already exist."""
+def setup_deepspeed(device: torch.device, local_rank: int = 0):
+    """Import DeepSpeed for this device and attach it to the existing process group; the module.
+    Needed before anything that makes DeepSpeed process groups (a `PipelineModule`)."""
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("LOCAL_RANK", str(local_rank))  # DeepSpeed's sanity check reads it
@@ -100,12 +101,41 @@ def initialize(cfg: Config, model: nn.Module, world_size: int, device: torch.dev
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    return deepspeed
+
+
+def initialize(
+    cfg: Config, model: nn.Module, world_size: int, device: torch.device, local_rank: int = 0, mpu=None
+):
+    """Wrap `model` in a DeepSpeed engine. The process group must already exist. `mpu` (a
+    `Topology.mpu`, with tensor parallelism) makes ZeRO partition and average over the DP group.
+    A `PipelineModule` (which carries its own grid) gets DeepSpeed's `PipelineEngine`."""
+    deepspeed = setup_deepspeed(device, local_rank)
+    # DeepSpeed keeps the last engine's mpu in a module global and never clears it: an engine
+    # built later in the same process without one must not inherit stale process groups.
+    deepspeed.utils.groups.mpu = mpu
     model = model.to(device)
     optimizer = make_optimizer(model, cfg.optim, device)
     engine, optimizer, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
         config=deepspeed_config(cfg, world_size, device),
+        mpu=mpu,
         dist_init_required=False,
     )
+    if cfg.parallel.zero_stage == 0 and not hasattr(engine, "grid"):
+        record_grad_norm(engine)
     return engine, optimizer
+
+
+def record_grad_norm(engine) -> None:
+    """DeepSpeed's fp32 ZeRO-0 path clips without keeping the norm, so `get_global_grad_norm()`
+    returns nothing there; clip with the same function and keep the norm it returns."""
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    def clip_fp32_gradients() -> None:
+        engine._global_grad_norm = float(
+            clip_grad_norm_(engine.module.parameters(), max_norm=engine.gradient_clipping(), mpu=engine.mpu)
+        )
+
+    engine.clip_fp32_gradients = clip_fp32_gradients

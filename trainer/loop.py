@@ -4,22 +4,40 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 import torch
 import torch.distributed as dist
 
+from trainer.checkpoint import CheckpointError, CheckpointManager
 from trainer.config import Config
 from trainer.data.manifest import Manifest
 from trainer.data.stream import TokenStream, open_manifest, prefetched
 from trainer.engine import initialize, lr_at, precision, set_lr
+from trainer.evaluate import Evaluator
+from trainer.events import EventLog
 from trainer.fsutil import write_json_atomic
-from trainer.metrics import ConsoleLogger, MlflowLogger, MultiLogger, NullLogger, detect_peak_tflops, mfu
+from trainer.metrics import (
+    ConsoleLogger,
+    MlflowLogger,
+    MultiLogger,
+    NullLogger,
+    detect_peak_tflops,
+    mfu,
+    start_system_metrics,
+    stop_system_metrics,
+)
 from trainer.model import Transformer, cross_entropy, flops_per_token, param_count
+from trainer.parallel.pipeline import build_pipeline_engine, pipeline_step
 from trainer.parallel.plan import apply_plan, check_device_switches, sdpa_context
+from trainer.parallel.tensor import vocab_parallel_cross_entropy
+from trainer.parallel.topology import Topology
 from trainer.session import Session, session_from_env
 
 log = logging.getLogger("pretrain")
@@ -33,6 +51,7 @@ class TrainResult:
     final_loss: float
     tokens_per_s: float
     losses: dict[int, float] = field(default_factory=dict)  # logged step -> loss (mean over DP)
+    val_losses: dict[int, float] = field(default_factory=dict)  # evaluated step -> validation loss
 
     def summary(self) -> dict:
         return {
@@ -57,8 +76,8 @@ def resolve_model_config(cfg: Config, manifest: Manifest | None) -> Config:
     return cfg
 
 
-def make_logger(cfg: Config, session: Session) -> NullLogger:
-    if session.rank != 0:
+def make_logger(cfg: Config, session: Session, logging_rank: int = 0) -> NullLogger:
+    if session.rank != logging_rank:
         return NullLogger()
     loggers: list[NullLogger] = [ConsoleLogger()]
     if cfg.tracking.enabled and session.mlflow_run_id:
@@ -89,6 +108,33 @@ class PhaseTimer:
         return out
 
 
+class Preemption:
+    """SIGTERM (a preempted node, `kill`, a scheduler's stop) asks for a checkpoint and a clean stop.
+
+    The handler only sets a flag; ranks agree on it with a MAX all-reduce at logged steps, so every
+    rank saves the same step. A signal handler can only be installed from the main thread: where
+    the loop runs elsewhere (a Ray Train worker thread) the launcher's own handling applies.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def agreed(self, device: torch.device) -> bool:
+        flag = torch.tensor(float(self.requested), device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
 def memory_gb(device: torch.device) -> float:
     """Peak device memory on GPU; peak resident memory of this process on CPU."""
     if device.type == "cuda":
@@ -106,26 +152,49 @@ def train(
     manifest: Manifest | None = None,
     logger: NullLogger | None = None,
 ) -> TrainResult:
-    """Train `cfg.train.steps` optimizer steps. `batches` (micro batches for this rank) replaces
-    the corpus stream, which tests use for synthetic data."""
-    session = session or session_from_env()
+    """Train to `cfg.train.steps` (or `train.stop_at`), resuming from the run's newest committed
+    checkpoint when there is one. `batches` (micro batches for this rank) replaces the corpus
+    stream, which tests use for synthetic data."""
+    cleanup: list = []  # run whatever happens: flush metrics, stop samplers, restore handlers
+    try:
+        return _train(cfg, session or session_from_env(), batches, manifest, logger, cleanup)
+    finally:
+        for fn in reversed(cleanup):
+            fn()
+
+
+def _train(cfg, session, batches, manifest, logger, cleanup) -> TrainResult:
     device = session.device(cfg.train.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    threads = cfg.train.torch_threads or max(1, (os.cpu_count() or 1) // session.local_world_size)
-    torch.set_num_threads(threads)
+    torch.set_num_threads(
+        cfg.train.torch_threads or max(1, (os.cpu_count() or 1) // session.local_world_size)
+    )
     session.ensure_process_group("nccl" if device.type == "cuda" else "gloo")
-    if cfg.parallel.tp > 1 or cfg.parallel.pp > 1:
-        raise NotImplementedError("parallel.tp/pp > 1 are not available in this version; set tp: 1, pp: 1")
-    dp_rank, dp_size = session.rank, session.world_size
+    topo = Topology(session.world_size, session.rank, cfg.parallel.tp, cfg.parallel.pp).init_groups()
+    dp_rank, dp_size = topo.dp_rank, topo.dp  # TP peers share a DP rank: identical batches
 
     if batches is None:
         manifest = manifest or open_manifest(cfg.data.path)
     cfg = resolve_model_config(cfg, manifest)
     check_device_switches(cfg, device)
     torch.manual_seed(cfg.train.seed)  # same init on every rank, before ZeRO partitions it
-    model = apply_plan(Transformer(cfg.model), cfg)
-    engine, optimizer = initialize(cfg, model, session.world_size, device, session.local_rank)
+    model = apply_plan(Transformer(cfg.model), cfg, topo)
+    # With TP the head returns this rank's vocab slice of the logits: the loss is vocab-parallel.
+    loss_fn = cross_entropy if topo.tp == 1 else partial(vocab_parallel_cross_entropy, group=topo.tp_group)
+    if topo.pp > 1:  # a PipelineEngine of this rank's stage; the last stage computes loss_fn
+        engine, optimizer = build_pipeline_engine(cfg, model, topo, device, session.local_rank, loss_fn)
+    else:
+        engine, optimizer = initialize(
+            cfg, model, session.world_size, device, session.local_rank, mpu=topo.mpu if topo.tp > 1 else None
+        )
+
+    ckpt = (
+        CheckpointManager(session.run_dir, cfg.checkpoint, session.rank, session.world_size)
+        if session.run_dir
+        else None
+    )
+    stream = None
     if batches is None:
         stream = TokenStream(
             cfg.data.path,
@@ -137,81 +206,209 @@ def train(
             dp_size=dp_size,
             seed=cfg.train.seed,
             num_streams=cfg.data.num_streams,
+            workers=cfg.data.loader_workers,
         )
-        batches = prefetched(stream.batches(0), cfg.data.prefetch)
+    start = resume(ckpt, engine, cfg, manifest, stream) if ckpt else 0
+    evaluator = None
+    if cfg.train.eval_batches and manifest is not None:
+        evaluator = Evaluator(
+            cfg, manifest, dp_rank, dp_size, cfg.grad_accum(session.world_size), topo.dp_group
+        )
+    if stream is not None:
+        batches = prefetched(stream.batches(start), cfg.data.prefetch)
+    meta = {
+        "config_fingerprint": cfg.fingerprint(RESUME_INVARIANT),
+        "manifest_fingerprint": manifest.fingerprint if manifest else "",
+        "mlflow_run_id": session.mlflow_run_id,
+        "layout": {
+            "world": session.world_size,
+            "dp": dp_size,
+            "tp": cfg.parallel.tp,
+            "pp": cfg.parallel.pp,
+            "zero_stage": cfg.parallel.zero_stage,
+        },
+    }
 
-    logger = logger or make_logger(cfg, session)
+    logger = logger or make_logger(cfg, session, topo.logging_rank)  # under PP: the last stage's
+    cleanup.append(logger.close)
+    if (
+        cfg.tracking.enabled
+        and session.mlflow_run_id
+        and session.local_rank == 0
+        and cfg.tracking.system_metrics_every_s
+    ):
+        node = f"node{session.rank // session.local_world_size}"
+        sampler = start_system_metrics(
+            cfg.tracking.uri, session.mlflow_run_id, node, cfg.tracking.system_metrics_every_s
+        )
+        cleanup.append(lambda: stop_system_metrics(sampler))
     accum = cfg.grad_accum(session.world_size)
     tokens_per_step = cfg.parallel.global_batch_size * cfg.data.seq_len
     fpt = flops_per_token(cfg.model, cfg.data.seq_len)
     peak = cfg.train.peak_tflops or detect_peak_tflops(device.type)
+    stop = min(cfg.train.stop_at or cfg.train.steps, cfg.train.steps)
     if session.rank == 0:
         log.info(
-            "model: %s parameters, %s, dp=%d, accum=%d",
+            "model: %s parameters, %s, dp=%d, accum=%d, steps %d..%d",
             f"{param_count(cfg.model):,}",
             precision(cfg, device),
             dp_size,
             accum,
+            start,
+            stop,
         )
 
     losses: dict[int, float] = {}
+    val_losses: dict[int, float] = {}
     loss_sum = torch.zeros((), device=device)
     timer = PhaseTimer(device)
     window_start, window_steps, data_wait, t_start = time.perf_counter(), 0, 0.0, None
-    for step in range(cfg.train.steps):
-        log_now = (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps
+    preemption = Preemption()
+    cleanup.append(preemption.restore)
+    events = EventLog(session.run_dir, enabled=session.rank == 0)
+    attempt = events.attempts() + 1
+    events.write("start", attempt=attempt, resumed_from=start, world_size=session.world_size)
+    cleanup.append(lambda: events.write("stop", step=int(engine.global_steps)))
+    if attempt > 1 or start:  # resilience, visible in MLflow next to the loss
+        logger.log({"restarts": float(attempt - 1), "resumed_from_step": float(start)}, start)
+    for step in range(start, stop):
+        # The first step of every attempt is logged too: start-up is visible, not hidden in a window.
+        log_now = (step + 1) % cfg.train.log_every == 0 or step + 1 == stop or step == start
         timer.enabled = log_now  # phase timing syncs the device, so only on logged steps
         set_lr(optimizer, lr_at(step, cfg.optim, cfg.train.steps))
-        for _ in range(accum):
+        if topo.pp > 1:  # train_batch: forward, backward (1F1B) and the step of all micro batches
             t0 = time.perf_counter()
-            x, y = next(batches)
+            micro = [next(batches) for _ in range(accum)]
             data_wait += time.perf_counter() - t0
-            with timer("forward"), sdpa_context(cfg):
-                loss = cross_entropy(engine(x.to(device, non_blocking=True)), y.to(device, non_blocking=True))
-            with timer("backward"):
-                engine.backward(loss)
-            with timer("optimizer"):
-                engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
-            loss_sum += loss.detach().float() / accum
+            with timer("pipeline"), sdpa_context(cfg):
+                loss_sum += pipeline_step(engine, micro, accum)
+        else:
+            for _ in range(accum):
+                t0 = time.perf_counter()
+                x, y = next(batches)
+                data_wait += time.perf_counter() - t0
+                with timer("forward"), sdpa_context(cfg):
+                    loss = loss_fn(engine(x.to(device, non_blocking=True)), y.to(device, non_blocking=True))
+                with timer("backward"):
+                    engine.backward(loss)
+                with timer("optimizer"):
+                    engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
+                loss_sum += loss.detach().float() / accum
         window_steps += 1
         if t_start is None:
             t_start = time.perf_counter()  # steady state starts after the first step (warm-up, allocs)
+        metrics: dict[str, float] = {}
+        # Collectives, so only on logged steps: SIGTERM on any rank, or the launcher's preemption notice.
+        preempted = log_now and (preemption.agreed(device) or session.preemption_requested())
         if log_now:
-            dist.all_reduce(loss_sum)  # sum over DP ranks of the per-rank mean losses
+            dist.all_reduce(loss_sum, group=topo.dp_group)  # sum over DP ranks (TP peers hold the same)
             now = time.perf_counter()
             dt = (now - window_start) / window_steps
             tps = tokens_per_step / dt
-            metrics = {
-                "loss": loss_sum.item() / (dp_size * window_steps),
-                "lr": lr_at(step, cfg.optim, cfg.train.steps),
-                "grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                "tokens_per_s": tps,
-                "tokens_seen": float((step + 1) * tokens_per_step),
-                "step_time_s": dt,
-                "data_wait_frac": data_wait / (now - window_start),
-                "memory_gb": memory_gb(device),
-                **{f"{k}_s": v for k, v in timer.pop().items()},
-            }
+            metrics.update(
+                {
+                    "loss": loss_sum.item() / (dp_size * window_steps),
+                    "lr": lr_at(step, cfg.optim, cfg.train.steps),
+                    "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                    "tokens_per_s": tps,
+                    "tokens_seen": float((step + 1) * tokens_per_step),
+                    "step_time_s": dt,
+                    "data_wait_frac": data_wait / (now - window_start),
+                    "memory_gb": memory_gb(device),
+                    "skipped_steps": float(engine.skipped_steps),
+                    **{f"{k}_s": v for k, v in timer.pop().items()},
+                }
+            )
             if peak:
                 metrics["mfu"] = mfu(tps, fpt, peak, session.world_size)
             losses[step + 1] = metrics["loss"]
-            logger.log(metrics, step + 1)
             loss_sum.zero_()
             window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
+        if evaluator and (
+            (cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0) or step + 1 == stop
+        ):
+            t_eval = time.perf_counter()
+            metrics.update(evaluator(engine, loss_fn, device, pipeline=topo.pp > 1))
+            val_losses[step + 1] = metrics["val_loss"]
+            window_start += time.perf_counter() - t_eval  # evaluation is not training throughput
+        if ckpt and (
+            (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0)
+            or (step + 1 == stop and cfg.checkpoint.save_final)
+            or preempted
+        ):
+            # Everything logged up to this step reaches MLflow before the checkpoint exists, so a
+            # crash after the commit never leaves steps that a resume would not log again.
+            logger.log(metrics, step + 1)
+            logger.flush(timeout_s=10.0)
+            data_state = stream.state_dict(step + 1) if stream else None
+            save_s = ckpt.save(
+                engine, step + 1, {**meta, "tokens_seen": (step + 1) * tokens_per_step, "data": data_state}
+            )
+            metrics = {"checkpoint_save_s": save_s}
+            events.write("checkpoint", step=step + 1, save_s=save_s)
+        if metrics:
+            logger.log(metrics, step + 1)
+        if preempted:
+            log.warning("SIGTERM received: checkpoint committed at step %d, stopping", step + 1)
+            events.write("preempted", step=step + 1)
+            stop = step + 1
+            break
 
     elapsed = time.perf_counter() - (t_start or time.perf_counter())
-    steady_steps = cfg.train.steps - 1
+    steady_steps = stop - start - 1
     result = TrainResult(
-        steps=cfg.train.steps,
-        tokens=cfg.train.steps * tokens_per_step,
-        final_loss=losses[cfg.train.steps],
-        tokens_per_s=steady_steps * tokens_per_step / elapsed if steady_steps and elapsed > 0 else 0.0,
+        steps=stop,
+        tokens=stop * tokens_per_step,
+        final_loss=losses.get(stop, float("nan")),
+        tokens_per_s=steady_steps * tokens_per_step / elapsed if steady_steps > 0 and elapsed > 0 else 0.0,
         losses=losses,
+        val_losses=val_losses,
     )
-    logger.close()
     if session.rank == 0 and session.run_dir:
         write_json_atomic(
             os.path.join(session.run_dir, "summary.json"),
-            {**result.summary(), "losses": {str(k): v for k, v in losses.items()}},
+            {
+                **result.summary(),
+                "resumed_from": start,
+                "losses": {str(k): v for k, v in losses.items()},
+                "val_losses": {str(k): v for k, v in val_losses.items()},
+            },
         )
     return result
+
+
+# Config sections whose change would make a resumed run a different run.
+RESUME_INVARIANT = ("model",)
+
+
+def resume(ckpt: CheckpointManager, engine, cfg: Config, manifest: Manifest | None, stream=None) -> int:
+    """Load the newest committed checkpoint that checks out; the step to continue from (0 = none)."""
+    found = ckpt.latest()
+    if found is None:
+        return 0
+    rec = found.record
+    if rec.get("config_fingerprint") != cfg.fingerprint(RESUME_INVARIANT):
+        raise CheckpointError(
+            f"{found.path}: the model section of the config differs from the one this "
+            "checkpoint was trained with; resume with the run's own config.yaml"
+        )
+    force = cfg.checkpoint.ignore_data_mismatch
+    if (
+        not force
+        and manifest is not None
+        and rec.get("manifest_fingerprint") not in ("", manifest.fingerprint)
+    ):
+        raise CheckpointError(
+            f"{found.path}: the corpus at {cfg.data.path} (manifest {manifest.fingerprint}) is "
+            f"not the one this run was trained on ({rec.get('manifest_fingerprint')}); set "
+            "checkpoint.ignore_data_mismatch: true to resume on it anyway"
+        )
+    if stream is not None and rec.get("data"):
+        try:
+            stream.check_resume(rec["data"], force=force)  # same corpus, seed, streams, global batch
+        except ValueError as e:
+            raise CheckpointError(f"{found.path}: {e}") from None
+    ckpt.load(engine, found)
+    if ckpt.rank == 0:
+        log.info("resumed from committed checkpoint step %d (%s)", found.step, found.path)
+    return found.step

@@ -40,6 +40,10 @@ class Session:
             raise RuntimeError("a multi-process session needs a process group from its launcher")
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
+    def preemption_requested(self) -> bool:
+        """The launcher's own notice that this run's nodes are about to go (collective)."""
+        return False
+
     def report(self, metrics: dict) -> None:
         """Hand final metrics to the launcher (Ray Train's Result); nothing to do locally."""
 

@@ -1,8 +1,10 @@
 """Turns a plain model into the one this rank trains, in a fixed order (as torchtitan does):
 
-1. activation checkpointing per block (recompute the block in backward),
-2. torch.compile per block (the blocks share code and shapes, so one compiled graph serves all),
-3. ZeRO partitioning happens afterwards, in `deepspeed.initialize`.
+1. tensor parallelism: layers swapped by module name for sharded ones (`parallel/tensor.py`),
+   first, so that what follows wraps the layers this rank really runs,
+2. activation checkpointing per block (recompute the block in backward),
+3. torch.compile per block (the blocks share code and shapes, so one compiled graph serves all),
+4. ZeRO partitioning happens afterwards, in `deepspeed.initialize` (over the DP group only).
 
 The model file knows nothing of this: the plan sets `model.block_fn`, the single hook through
 which every block is called.
@@ -15,13 +17,17 @@ from torch.utils.checkpoint import checkpoint
 
 from trainer.config import Config
 from trainer.model import Transformer
+from trainer.parallel.tensor import apply_tensor_parallel
+from trainer.parallel.topology import Topology
 
 
 def _checkpointed(block, x, cos, sin):
     return checkpoint(block, x, cos, sin, use_reentrant=False)
 
 
-def apply_plan(model: Transformer, cfg: Config) -> Transformer:
+def apply_plan(model: Transformer, cfg: Config, topo: Topology | None = None) -> Transformer:
+    if topo is not None and topo.tp > 1:
+        model = apply_tensor_parallel(model, topo)
     if cfg.parallel.activation_checkpointing:
         model.block_fn = _checkpointed
     if cfg.train.compile:

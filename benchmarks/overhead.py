@@ -1,0 +1,126 @@
+"""Framework overhead on CPU, measured side by side in one run.
+
+The same tiny model (configs/tiny-cpu.yaml shapes), batch, seed and thread count, run
+(a) as a plain PyTorch loop (torch AdamW, no Ray, no DeepSpeed, in-memory batches) and
+(b) through `pretrain train` with 1 Ray worker, ZeRO 0 and ZeRO 3 (the whole product path:
+Ray Train, DeepSpeed, streamed shards, MLflow). Reports steady-state tokens/s of (b) over (a)
+(first step excluded), and the start-up of (b): seconds from typing the command to the first
+finished step, split into Ray + worker start, model + DeepSpeed init, and the first step.
+
+    python benchmarks/overhead.py        # ~3 minutes on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def pretrain_run(tmp: str, corpus: str, zero: int, steps: int, threads: int, mb: int) -> dict:
+    name = f"zero{zero}"
+    sets = [
+        f"data.path={corpus}",
+        "cluster.num_workers=1",
+        f"cluster.cpus_per_worker={threads}",
+        f"train.torch_threads={threads}",
+        f"parallel.zero_stage={zero}",
+        f"parallel.micro_batch_size={mb}",
+        f"parallel.global_batch_size={mb}",
+        f"train.steps={steps}",
+        "train.log_every=10",
+        "checkpoint.save_final=false",
+        f"cluster.run_name={name}",
+        f"cluster.storage_path={tmp}/runs",
+        f"tracking.uri=sqlite:///{tmp}/mlflow.db",
+    ]
+    cmd = [sys.executable, "-m", "launch.cli", "train", "configs/tiny-cpu.yaml"]
+    cmd += [a for s in sets for a in ("--set", s)]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PRETRAIN_LOG_LEVEL": "INFO"},
+    )
+    marks: dict[str, float] = {}
+    for line in proc.stdout:
+        now = time.perf_counter() - t0
+        if "Started training worker group" in line:
+            marks.setdefault("workers_started", now)
+        if "model:" in line and "parameters" in line:
+            marks.setdefault("engine_ready", now)
+        if re.search(r"step \d+ \|", line):
+            marks.setdefault("first_logged_step", now)
+    proc.wait()
+    if proc.returncode != 0:
+        raise SystemExit(f"pretrain train failed (exit {proc.returncode})")
+    summary = json.loads((Path(tmp) / "runs" / name / "summary.json").read_text())
+    return {"tokens_per_s": summary["tokens_per_s"], "wall_s": time.perf_counter() - t0, **marks}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--micro-batch", type=int, default=8)
+    args = ap.parse_args()
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import torch
+
+    from benchmarks.common import plain_pytorch_tokens_per_s
+    from trainer.config import load_config
+    from trainer.data.prepare import prepare
+
+    with tempfile.TemporaryDirectory() as tmp:
+        stdlib = Path(os.path.dirname(os.__file__))
+        files = sorted(str(p) for p in stdlib.glob("*.py"))[:60]
+        prepare(files, f"{tmp}/corpus", vocab_size=4096, block_len=129, workers=2)
+        cfg = load_config(
+            ROOT / "configs/tiny-cpu.yaml", [f"data.path={tmp}/corpus", "model.vocab_size=4096"]
+        )
+        torch.set_num_threads(args.threads)
+        plain = plain_pytorch_tokens_per_s(
+            cfg.model,
+            batch=args.micro_batch,
+            seq_len=cfg.data.seq_len,
+            steps=args.steps,
+            warmup=3,
+            device="cpu",
+            bf16=False,
+            compile_blocks=False,
+            lr=cfg.optim.lr,
+        )
+        rows = {
+            z: pretrain_run(tmp, f"{tmp}/corpus", z, args.steps, args.threads, args.micro_batch)
+            for z in (0, 3)
+        }
+    print(
+        f"plain PyTorch loop: {plain:,.0f} tokens/s ({args.threads} threads, micro batch {args.micro_batch})"
+    )
+    for z, r in rows.items():
+        print(
+            f"pretrain train, 1 worker, ZeRO-{z}: {r['tokens_per_s']:,.0f} tokens/s -> "
+            f"ratio {r['tokens_per_s'] / plain:.3f}"
+        )
+        print(
+            f"  start-up: workers started {r.get('workers_started', float('nan')):.1f} s, model + DeepSpeed "
+            f"ready {r.get('engine_ready', float('nan')):.1f} s, first logged step "
+            f"{r.get('first_logged_step', float('nan')):.1f} s, whole run {r['wall_s']:.1f} s"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""Training runs as Ray Jobs on a running Ray cluster, addressed by run name.
+
+`submit` ships the project (the directory holding `launch/`, `cluster/`, `trainer/`) as the
+job's working_dir together with the resolved config, and starts `python -m launch.cli train` in
+it; the driver inside the job joins the cluster (RAY_ADDRESS) and runs the training as usual.
+The job's submission id IS the run name, so `status`, `logs`, `stop` and `list` need only the
+run name and the cluster's job API address (`http://HEAD:8265`). Jobs submitted with Ray's own
+`ray job submit` are found by their submission id (`raysubmit_...`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+from trainer.config import Config, save_config
+from trainer.metrics import mask_uri_credentials
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# What never travels with the code: environments, corpora, runs, tracking stores, caches, git.
+EXCLUDES = [
+    ".venv",
+    "venv",
+    "/data",
+    "/runs",
+    "mlruns",
+    "*.db",
+    ".git",
+    "__pycache__",
+    ".pytest_cache",
+    ".ruff_cache",
+    "*.egg-info",
+    "/build",
+    "/dist",
+    "/.whl",
+]
+STAGING_DIR = ".pretrain-submit"  # the resolved config waits here while the working_dir is uploaded
+RUN_METADATA_KEY = "pretrain_run"
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class JobError(RuntimeError):
+    """A job request that cannot be done (no cluster there, no such run, ...); the message says why."""
+
+
+def auth_headers() -> dict[str, str]:
+    """The Ray token (RAY_AUTH_TOKEN, else the file at RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token)
+    as a bearer header, so a cluster started with token authentication accepts us even when
+    RAY_AUTH_MODE is not set here. Never logged."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        return {}
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    if not token:
+        path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+        try:
+            token = path.read_text().strip()
+        except OSError:
+            token = ""
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def connect(address: str):
+    """A JobSubmissionClient for the cluster's job API at `address` (http://HEAD:8265)."""
+    if not address:
+        raise JobError("give the cluster's job API address: --address http://HEAD:8265 (or set RAY_ADDRESS)")
+    if "://" not in address:
+        address = "http://" + address
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address, headers=auth_headers())
+    except Exception as e:
+        reason = mask_uri_credentials(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        raise JobError(
+            f"no Ray job API answers at {mask_uri_credentials(address)}: {reason}; check the address "
+            "(the head's dashboard port, default 8265), that the head runs, and the Ray auth token"
+        ) from None
+
+
+def _call(fn, *args):
+    try:
+        return fn(*args)
+    except JobError:
+        raise
+    except Exception as e:
+        raise JobError(mask_uri_credentials(str(e).splitlines()[0] if str(e) else type(e).__name__)) from None
+
+
+def list_jobs(client) -> list:
+    """Every job on the cluster, oldest first."""
+    return sorted(_call(client.list_jobs), key=lambda j: j.start_time or 0)
+
+
+def find_job(client, run: str):
+    """The job of run `run`: submission id == run name, else a job whose metadata names the run."""
+    for job in reversed(list_jobs(client)):
+        if run in (job.submission_id, (job.metadata or {}).get(RUN_METADATA_KEY)):
+            return job
+    raise JobError(f"no run {run!r} on this cluster; `pretrain list --address ...` shows the runs it has")
+
+
+def run_name_of(job) -> str:
+    return (job.metadata or {}).get(RUN_METADATA_KEY) or job.submission_id or job.job_id or ""
+
+
+def new_run_name(cfg: Config) -> str:
+    name = cfg.cluster.run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if not _NAME.match(name):
+        raise JobError(
+            f"cluster.run_name={name!r}: a submitted run's name is its Ray job id; use letters, digits, "
+            "'.', '_' and '-' (at most 128)"
+        )
+    return name
+
+
+def submit(cfg: Config, address: str, project_root: Path = PROJECT_ROOT) -> dict:
+    """Submit `cfg` as a Ray Job named after the run; returns at once with
+    {run_name, job_id, address, mlflow}. Refuses a run name the cluster already has."""
+    name = new_run_name(cfg)
+    cfg = replace(cfg, cluster=replace(cfg.cluster, run_name=name))
+    client = connect(address)
+    existing = {j.submission_id: j for j in list_jobs(client)}
+    if name in existing:
+        raise JobError(
+            f"run {name} already exists on this cluster ({existing[name].status}); "
+            "pick another --set cluster.run_name=..."
+        )
+    staged = Path(project_root) / STAGING_DIR / f"{name}.yaml"
+    staged.parent.mkdir(exist_ok=True)
+    save_config(cfg, staged)
+    try:
+        job_id = _call(
+            lambda: client.submit_job(
+                entrypoint=f"python -m launch.cli train {STAGING_DIR}/{name}.yaml",
+                submission_id=name,
+                runtime_env={"working_dir": str(project_root), "excludes": EXCLUDES},
+                metadata={RUN_METADATA_KEY: name, "pretrain_config": cfg.name},
+            )
+        )
+    finally:
+        staged.unlink(missing_ok=True)
+        if not any(staged.parent.iterdir()):
+            shutil.rmtree(staged.parent, ignore_errors=True)
+    return {"run_name": name, "job_id": job_id, "address": address, "mlflow": mlflow_link(cfg)}
+
+
+def mlflow_link(cfg: Config, run_id: str = "") -> str:
+    """Where the run shows in MLflow, credentials masked: the run's page when its id is known,
+    else its experiment; "" when tracking is off or not a server (nothing to open from afar)."""
+    uri = cfg.tracking.uri
+    if not cfg.tracking.enabled or not uri.startswith(("http://", "https://")):
+        return ""
+    base = mask_uri_credentials(uri).rstrip("/")
+    try:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(uri)
+        exp = client.get_experiment_by_name(cfg.tracking.experiment)
+        if exp is None:
+            return base
+        if not run_id:
+            runs = client.search_runs(
+                [exp.experiment_id], f"attributes.run_name = '{cfg.cluster.run_name}'", max_results=1
+            )
+            run_id = runs[0].info.run_id if runs else ""
+        return f"{base}/#/experiments/{exp.experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+    except Exception:
+        return base
+
+
+def status(client, run: str) -> dict:
+    return describe(find_job(client, run))
+
+
+def describe(job) -> dict:
+    """A job as the run it carries: name, job id, state (running, succeeded, ...), message."""
+    return {
+        "run_name": run_name_of(job),
+        "job_id": job.submission_id or job.job_id,
+        "state": str(job.status.value if hasattr(job.status, "value") else job.status).lower(),
+        "message": mask_uri_credentials(job.message or ""),
+        "start_time": job.start_time,
+        "end_time": job.end_time,
+    }
+
+
+def logs(client, run: str) -> str:
+    job = find_job(client, run)
+    return _call(client.get_job_logs, job.submission_id)
+
+
+def follow_logs(client, run: str) -> Iterator[str]:
+    """The job's log as it grows, until the job ends."""
+    import asyncio
+
+    job = find_job(client, run)
+    stream = client.tail_job_logs(job.submission_id)
+    loop = asyncio.new_event_loop()
+    try:
+        while True:
+            try:
+                yield loop.run_until_complete(stream.__anext__())
+            except StopAsyncIteration:
+                return
+    finally:
+        loop.run_until_complete(stream.aclose())
+        loop.close()
+
+
+def stop(client, run: str, wait_s: float = 60.0) -> str:
+    """Stop a running run's job (its driver, and with it the worker group); returns the final state."""
+    job = find_job(client, run)
+    state = str(job.status.value if hasattr(job.status, "value") else job.status)
+    if state in TERMINAL:
+        raise JobError(f"run {run} is not running: it {state.lower()} already")
+    _call(client.stop_job, job.submission_id)
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        state = str(_call(client.get_job_status, job.submission_id).value)
+        if state in TERMINAL:
+            return state.lower()
+        time.sleep(0.5)
+    return state.lower()

@@ -1,0 +1,170 @@
+"""`pretrain submit | status | logs | stop | list`: training runs as Ray Jobs on a running cluster,
+addressed by run name and the cluster's job API address (--address http://HEAD:8265, or
+RAY_ADDRESS). Each command parses, calls `cluster.jobs` and prints; nothing else lives here."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+EXIT_BAD_INPUT = 2
+
+
+def _fail(msg: str) -> int:
+    print(f"pretrain: error: {msg}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def _add_address(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--address",
+        default=os.environ.get("RAY_ADDRESS", ""),
+        help="the Ray cluster's job API, e.g. http://HEAD:8265 (default: $RAY_ADDRESS)",
+    )
+
+
+def register(sub) -> None:
+    """Add submit, status, logs, stop and list to the `pretrain` subparsers."""
+    p = sub.add_parser(
+        "submit",
+        help="submit a training run to a Ray cluster as a Ray Job; returns at once",
+        description="Ship this project and the resolved CONFIG to the cluster at --address and start "
+        "`pretrain train` there as a Ray Job whose id is the run name.",
+    )
+    p.add_argument("config", help="YAML config file, e.g. configs/llama-1b.yaml")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set cluster.num_workers=16 (repeatable; beats the YAML)",
+    )
+    _add_address(p)
+    p.set_defaults(fn=run_submit)
+
+    p = sub.add_parser("status", help="state of a submitted run (or of all runs)")
+    p.add_argument("run", nargs="?", help="run name (default: every run, like `list`)")
+    _add_address(p)
+    p.set_defaults(fn=run_status)
+
+    p = sub.add_parser("logs", help="the driver log of a submitted run")
+    p.add_argument("run", help="run name")
+    p.add_argument("--follow", "-f", action="store_true", help="keep printing until the run ends")
+    _add_address(p)
+    p.set_defaults(fn=run_logs)
+
+    p = sub.add_parser("stop", help="stop a submitted run (its driver and workers)")
+    p.add_argument("run", help="run name")
+    _add_address(p)
+    p.set_defaults(fn=run_stop)
+
+    p = sub.add_parser("list", help="the runs (Ray jobs) on a cluster")
+    _add_address(p)
+    p.set_defaults(fn=run_list)
+
+
+def _cluster_paths_note(cfg) -> list[str]:
+    """Relative paths resolve inside the job's temporary copy of the project on the cluster."""
+    notes = []
+    if not os.path.isabs(cfg.cluster.storage_path) and "://" not in cfg.cluster.storage_path:
+        notes.append(f"cluster.storage_path={cfg.cluster.storage_path} is relative")
+    if (
+        cfg.tracking.enabled
+        and cfg.tracking.uri.startswith("sqlite:///")
+        and not cfg.tracking.uri.startswith("sqlite:////")
+    ):
+        notes.append("tracking.uri is a relative SQLite file")
+    return notes
+
+
+def run_submit(args: argparse.Namespace) -> int:
+    from cluster import jobs
+    from trainer.config import load_config
+
+    cfg = load_config(args.config, args.set)
+    out = jobs.submit(cfg, args.address)
+    print(f"submitted run {out['run_name']} (Ray job id {out['job_id']})", flush=True)
+    if out["mlflow"]:
+        print(f"mlflow: {out['mlflow']}")
+    notes = _cluster_paths_note(cfg)
+    if notes:
+        print(
+            f"note: {'; '.join(notes)}: on the cluster it lands in the job's temporary working dir; "
+            "give a shared path (cluster.storage_path, tracking.uri) to keep the run",
+            file=sys.stderr,
+        )
+    a = args.address
+    print(
+        f"watch: pretrain status {out['run_name']} --address {a}; pretrain logs {out['run_name']} -f --address {a}"
+    )
+    return 0
+
+
+def _row(s: dict) -> str:
+    started = (
+        time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["start_time"] / 1000)) if s["start_time"] else ""
+    )
+    return f"{s['run_name']:32s} {s['state']:10s} {started:19s} {s['job_id']}"
+
+
+def run_status(args: argparse.Namespace) -> int:
+    from cluster import jobs
+
+    if not args.run:
+        return run_list(args)
+    s = jobs.status(jobs.connect(args.address), args.run)
+    print(f"{s['run_name']}: {s['state']}" + (f" ({s['message']})" if s["message"] else ""))
+    return 0
+
+
+def run_logs(args: argparse.Namespace) -> int:
+    from cluster import jobs
+
+    client = jobs.connect(args.address)
+    if args.follow:
+        for chunk in jobs.follow_logs(client, args.run):
+            print(chunk, end="", flush=True)
+    else:
+        print(jobs.logs(client, args.run), end="")
+    return 0
+
+
+def run_stop(args: argparse.Namespace) -> int:
+    from cluster import jobs
+
+    state = jobs.stop(jobs.connect(args.address), args.run)
+    print(f"{args.run}: {state}")
+    return 0 if state == "stopped" else 1
+
+
+def run_list(args: argparse.Namespace) -> int:
+    from cluster import jobs
+
+    client = jobs.connect(args.address)
+    print(f"{'RUN':32s} {'STATE':10s} {'STARTED':19s} JOB ID")
+    for job in jobs.list_jobs(client):
+        if job.submission_id is None:
+            continue  # a driver that connected on its own (no job API submission)
+        print(_row(jobs.describe(job)))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m launch.jobs COMMAND ...`: the same commands before they are wired into `pretrain`."""
+    from cluster.driver import RunError
+    from cluster.jobs import JobError
+    from trainer.config import ConfigError
+
+    parser = argparse.ArgumentParser(prog="pretrain")
+    register(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except (JobError, ConfigError, RunError) as e:
+        return _fail(str(e))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

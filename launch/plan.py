@@ -1,0 +1,143 @@
+"""`pretrain plan CONFIG [--set ...]`: a layout on paper, before anything runs.
+
+Prints the resolved layout (world = pp x dp x tp and the global ranks of every TP, DP and PP
+group), the parameter count, the training FLOPs per token, and an estimate of memory per device
+(parameters, gradients, optimizer state, activations, logits) from `trainer.parallel.estimate`.
+Starts no process group and touches no device. An invalid layout exits 2 with the config's message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+
+EXIT_BAD_INPUT = 2
+MAX_GROUPS_SHOWN = 8
+
+
+def _fail(msg: str) -> int:
+    print(f"pretrain: error: {msg}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def _groups(groups: list[list[int]]) -> str:
+    shown = " ".join(str(g).replace(" ", "") for g in groups[:MAX_GROUPS_SHOWN])
+    more = len(groups) - MAX_GROUPS_SHOWN
+    return f"{shown} ... ({more} more)" if more > 0 else shown
+
+
+def _vocab_from_corpus(cfg):
+    """The config with model.vocab_size read from the corpus manifest when it says 0, validated
+    again (tp must divide it); None when the manifest cannot be read."""
+    from trainer.data.storage import Retry
+    from trainer.data.stream import open_manifest
+
+    try:
+        manifest = open_manifest(cfg.data.path, Retry(tries=1, timeout_s=5.0))
+    except (OSError, ValueError):
+        return None
+    return replace(cfg, model=replace(cfg.model, vocab_size=manifest.vocab_size)).validate()
+
+
+def describe_plan(cfg) -> list[str]:
+    """The lines `pretrain plan` prints for a validated config."""
+    from trainer.model import flops_per_token, param_count
+    from trainer.parallel.estimate import estimate_for_config, fmt_count, resolved_precision
+    from trainer.parallel.topology import Topology
+
+    p, world = cfg.parallel, cfg.cluster.num_workers
+    topo = Topology(world, rank=0, tp=p.tp, pp=p.pp)  # pure arithmetic: no process group
+    prec = resolved_precision(cfg)
+    lines = [
+        f"layout: world {world} = pp {topo.pp} x dp {topo.dp} x tp {topo.tp} "
+        "(tp innermost: consecutive ranks; then dp; then pp)",
+        f"  ZeRO-{p.zero_stage}, {prec}, micro batch {p.micro_batch_size} x grad accum {cfg.grad_accum()} "
+        f"x dp {topo.dp} = global batch {p.global_batch_size} sequences of {cfg.data.seq_len} tokens",
+        f"  tp groups ({len(topo.tp_groups())}): {_groups(topo.tp_groups())}",
+        f"  dp groups ({len(topo.dp_groups())}): {_groups(topo.dp_groups())}",
+        f"  pp groups ({len(topo.pp_groups())}): {_groups(topo.pp_groups())}",
+    ]
+    if topo.pp > 1:
+        lines.append(f"  metrics logged by rank {topo.logging_rank} (first rank of the last stage)")
+
+    if cfg.model.vocab_size == 0:
+        resolved = _vocab_from_corpus(cfg)
+        if resolved is None:
+            lines.append(
+                f"parameters: model.vocab_size is 0 and the corpus manifest at {cfg.data.path!r} cannot be "
+                "read; give --set model.vocab_size=N for the parameter count, FLOPs and memory"
+            )
+            return lines
+        cfg = resolved
+        lines.append(f"vocab_size: {cfg.model.vocab_size} (from the corpus manifest at {cfg.data.path})")
+
+    m = cfg.model
+    n = param_count(m)
+    lines += [
+        f"parameters: {n:,} ({fmt_count(n)}; {m.arch}, {m.n_layers} layers, d_model {m.d_model}, "
+        f"{m.n_heads} heads / {m.kv_heads} kv, d_ff {m.ff_dim}, vocab {m.vocab_size})",
+        f"flops per token: {flops_per_token(m, cfg.data.seq_len):.4g} (training, 6N + 12*L*H*Q*T, "
+        f"seq {cfg.data.seq_len})",
+    ]
+
+    stages = estimate_for_config(cfg)
+    lines.append(
+        f"memory per device, estimate in GB (ZeRO-{p.zero_stage} over dp {topo.dp}, {prec}, "
+        f"activation checkpointing {'on' if p.activation_checkpointing else 'off'}):"
+    )
+    header = f"  {'stage':>5} {'blocks':>6} {'params':>8} {'grads':>8} {'optimizer':>9} {'activations':>11}"
+    lines.append(header + f" {'logits':>8} {'total':>8}")
+    for e in stages:
+        g = e.gb()
+        lines.append(
+            f"  {e.stage:>5} {e.blocks:>6} {g['params']:>8.2f} {g['grads']:>8.2f} {g['optimizer']:>9.2f} "
+            f"{g['activations']:>11.2f} {g['logits']:>8.2f} {g['total']:>8.2f}"
+        )
+    lines.append(
+        "  (activations per micro batch, Korthikanti et al. 2022; not counted: allocator, "
+        "communication buffers, CUDA context)"
+    )
+    return lines
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    from trainer.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, args.set)
+        print("\n".join(describe_plan(cfg)))
+    except ConfigError as e:
+        return _fail(str(e))
+    return 0
+
+
+def register(sub) -> None:
+    """Add `plan` to the `pretrain` subparsers."""
+    p = sub.add_parser(
+        "plan",
+        help="print a config's layout, parameters, FLOPs and memory per device (runs nothing)",
+        description="Resolve CONFIG (with --set overrides) and print the rank layout (TP, DP and PP groups), "
+        "the parameter count, FLOPs per token and an estimate of memory per device. Starts no process.",
+    )
+    p.add_argument("config", help="YAML config file, e.g. configs/llama-1b.yaml")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set parallel.tp=2 (repeatable; beats the YAML)",
+    )
+    p.set_defaults(fn=run_plan)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m launch.plan plan CONFIG ...`: the same command without `launch/cli.py`."""
+    parser = argparse.ArgumentParser(prog="pretrain")
+    register(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
+    args = parser.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""`pretrain ui [CONFIG | RUN_DIR]`: the MLflow UI over the runs' tracking store.
+
+Serves `tracking.uri` of the config (or of a run directory's run.json; default: the SQLite store
+in the working directory) with `mlflow server`, bound to 127.0.0.1 unless --host says otherwise,
+and waits until Ctrl-C. A tracking URI that already is a server is only printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+EXIT_BAD_INPUT = 2
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "config",
+        nargs="?",
+        help="YAML config or run directory whose tracking.uri to show (default: sqlite:///mlflow.db)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set tracking.uri=sqlite:///other.db",
+    )
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="interface to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it to the network)",
+    )
+    p.add_argument("--port", type=int, default=5000, help="port to serve on (default 5000)")
+
+
+def tracking_uri(args: argparse.Namespace) -> str:
+    """The store to serve: a run directory's record, else the config (+ --set), else the default."""
+    from trainer.config import apply_overrides, from_dict, load_config
+
+    if args.config and Path(args.config).is_dir():
+        record = Path(args.config) / "run.json"
+        if record.is_file():
+            return json.loads(record.read_text())["tracking_uri"]
+        args = argparse.Namespace(**{**vars(args), "config": str(Path(args.config) / "config.yaml")})
+    if args.config:
+        return load_config(args.config, args.set).tracking.uri
+    return from_dict(apply_overrides({}, args.set)).tracking.uri
+
+
+def port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def server_command(uri: str, host: str, port: int) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def run(args: argparse.Namespace) -> int:
+    from trainer.config import ConfigError
+    from trainer.metrics import mask_uri_credentials
+
+    try:
+        uri = tracking_uri(args)
+    except (ConfigError, OSError, KeyError, ValueError) as e:
+        print(f"pretrain ui: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if uri.startswith(("http://", "https://")):
+        print(f"tracking.uri is a server already; open {mask_uri_credentials(uri)}", flush=True)
+        return 0
+    if not port_free(args.host, args.port):
+        print(
+            f"pretrain ui: error: port {args.port} on {args.host} is in use; pick another with --port",
+            file=sys.stderr,
+        )
+        return EXIT_BAD_INPUT
+    shown_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    print(f"MLflow UI for {uri} at http://{shown_host}:{args.port} (Ctrl-C stops it)", flush=True)
+    proc = subprocess.Popen(server_command(uri, args.host, args.port), start_new_session=True)
+    # SIGTERM (a test, a supervisor) stops the server like Ctrl-C does.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)  # the server and its worker processes
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pretrain ui", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""Committed checkpoints in one plain process (DeepSpeed ZeRO-3, gloo world of 1): exact resume,
+and every way a checkpoint can be bad on disk."""
+
+import logging
+import os
+import pickle
+import shutil
+
+import pytest
+import torch
+
+from tests.conftest import tiny_config
+from trainer.checkpoint import COMMIT, CheckpointError
+from trainer.loop import train
+from trainer.session import Session
+
+STEPS = 6
+
+
+def _cfg(corpus, **train_):
+    return tiny_config(
+        data={"path": corpus}, train={"steps": STEPS, **train_}, checkpoint={"every": 2, "keep": 2}
+    )
+
+
+def fp32_master(ckpt_dir):
+    """The fp32 master weights of every rank's ZeRO partition in a committed checkpoint (test-only
+    read of our own files: DeepSpeed's format is a pickle)."""
+    out = []
+    for name in sorted(os.listdir(ckpt_dir)):
+        if name.endswith("optim_states.pt"):
+            state = torch.load(os.path.join(ckpt_dir, name), weights_only=False)["optimizer_state_dict"]
+            out += list(state["fp32_flat_groups"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(corpus, tmp_path_factory):
+    run = tmp_path_factory.mktemp("full")
+    result = train(_cfg(corpus), Session(run_dir=str(run)))
+    return result, run
+
+
+def test_exact_resume_bitwise(corpus, tmp_path, uninterrupted):
+    full, full_dir = uninterrupted
+    first = train(_cfg(corpus, stop_at=3), Session(run_dir=str(tmp_path)))  # stops at 3, commits step 3
+    assert sorted(first.losses) == [1, 2, 3]
+    second = train(_cfg(corpus), Session(run_dir=str(tmp_path)))
+    assert sorted(second.losses) == [4, 5, 6]
+    for step, loss in second.losses.items():
+        assert loss == full.losses[step]  # bitwise
+    a, b = (
+        fp32_master(full_dir / "checkpoints" / f"step_{STEPS}"),
+        fp32_master(tmp_path / "checkpoints" / f"step_{STEPS}"),
+    )
+    assert len(a) == len(b) > 0 and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def _stopped_run(corpus, tmp_path):
+    train(_cfg(corpus, stop_at=4), Session(run_dir=str(tmp_path)))  # commits step_2 and step_4
+    return tmp_path / "checkpoints"
+
+
+def test_uncommitted_checkpoint_is_ignored(corpus, tmp_path, uninterrupted, caplog):
+    ck = _stopped_run(corpus, tmp_path)
+    # A save killed mid-write: files but no commit record.
+    shutil.copytree(ck / "step_4", ck / "step_5")
+    os.remove(ck / "step_5" / COMMIT)
+    with caplog.at_level(logging.INFO, logger="pretrain"):
+        resumed = train(_cfg(corpus), Session(run_dir=str(tmp_path)))
+    assert "resumed from committed checkpoint step 4" in caplog.text
+    assert resumed.losses == {k: v for k, v in uninterrupted[0].losses.items() if k > 4}
+
+
+def test_truncated_file_falls_back_to_previous_commit(corpus, tmp_path, uninterrupted, caplog):
+    ck = _stopped_run(corpus, tmp_path)
+    victim = next(p for p in (ck / "step_4").iterdir() if p.name.endswith("model_states.pt"))
+    with open(victim, "r+b") as f:
+        f.truncate(victim.stat().st_size // 2)
+    with caplog.at_level(logging.INFO, logger="pretrain"):
+        resumed = train(_cfg(corpus), Session(run_dir=str(tmp_path)))
+    assert str(victim) in caplog.text and "falling back" in caplog.text
+    assert "resumed from committed checkpoint step 2" in caplog.text
+    assert resumed.losses == {k: v for k, v in uninterrupted[0].losses.items() if k > 2}
+
+
+class _Boom:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))  # would create the marker file if ever unpickled
+
+
+@pytest.mark.parametrize("target", ["model_states.pt", "trainer_state_rank0.json"])
+def test_malicious_pickle_is_never_unpickled(corpus, tmp_path, target, caplog):
+    ck = _stopped_run(corpus, tmp_path)
+    marker = tmp_path / "pwned"
+    victim = next(p for p in (ck / "step_4").iterdir() if p.name.endswith(target))
+    victim.write_bytes(pickle.dumps(_Boom(str(marker))))
+    with caplog.at_level(logging.INFO, logger="pretrain"):
+        train(_cfg(corpus), Session(run_dir=str(tmp_path)))
+    assert not marker.exists()
+    assert "does not match its sha256" in caplog.text or "bytes, the commit record says" in caplog.text
+    assert "resumed from committed checkpoint step 2" in caplog.text
+
+
+def test_retention_keeps_the_last_k(uninterrupted):
+    _, run = uninterrupted
+    kept = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step_"))
+    assert kept == ["step_4", "step_6"]
+    assert all((run / "checkpoints" / k / COMMIT).is_file() for k in kept)
+    assert not (run / "checkpoints" / "latest").exists()  # DeepSpeed's pointer file is never written
+
+
+def test_resume_with_a_different_model_is_refused(corpus, tmp_path):
+    _stopped_run(corpus, tmp_path)
+    changed = tiny_config(data={"path": corpus}, model={"d_model": 128}, train={"steps": STEPS})
+    with pytest.raises(CheckpointError, match="model section"):
+        train(changed, Session(run_dir=str(tmp_path)))
+
+
+def test_sigterm_commits_a_checkpoint_and_stops(corpus, tmp_path, uninterrupted):
+    import signal
+
+    from trainer.data.stream import TokenStream, open_manifest
+
+    cfg = _cfg(corpus, log_every=1)
+    manifest = open_manifest(corpus)
+    stream = TokenStream(
+        corpus, manifest, seq_len=32, micro_batch=4, global_batch=8, dp_rank=0, dp_size=1, seed=cfg.train.seed
+    )
+
+    def batches():
+        for i, b in enumerate(stream.batches(0)):
+            if i == 5:  # during step 3 (2 micro batches per step)
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield b
+
+    stopped = train(cfg, Session(run_dir=str(tmp_path)), batches=batches(), manifest=manifest)
+    assert stopped.steps == 3 and (tmp_path / "checkpoints" / "step_3" / COMMIT).is_file()
+    resumed = train(cfg, Session(run_dir=str(tmp_path)))
+    assert resumed.losses == {k: v for k, v in uninterrupted[0].losses.items() if k > 3}

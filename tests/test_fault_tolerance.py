@@ -1,0 +1,180 @@
+"""Failures on a real local Ray cluster with 2 workers (DeepSpeed ZeRO-3, gloo): stop and resume,
+a worker killed mid-run, the whole driver killed and `pretrain resume`."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+from tests.test_checkpoint import fp32_master
+from trainer.config import load_config
+from trainer.loop import train
+
+pytestmark = pytest.mark.slow
+
+
+def _overrides(corpus, tmp_path, name, steps, every):
+    return [
+        f"data.path={corpus}",
+        "data.seq_len=32",
+        "model.max_seq_len=32",
+        "model.d_model=64",
+        "model.n_layers=2",
+        "parallel.micro_batch_size=4",
+        "parallel.global_batch_size=8",
+        f"train.steps={steps}",
+        "train.log_every=1",
+        "optim.warmup_steps=2",
+        "train.torch_threads=1",
+        f"checkpoint.every={every}",
+        f"cluster.run_name={name}",
+        f"cluster.storage_path={tmp_path}/runs",
+        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+    ]
+
+
+def _args(overrides):
+    return [a for o in overrides for a in ("--set", o)]
+
+
+def _summary(tmp_path, name):
+    return json.loads((Path(tmp_path) / "runs" / name / "summary.json").read_text())
+
+
+def _losses(summary):
+    return {int(k): v for k, v in summary["losses"].items()}
+
+
+def test_stop_and_resume_is_bitwise_exact(corpus, tmp_path, pretrain_cli):
+    full = pretrain_cli("train", "configs/tiny-cpu.yaml", *_args(_overrides(corpus, tmp_path, "full", 8, 2)))
+    assert full.returncode == 0, full.stderr[-3000:]
+    part = pretrain_cli(
+        "train",
+        "configs/tiny-cpu.yaml",
+        *_args(_overrides(corpus, tmp_path, "part", 8, 2) + ["train.stop_at=4"]),
+    )
+    assert part.returncode == 0, part.stderr[-3000:]
+    assert _summary(tmp_path, "part")["steps"] == 4
+    resumed = pretrain_cli("resume", str(tmp_path / "runs" / "part"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from committed checkpoint step 4" in resumed.stdout + resumed.stderr
+
+    a, b = _losses(_summary(tmp_path, "full")), _losses(_summary(tmp_path, "part"))
+    assert sorted(b) == [5, 6, 7, 8]
+    assert all(a[k] == b[k] for k in b), (a, b)  # bitwise
+    wa = fp32_master(tmp_path / "runs" / "full" / "checkpoints" / "step_8")
+    wb = fp32_master(tmp_path / "runs" / "part" / "checkpoints" / "step_8")
+    assert len(wa) == len(wb) >= 2 and all(
+        x.equal(y) for x, y in zip(wa, wb, strict=True)
+    )  # both ZeRO-3 partitions
+
+    # One MLflow run across the stop and the resume, one value per step.
+    from mlflow.tracking import MlflowClient
+
+    run_id = json.loads((tmp_path / "runs" / "part" / "run.json").read_text())["mlflow_run_id"]
+    history = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_metric_history(run_id, "loss")
+    steps = [m.step for m in history]
+    assert sorted(steps) == list(range(1, 9)) and len(set(steps)) == len(steps)
+
+
+def test_resume_refuses_a_model_change(corpus, tmp_path, pretrain_cli):
+    p = pretrain_cli(
+        "train",
+        "configs/tiny-cpu.yaml",
+        *_args(_overrides(corpus, tmp_path, "r", 4, 2) + ["train.stop_at=2"]),
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    before = (tmp_path / "runs" / "r" / "config.yaml").read_text()
+    p = pretrain_cli("resume", str(tmp_path / "runs" / "r"), "--set", "model.d_model=128")
+    assert p.returncode == 2 and "--set model.d_model" in p.stderr and "start a new run" in p.stderr
+    assert (tmp_path / "runs" / "r" / "config.yaml").read_text() == before
+
+
+def _ray_worker_pids():
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [
+        int(line.split()[0]) for line in out.splitlines() if "RayTrainWorker" in line and "ps -eo" not in line
+    ]
+
+
+def _wait_for_commit(run_dir: Path, step: int, proc, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (run_dir / "checkpoints" / f"step_{step}" / "commit.json").exists():
+            return
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.5)
+    raise AssertionError(f"no commit of step {step} within {timeout}s")
+
+
+def _start(corpus, tmp_path, name, steps, every):
+    cmd = [
+        sys.executable,
+        "-m",
+        "launch.cli",
+        "train",
+        "configs/tiny-cpu.yaml",
+        *_args(_overrides(corpus, tmp_path, name, steps, every)),
+    ]
+    return subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+
+
+def _reference(corpus, tmp_path, name, steps, every):
+    cfg = load_config(
+        ROOT / "configs/tiny-cpu.yaml",
+        _overrides(corpus, tmp_path, name, steps, every) + ["cluster.num_workers=1", "data.prefetch=0"],
+    )
+    return train(cfg).losses
+
+
+def test_killed_worker_is_restarted_and_the_run_matches(corpus, tmp_path):
+    steps = 30
+    proc = _start(corpus, tmp_path, "kw", steps, 5)
+    run_dir = tmp_path / "runs" / "kw"
+    _wait_for_commit(run_dir, 5, proc)
+    pids = _ray_worker_pids()
+    assert pids, "no Ray Train worker found"
+    os.kill(pids[-1], signal.SIGKILL)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    got = _losses(_summary(tmp_path, "kw"))
+    ref = _reference(corpus, tmp_path, "ref", steps, 5)
+    assert got[steps] == pytest.approx(ref[steps], abs=1e-5)
+    assert _summary(tmp_path, "kw")["resumed_from"] >= 5
+
+
+def test_killed_driver_then_pretrain_resume(corpus, tmp_path, pretrain_cli):
+    steps = 30
+    proc = _start(corpus, tmp_path, "kd", steps, 5)
+    run_dir = tmp_path / "runs" / "kd"
+    _wait_for_commit(run_dir, 5, proc)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
+    proc.wait()
+    subprocess.run(["ray", "stop", "--force"], capture_output=True)  # the embedded cluster's daemons too
+    p = pretrain_cli("resume", str(run_dir))
+    assert p.returncode == 0, p.stderr[-3000:]
+    summary = _summary(tmp_path, "kd")
+    assert summary["steps"] == steps and summary["resumed_from"] >= 5
+    ref = _reference(corpus, tmp_path, "ref", steps, 5)
+    assert _losses(summary)[steps] == pytest.approx(ref[steps], abs=1e-5)
+
+    from mlflow.tracking import MlflowClient
+
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["state"] == "succeeded" and record["resumes"] == 1
+    history = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_metric_history(
+        record["mlflow_run_id"], "loss"
+    )
+    by_step: dict = {}
+    for m in history:
+        by_step.setdefault(m.step, set()).add(m.value)
+    assert sorted(by_step) == list(range(1, steps + 1))  # every logged step, across both attempts
+    assert all(len(v) == 1 for v in by_step.values())  # no step holds two different values

@@ -1,0 +1,304 @@
+"""Runs as Ray Jobs on a running cluster: `ray start --head` (token auth on, bound to 127.0.0.1),
+then submit / status / logs / list / stop by run name, `ray job submit` of the same training,
+bad input, the shipped examples, and the sockets of the head `pretrain train` starts itself."""
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+
+VENV_BIN = str(Path(sys.executable).parent)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------ the shipped examples (fast)
+def test_examples_parse_and_point_at_real_entry_points():
+    from launch.cli import build_parser
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    assert "train" in commands
+    cluster = yaml.safe_load((ROOT / "launch/examples/ray-cluster.yaml").read_text())
+    assert cluster["cluster_name"] and cluster["head_node_type"] in cluster["available_node_types"]
+    gpu_types = [
+        t for t in cluster["available_node_types"].values() if t.get("resources", {}).get("GPU", 0) > 0
+    ]
+    assert gpu_types and any("pip install" in c for c in cluster["setup_commands"])
+
+    rayjob = yaml.safe_load((ROOT / "launch/examples/rayjob.yaml").read_text())
+    assert rayjob["kind"] == "RayJob" and rayjob["apiVersion"].startswith("ray.io/")
+    entry = rayjob["spec"]["entrypoint"].split()
+    assert entry[:4] == ["python", "-m", "launch.cli", "train"]
+    assert (ROOT / entry[4]).is_file()
+    workers = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    limits = workers[0]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert int(limits["nvidia.com/gpu"]) >= 1
+
+
+# ------------------------------------------------------------------ a `ray start` head of our own
+def _own_ray_pids(temp_dir: str) -> list[int]:
+    """Processes of the cluster whose temp dir is `temp_dir` (never another engineer's cluster)."""
+    pids = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if any(temp_dir in a for a in p.info["cmdline"] or []):
+                pids.append(p.info["pid"])
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return pids
+
+
+@pytest.fixture(scope="module")
+def head():
+    temp_dir = tempfile.mkdtemp(prefix="rayj", dir="/tmp")
+    token_file = Path(temp_dir) / "token"
+    token_file.write_text(secrets.token_hex(32))
+    env = {
+        **os.environ,
+        "PATH": VENV_BIN + os.pathsep + os.environ["PATH"],
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(token_file),
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # a one-machine head: every socket on 127.0.0.1
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    }
+    env.pop("RAY_ADDRESS", None)
+    dash = _free_port()
+    cmd = [
+        os.path.join(VENV_BIN, "ray"),
+        "start",
+        "--head",
+        f"--port={_free_port()}",
+        "--node-ip-address=127.0.0.1",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash}",
+        "--num-cpus=2",
+        f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    try:
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        yield {"address": f"http://127.0.0.1:{dash}", "env": env, "temp_dir": temp_dir}
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in _own_ray_pids(temp_dir):
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            time.sleep(2)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _jobs(head, *args, timeout=120):
+    """`pretrain submit|status|logs|stop|list` as a user would type it."""
+    wired = "jobs.register" in (ROOT / "launch/cli.py").read_text()
+    module = "launch.cli" if wired else "launch.jobs"
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=ROOT,
+        env=head["env"],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _overrides(corpus, tmp_path, name, steps):
+    return [
+        f"data.path={corpus}",
+        "data.seq_len=32",
+        "model.max_seq_len=32",
+        "model.d_model=64",
+        "model.n_layers=2",
+        "model.n_kv_heads=2",
+        "parallel.micro_batch_size=4",
+        "parallel.global_batch_size=8",
+        f"train.steps={steps}",
+        "train.log_every=1",
+        "optim.warmup_steps=2",
+        "train.torch_threads=1",
+        f"cluster.run_name={name}",
+        f"cluster.storage_path={tmp_path}/runs",
+        "tracking.enabled=false",
+    ]
+
+
+def _sets(overrides):
+    return [a for o in overrides for a in ("--set", o)]
+
+
+def _wait_state(head, run, states, timeout=300):
+    deadline = time.time() + timeout
+    out = ""
+    while time.time() < deadline:
+        p = _jobs(head, "status", run, "--address", head["address"])
+        out = p.stdout + p.stderr
+        if any(f": {s}" in p.stdout for s in states):
+            return p.stdout
+        time.sleep(2)
+    raise AssertionError(f"{run} never reached {states}: {out}")
+
+
+@pytest.mark.slow
+def test_submit_status_logs_list(corpus, tmp_path, head):
+    a = head["address"]
+    p = _jobs(
+        head,
+        "submit",
+        "configs/tiny-cpu.yaml",
+        *_sets(_overrides(corpus, tmp_path, "sub1", 4)),
+        "--address",
+        a,
+    )
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "submitted run sub1 (Ray job id sub1)" in p.stdout
+    assert not (ROOT / ".pretrain-submit").exists()  # the staged config is gone once uploaded
+
+    assert "sub1: " in _wait_state(head, "sub1", ["pending", "running", "succeeded"])
+    _wait_state(head, "sub1", ["succeeded"])
+    logs = _jobs(head, "logs", "sub1", "--address", a)
+    assert logs.returncode == 0 and "step 4" in logs.stdout, logs.stdout[-3000:] + logs.stderr
+    listed = _jobs(head, "list", "--address", a)
+    assert listed.returncode == 0 and any(
+        line.split()[:2] == ["sub1", "succeeded"] for line in listed.stdout.splitlines()
+    ), listed.stdout
+    record = json.loads((tmp_path / "runs" / "sub1" / "run.json").read_text())
+    assert record["state"] == "succeeded"
+
+    again = _jobs(
+        head,
+        "submit",
+        "configs/tiny-cpu.yaml",
+        *_sets(_overrides(corpus, tmp_path, "sub1", 4)),
+        "--address",
+        a,
+    )
+    assert again.returncode == 2 and "run sub1 already exists" in again.stderr, again.stderr
+    # stopping a finished run: one clear message
+    p = _jobs(head, "stop", "sub1", "--address", a)
+    assert p.returncode == 2 and "not running" in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+@pytest.mark.slow
+def test_stop_a_long_run(corpus, tmp_path, head):
+    a = head["address"]
+    p = _jobs(
+        head,
+        "submit",
+        "configs/tiny-cpu.yaml",
+        *_sets(_overrides(corpus, tmp_path, "long", 100000)),
+        "--address",
+        a,
+    )
+    assert p.returncode == 0, p.stdout + p.stderr
+    records = tmp_path / "runs" / "long" / "workers"
+    deadline = time.time() + 240
+    while not (records.is_dir() and len(list(records.glob("rank*.json"))) == 2):
+        assert time.time() < deadline, _jobs(head, "logs", "long", "--address", a).stdout[-3000:]
+        time.sleep(1)
+    pids = [json.loads(f.read_text())["pid"] for f in records.glob("rank*.json")]
+    assert all(psutil.pid_exists(pid) for pid in pids)
+
+    p = _jobs(head, "stop", "long", "--address", a)
+    assert p.returncode == 0 and "long: stopped" in p.stdout, p.stdout + p.stderr
+    assert "long: stopped" in _wait_state(head, "long", ["stopped"], timeout=30)
+    deadline = time.time() + 60
+    while any(psutil.pid_exists(pid) for pid in pids):  # its workers are gone with their driver
+        assert time.time() < deadline, f"workers {pids} still alive after stop"
+        time.sleep(1)
+
+
+@pytest.mark.slow
+def test_ray_job_submit_of_pretrain_train(corpus, tmp_path, head):
+    """Ray's own CLI: the driver inside the job joins the cluster instead of starting one."""
+    cmd = [
+        os.path.join(VENV_BIN, "ray"),
+        "job",
+        "submit",
+        "--address",
+        head["address"],
+        "--submission-id",
+        "rayjob1",
+        "--working-dir",
+        str(ROOT),
+        "--",
+        "python",
+        "-m",
+        "launch.cli",
+        "train",
+        "configs/tiny-cpu.yaml",
+        *_sets(_overrides(corpus, tmp_path, "rayjob1", 3)),
+    ]
+    p = subprocess.run(cmd, cwd=ROOT, env=head["env"], capture_output=True, text=True, timeout=400)
+    assert p.returncode == 0 and "succeeded" in p.stdout, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "done: 3 steps" in p.stdout
+    # one cluster: the driver joined it (no second head), so the job API sees the run by name
+    assert "rayjob1: succeeded" in _jobs(head, "status", "rayjob1", "--address", head["address"]).stdout
+
+
+@pytest.mark.slow
+def test_bad_input_one_clear_message(head):
+    dead = f"http://127.0.0.1:{_free_port()}"
+    for args, expected in (
+        (("status", "x", "--address", dead), "no Ray job API answers at"),
+        (("list", "--address", dead), "no Ray job API answers at"),
+        (("status", "no-such-run", "--address", head["address"]), "no run 'no-such-run'"),
+        (("logs", "no-such-run", "--address", head["address"]), "no run 'no-such-run'"),
+        (("stop", "no-such-run", "--address", head["address"]), "no run 'no-such-run'"),
+    ):
+        p = _jobs(head, *args)
+        assert p.returncode == 2 and expected in p.stderr, (args, p.stderr)
+        assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+# ------------------------------------------------------------------ the head `pretrain train` starts
+_PROBE = """
+import json, sys, time, psutil
+from cluster.driver import start_ray
+from tests.conftest import tiny_config
+ray = start_ray(tiny_config())
+ray.get([ray.remote(lambda: 1).remote()])  # a worker process too
+time.sleep(3)
+pids = {p.pid for p in psutil.Process().children(recursive=True)} | {psutil.Process().pid}
+socks = [
+    [c.laddr.ip, c.laddr.port, psutil.Process(c.pid).name()]
+    for c in psutil.net_connections("tcp")
+    if c.status == psutil.CONN_LISTEN and c.pid in pids
+]
+ray.shutdown()
+print(json.dumps(socks))
+"""
+
+
+@pytest.mark.slow
+def test_embedded_head_listens_on_loopback_only():
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+    }
+    p = subprocess.run(
+        [sys.executable, "-c", _PROBE], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    socks = json.loads(p.stdout.strip().splitlines()[-1])
+    names = {name for _, _, name in socks}
+    assert {"gcs_server", "raylet"} <= names and len(socks) >= 5, socks
+    loopback = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+    assert all(ip in loopback for ip, _, _ in socks), [s for s in socks if s[0] not in loopback]

@@ -1,0 +1,49 @@
+"""Validation loss over a fixed slice of the corpus's val split, the same in every layout.
+
+`train.eval_batches` counts GLOBAL batches: each evaluation reads the first
+eval_batches x global_batch_size validation sequences, sample g going to DP rank g % dp (as in
+training), so dp=1, dp=2, tp=2 and pp=2 all average the same sequences.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+
+class Evaluator:
+    def __init__(self, cfg, manifest, dp_rank: int, dp_size: int, accum: int, dp_group=None):
+        from trainer.data.stream import ValStream
+
+        self.stream = ValStream(
+            cfg.data.path,
+            manifest,
+            seq_len=cfg.data.seq_len,
+            micro_batch=cfg.parallel.micro_batch_size,
+            dp_rank=dp_rank,
+            dp_size=dp_size,
+        )
+        self.n = cfg.train.eval_batches * accum  # this rank's micro batches per evaluation
+        self.accum, self.dp_size, self.dp_group = accum, dp_size, dp_group
+        self._batches = None  # read once, reused at every evaluation
+
+    def __call__(self, engine, loss_fn, device: torch.device, pipeline: bool = False) -> dict[str, float]:
+        if self._batches is None:
+            self._batches = self.stream.batches(self.n)
+        engine.eval()
+        total = torch.zeros((), device=device, dtype=torch.float64)
+        with torch.no_grad():
+            if pipeline:  # the pipeline engine runs `accum` micro batches per call, loss on every stage
+                for i in range(0, self.n, self.accum):
+                    chunk = [(x.to(device), y.to(device)) for x, y in self._batches[i : i + self.accum]]
+                    # a scalar on the last stage, a 1-element tensor on the others
+                    total += engine.eval_batch(iter(chunk)).double().reshape(()) * len(chunk)
+            else:
+                for x, y in self._batches:
+                    total += loss_fn(engine(x.to(device)), y.to(device)).double()
+        engine.train()
+        dist.all_reduce(total, group=self.dp_group)  # TP/PP peers hold the same value
+        loss = total.item() / (self.n * self.dp_size)
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}

@@ -1,0 +1,36 @@
+"""The run's event log: `<run_dir>/events.jsonl`, one JSON object per line, appended by rank 0.
+
+Starts (with the attempt number and the step resumed from), committed checkpoints, preemption
+and the end of each attempt: what happened to a run, in order, across restarts and resumes.
+The driver logs the file to MLflow as an artifact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+
+class EventLog:
+    def __init__(self, run_dir: str, enabled: bool = True):
+        self.path = os.path.join(run_dir, "events.jsonl") if run_dir and enabled else ""
+
+    def read(self) -> list[dict]:
+        if not self.path or not os.path.exists(self.path):
+            return []
+        with open(self.path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    def attempts(self) -> int:
+        """How many times training has started in this run before now."""
+        return sum(1 for e in self.read() if e.get("event") == "start")
+
+    def write(self, event: str, **fields) -> None:
+        if not self.path:
+            return
+        line = json.dumps({"time": time.time(), "event": event, **fields}, sort_keys=True)
+        with open(self.path, "a") as f:  # one short line per write: appends do not interleave
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
