@@ -47,16 +47,45 @@ def test_workers_must_fit_whole_on_nodes():
 
 
 # ------------------------------------------------------------------ a real 2-node cluster
+_HOST_CLUSTER = """
+import json, sys
+from ray.cluster_utils import Cluster
+c = Cluster(initialize_head=True,
+            head_node_args={"num_cpus": 1, "object_store_memory": 150 * 2**20, "include_dashboard": True})
+c.add_node(num_cpus=1, object_store_memory=150 * 2**20)
+c.wait_for_nodes()
+print(json.dumps({"address": c.address, "node_ids": [n.node_id for n in c.list_all_nodes()]}), flush=True)
+sys.stdin.read()  # until the test module is done
+c.shutdown()
+"""
+
+
+class TwoNodes:
+    """A 2-node `ray.cluster_utils.Cluster` hosted by a small child process. Ray starts its daemons
+    with a preexec_fn, i.e. a real fork of the caller: from the large pytest process that fork can
+    fail with ENOMEM on a 24 GiB machine, from a fresh interpreter it does not."""
+
+    def __init__(self):
+        import subprocess
+        import sys
+
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _HOST_CLUSTER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the 2-node cluster did not start (exit {self.proc.wait()})")
+        info = json.loads(line)
+        self.address, self.node_ids = info["address"], set(info["node_ids"])
+
+    def shutdown(self):
+        self.proc.stdin.close()
+        self.proc.wait(timeout=120)
+
+
 @pytest.fixture(scope="module")
 def two_nodes():
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": 1, "object_store_memory": 150 * 2**20, "include_dashboard": True},
-    )
-    cluster.add_node(num_cpus=1, object_store_memory=150 * 2**20)
-    cluster.wait_for_nodes()
+    cluster = TwoNodes()
     try:
         yield cluster
     finally:
@@ -100,7 +129,7 @@ def test_spread_run_uses_both_nodes_and_matches_single_process(corpus, tmp_path,
 
     run_dir = Path(tmp_path) / "runs" / "spread"
     workers = [json.loads((run_dir / "workers" / f"rank{r}.json").read_text()) for r in (0, 1)]
-    node_ids = {n.node_id for n in two_nodes.list_all_nodes()}
+    node_ids = two_nodes.node_ids
     assert {w["node_id"] for w in workers} == node_ids and len(node_ids) == 2, (workers, node_ids)
 
     summary = json.loads((run_dir / "summary.json").read_text())
