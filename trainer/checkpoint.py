@@ -153,17 +153,14 @@ class CheckpointManager:
         _barrier()  # every rank's files are on storage
         files = self._hash_files(path)
         if self.rank == 0:
-            record = {
-                **meta,
-                "step": step,
-                "files": files,
-                "time": time.time(),
-                "world_size": self.world_size,
-            }
-            write_json_atomic(str(path / COMMIT), record)
+            write_json_atomic(str(path / COMMIT), self._commit_record(meta, step, files))
             self._retain(step)
         _barrier()
         return time.perf_counter() - t0
+
+    def _commit_record(self, meta: dict, step: int, files: dict) -> dict:
+        """What `commit.json` says, the same for local and object storage."""
+        return {**meta, "step": step, "files": files, "time": time.time(), "world_size": self.world_size}
 
     def _hash_files(self, path: Path) -> dict:
         """{relative name: {size, sha256}}, the hashing spread over the ranks."""
@@ -293,14 +290,7 @@ class CheckpointManager:
 
         def commit() -> None:  # after every rank's uploads: commit.json goes last
             if self.rank == 0:
-                record = {
-                    **meta,
-                    "step": step,
-                    "files": files,
-                    "time": time.time(),
-                    "world_size": self.world_size,
-                }
-                write_json_atomic(str(path / COMMIT), record)
+                write_json_atomic(str(path / COMMIT), self._commit_record(meta, step, files))
                 self.remote.upload(path / COMMIT, step, COMMIT)
 
         self._collective(commit)
