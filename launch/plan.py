@@ -43,7 +43,7 @@ def _vocab_from_corpus(cfg):
 def describe_plan(cfg) -> list[str]:
     """The lines `pretrain plan` prints for a validated config."""
     from trainer.model import flops_per_token, param_count
-    from trainer.parallel.estimate import estimate_for_config, fmt_count, resolved_precision
+    from trainer.parallel.estimate import GB, build_memory, estimate_for_config, fmt_count, resolved_precision
     from trainer.parallel.topology import Topology
 
     p, world = cfg.parallel, cfg.cluster.num_workers
@@ -97,6 +97,16 @@ def describe_plan(cfg) -> list[str]:
     lines.append(
         "  (activations per micro batch, Korthikanti et al. 2022; not counted: allocator, "
         "communication buffers, CUDA context)"
+    )
+    built = build_memory(cfg)
+    how = (
+        "partitioned as it is built (ZeRO-3, deepspeed.zero.Init)"
+        if built.partitioned
+        else "whole on every rank first"
+    )
+    lines.append(
+        f"model build (fp32, before training): {how}: {built.host / GB:.2f} GB host and "
+        f"{built.device / GB:.2f} GB device per rank at most"
     )
     return lines
 

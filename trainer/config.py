@@ -86,6 +86,16 @@ class ParallelConfig:
     micro_batch_size: int = _f(8, "sequences per rank per forward pass")
     global_batch_size: int = _f(16, "sequences per optimizer step over all DP ranks; accumulation is derived")
     activation_checkpointing: bool = _f(False, "recompute each block in backward to save activation memory")
+    zero_init: bool = _f(
+        True,
+        "ZeRO-3: build the model already partitioned over the ranks (deepspeed.zero.Init), so it never "
+        "exists whole on one; false builds it whole first (same weights; for debugging)",
+    )
+
+    @property
+    def partitioned_build(self) -> bool:
+        """Whether the model is built partitioned: ZeRO-3 with `zero_init` (ZeRO-3 implies pp == 1)."""
+        return self.zero_stage == 3 and self.pp == 1 and self.zero_init
 
 
 @dataclass

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from trainer.config import Config, OptimConfig
+from trainer.parallel.zero_init import full_shape
 
 
 def precision(cfg: Config, device: torch.device) -> str:
@@ -55,7 +56,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
     for _, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
+            (decay if len(full_shape(p)) >= 2 else no_decay).append(p)  # matrices decay
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},

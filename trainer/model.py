@@ -139,7 +139,9 @@ class Head(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, init: bool = True):
+        """`init=False` skips the `init_weights` pass (the layers keep their default init): for a
+        builder that applies `init_parameter` itself, one parameter at a time, after construction."""
         super().__init__()
         if cfg.vocab_size <= 0:
             raise ValueError("model.vocab_size must be set (it is taken from the data manifest when 0)")
@@ -154,7 +156,8 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.block_fn = None  # set by the parallel plan for activation checkpointing / compile
-        self.reset_parameters()
+        if init:
+            self.reset_parameters()
 
     def reset_parameters(self) -> None:
         init_weights(self, self.cfg)
@@ -169,16 +172,21 @@ class Transformer(nn.Module):
 
 
 def init_weights(model: nn.Module, cfg: ModelConfig) -> None:
-    """Normal(0, init_std); residual output projections scaled by 1/sqrt(2*n_layers) (GPT-2)."""
-    residual_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+    """Every parameter by `init_parameter`, in `named_parameters` order (the order fixes which
+    random numbers each one draws)."""
     for name, p in model.named_parameters():
-        if p.dim() == 1:
-            # norm weights are ones, biases zeros
-            nn.init.ones_(p) if name.endswith("norm.weight") else nn.init.zeros_(p)
-        elif name.endswith(("attn.wo.weight", "mlp.w2.weight")):
-            nn.init.normal_(p, mean=0.0, std=residual_std)
-        else:
-            nn.init.normal_(p, mean=0.0, std=cfg.init_std)
+        init_parameter(name, p, cfg)
+
+
+def init_parameter(name: str, p: torch.Tensor, cfg: ModelConfig) -> None:
+    """Normal(0, init_std); residual output projections scaled by 1/sqrt(2*n_layers) (GPT-2)."""
+    if p.dim() == 1:
+        # norm weights are ones, biases zeros
+        nn.init.ones_(p) if name.endswith("norm.weight") else nn.init.zeros_(p)
+    elif name.endswith(("attn.wo.weight", "mlp.w2.weight")):
+        nn.init.normal_(p, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
+    else:
+        nn.init.normal_(p, mean=0.0, std=cfg.init_std)
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

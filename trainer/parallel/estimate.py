@@ -27,6 +27,11 @@ micro batches in flight (Korthikanti section 4.2.3), the last stage one. The log
 b*s*V*(2 or 4)/tp bytes on the last stage. The formula was derived for GPT's 4h MLP; it is an
 estimate for SwiGLU and GQA too, and leaves out allocator fragmentation, communication buffers,
 ZeRO-3's prefetched parameters and the CUDA context (typically 1-3 GB more on a GPU).
+
+Building the model comes before all of this, in fp32 (`build_memory`). ZeRO-3 builds it partitioned
+(`parallel/zero_init.py`): a rank holds its fp32 1/world share (twice with TP, while the TP layers
+replace the whole ones; at most half of what training holds) plus one whole parameter. Otherwise the
+whole model is built in host memory on every rank (before TP slices it), 4 bytes per parameter.
 """
 
 from __future__ import annotations
@@ -178,6 +183,28 @@ def estimate_memory(
             )
         )
     return out
+
+
+@dataclass(frozen=True)
+class BuildMemory:
+    """Bytes one rank needs while the model is built, before training (fp32)."""
+
+    partitioned: bool  # ZeRO-3: built under deepspeed.zero.Init
+    device: float  # partitioned: the rank's shares plus one whole parameter; whole: what moves there
+    host: float  # partitioned: one whole parameter (drawn on the CPU); whole: the whole model
+
+
+def build_memory(cfg: Config, world_size: int | None = None) -> BuildMemory:
+    """What building the model costs one rank (see the module docstring)."""
+    m, p = cfg.model, cfg.parallel
+    world = world_size or cfg.cluster.num_workers
+    whole = sum(s.total for s in stage_params(m))
+    largest = 4 * max(m.vocab_size * m.d_model, m.d_model * m.ff_dim, m.d_model * m.n_heads * m.head_dim)
+    if p.partitioned_build:
+        share = 4 * whole / world * (2 if p.tp > 1 else 1)
+        return BuildMemory(True, device=share + largest, host=largest)
+    on_device = max(s.total for s in stage_params(m, p.tp, p.pp))  # this rank's, still fp32
+    return BuildMemory(False, device=4 * on_device, host=4 * whole)
 
 
 def resolved_precision(cfg: Config) -> str:

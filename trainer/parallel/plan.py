@@ -4,7 +4,9 @@
    first, so that what follows wraps the layers this rank really runs,
 2. activation checkpointing per block (recompute the block in backward),
 3. torch.compile per block (the blocks share code and shapes, so one compiled graph serves all),
-4. ZeRO partitioning happens afterwards, in `deepspeed.initialize` (over the DP group only).
+4. ZeRO partitioning (over the DP group only) happens afterwards, in `deepspeed.initialize`; under
+   ZeRO-3 the model is already partitioned as it is built and the plan runs on it partitioned
+   (`parallel/zero_init.py`).
 
 The model file knows nothing of this: the plan sets `model.block_fn`, the single hook through
 which every block is called.

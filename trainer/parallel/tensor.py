@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.parallel.topology import Topology
+from trainer.parallel.zero_init import full_shape, gathered
 
 # Module-name pattern -> style. Patterns that match nothing (gpt2 has no mlp.w3) are skipped.
 TP_PLAN: dict[str, str] = {
@@ -116,7 +117,8 @@ class ColumnParallelLinear(nn.Module):
         return F.linear(copy_to_tp(x, self.group), self.weight, self.bias)
 
     def extra_repr(self) -> str:
-        return f"in={self.weight.shape[1]}, out_local={self.weight.shape[0]}, bias={self.bias is not None}"
+        out, in_ = full_shape(self.weight)
+        return f"in={in_}, out_local={out}, bias={self.bias is not None}"
 
 
 class RowParallelLinear(nn.Module):
@@ -131,7 +133,8 @@ class RowParallelLinear(nn.Module):
         return y + self.bias if self.bias is not None else y
 
     def extra_repr(self) -> str:
-        return f"in_local={self.weight.shape[1]}, out={self.weight.shape[0]}, bias={self.bias is not None}"
+        out, in_ = full_shape(self.weight)
+        return f"in_local={in_}, out={out}, bias={self.bias is not None}"
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -140,7 +143,7 @@ class VocabParallelEmbedding(nn.Module):
     def __init__(self, weight: nn.Parameter, vocab_start: int, group):
         super().__init__()
         self.weight, self.group = weight, group
-        self.vocab_start, self.vocab_end = vocab_start, vocab_start + weight.shape[0]
+        self.vocab_start, self.vocab_end = vocab_start, vocab_start + full_shape(weight)[0]
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         outside = (idx < self.vocab_start) | (idx >= self.vocab_end)
@@ -149,7 +152,7 @@ class VocabParallelEmbedding(nn.Module):
         return reduce_from_tp(x, self.group)
 
     def extra_repr(self) -> str:
-        return f"vocab=[{self.vocab_start}, {self.vocab_end}), dim={self.weight.shape[1]}"
+        return f"vocab=[{self.vocab_start}, {self.vocab_end}), dim={full_shape(self.weight)[1]}"
 
 
 # ---------------------------------------------------------------------------------- loss
@@ -218,7 +221,7 @@ def _swap(module: nn.Module, style: str, topo: Topology, shards: dict[int, nn.Pa
         if not isinstance(module, nn.Embedding):
             raise TypeError(f"tp style 'vocab' needs an nn.Embedding, got {type(module).__name__}")
         weight = shard(module.weight, 0)
-        return VocabParallelEmbedding(weight, r * weight.shape[0], group)
+        return VocabParallelEmbedding(weight, r * full_shape(weight)[0], group)
     if not isinstance(module, nn.Linear):
         raise TypeError(f"tp style {style!r} needs an nn.Linear, got {type(module).__name__}")
     if style in ("colwise", "vocab_colwise"):
@@ -255,7 +258,8 @@ def apply_tensor_parallel(model: nn.Module, topo: Topology, plan: dict[str, str]
             continue
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, _swap(module, style, topo, shards))
+        with gathered(module.parameters()):  # built partitioned (ZeRO-3): this one layer whole, briefly
+            setattr(parent, child, _swap(module, style, topo, shards))
         swapped += 1
     if swapped == 0:
         raise ValueError("the tensor-parallel plan matched no module of this model")
