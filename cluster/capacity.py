@@ -1,5 +1,6 @@
 """Can the Ray cluster ever hold the worker group? Checked once Ray is up, before Ray Train
-asks for a placement group it would wait on forever.
+asks for a placement group it would wait on forever, and again by the Ray Train controller before
+every restart of the worker group (a node may have left the cluster since).
 
 A static cluster (`ray start`, KubeRay without autoscaling) is judged by its nodes as they are
 now: the request is refused at once, with the numbers. An autoscaling cluster (cluster launcher,
@@ -12,6 +13,9 @@ from __future__ import annotations
 import math
 import os
 import time
+
+import ray
+from ray.train.v2._internal.execution.callback import ControllerCallback
 
 from cluster.driver import RunError
 from trainer.config import Config
@@ -126,3 +130,18 @@ def check_capacity(
         f"{why}, and the autoscaler did not add the nodes within {timeout_s:g} s; check `ray status` "
         "for pending or failed nodes (quota, instance type), or set PRETRAIN_SCALE_UP_TIMEOUT_S"
     )
+
+
+class CapacityCheckBeforeStart(ControllerCallback):
+    """Runs in the Ray Train controller: before each (re)start of the worker group, on a static
+    cluster, the check above. Without it, a worker group that lost its node is restarted into a
+    placement group that can never be placed, and Ray Train retries that start forever. The
+    CapacityError it raises is not one Ray Train retries: `fit()` raises it, in a ControllerError.
+    An autoscaling cluster is left to replace the node while Ray Train waits for it."""
+
+    def __init__(self, cfg: Config, use_gpu: bool):
+        self.cfg, self.use_gpu = cfg, use_gpu
+
+    def before_controller_execute_resize_decision(self, resize_decision) -> None:
+        if max_autoscaled_resources() is None:
+            check_capacity(self.cfg, ray, use_gpu=self.use_gpu)

@@ -163,8 +163,15 @@ def run_training(cfg: Config) -> dict:
     return _fit(cfg, run_dir, mlflow_run_id)
 
 
-# What `pretrain resume RUN --set ...` may change: how long and where it runs, not what it trains.
+# What `pretrain resume RUN --set ...` may change: how long and where it runs, and its layout (the
+# checkpoint is converted when the layout changes; the global batch, and so the data order, stays).
 RESUMABLE_OVERRIDES = (
+    "cluster.num_workers",
+    "parallel.tp",
+    "parallel.pp",
+    "parallel.zero_stage",
+    "parallel.micro_batch_size",
+    "parallel.activation_checkpointing",
     "data.path",
     "train.steps",
     "train.stop_at",
@@ -225,9 +232,10 @@ def resume_training(run: str, overrides: list[str], storage_path: str = "runs") 
 def _fit(cfg: Config, run_dir: Path, mlflow_run_id: str) -> dict:
     t0 = time.perf_counter()
     ray = start_ray(cfg)
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from cluster.capacity import CapacityCheckBeforeStart, CapacityError, check_capacity
     from cluster.ray_session import worker_main
 
     if cfg.tracking.enabled and mlflow_run_id:
@@ -257,7 +265,10 @@ def _fit(cfg: Config, run_dir: Path, mlflow_run_id: str) -> dict:
         ),
         # Ray Train's own files for this run live beside ours, under <run_dir>/ray/.
         run_config=RunConfig(
-            name="ray", storage_path=str(run_dir), failure_config=FailureConfig(max_failures=cl.max_failures)
+            name="ray",
+            storage_path=str(run_dir),
+            failure_config=FailureConfig(max_failures=cl.max_failures),
+            callbacks=[CapacityCheckBeforeStart(cfg, use_gpu)],  # a restart after a node left
         ),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
     )
@@ -265,11 +276,22 @@ def _fit(cfg: Config, run_dir: Path, mlflow_run_id: str) -> dict:
     # `pretrain stop` / a scheduler ends the driver with SIGTERM: turn it into an exception so the
     # run record and the MLflow run are closed below instead of staying "running".
     previous = signal.signal(signal.SIGTERM, _raise_stopped) if _main_thread() else None
+    error = ""
     try:
-        from cluster.capacity import check_capacity
-
         check_capacity(cfg, ray, use_gpu=use_gpu)
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except TrainingFailedError as e:  # Ray's word for it, as the user's error and in run.json
+            resume = f"continue it with `pretrain resume {run_dir}`"
+            cause = getattr(e, "controller_failure", None)
+            if isinstance(cause, CapacityError):  # the controller's check before a restart: a node left
+                error = (
+                    f"run {name} failed and cannot restart its worker group: {cause}; once it can, {resume} "
+                    "(or now, on fewer workers: add `--set cluster.num_workers=N`, the checkpoint is converted)"
+                )
+                raise CapacityError(error) from None
+            error = f"run {name} failed: {e}; {resume}"
+            raise RunError(error) from None
         if result.error:
             raise RunError(f"run {name} failed: {result.error}; continue it with `pretrain resume {run_dir}`")
         summary = json.loads((run_dir / "summary.json").read_text())
@@ -288,7 +310,7 @@ def _fit(cfg: Config, run_dir: Path, mlflow_run_id: str) -> dict:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
         record = json.loads((run_dir / "run.json").read_text())
-        write_run_record(run_dir, {**record, "state": state})
+        write_run_record(run_dir, {**record, "state": state, **({"error": error} if error else {})})
         if cfg.tracking.enabled and mlflow_run_id:
             from cluster.tracking import end_mlflow_run, log_event_artifact
 

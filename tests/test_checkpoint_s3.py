@@ -176,3 +176,28 @@ def test_restart_on_the_same_node_uses_the_local_copy(corpus, s3, tmp_path, unin
 def test_storage_must_be_s3(storage):
     with pytest.raises(ConfigError, match="checkpoint.storage"):
         tiny_config(checkpoint={"storage": storage})
+
+
+def test_resume_on_another_layout_from_the_bucket_on_a_new_node(corpus, s3, tmp_path, uninterrupted, caplog):
+    """Stopped at 3 under ZeRO-3, resumed under ZeRO-1 on a node with nothing staged: the step is
+    downloaded, verified, converted, and the run continues the uninterrupted one."""
+    full, _ = uninterrupted
+    run = Path(_run_dir(tmp_path, "relayout"))
+    train(_cfg(corpus, stop_at=3), Session(run_dir=str(run)))
+    shutil.rmtree(run / "checkpoints")
+    caplog.set_level(logging.INFO, logger="pretrain")
+    second = train(
+        tiny_config(
+            data={"path": corpus},
+            parallel={"zero_stage": 1},
+            train={"steps": STEPS},
+            checkpoint={"every": 2, "keep": 2, "storage": STORAGE},
+        ),
+        Session(run_dir=str(run)),
+    )
+    assert sorted(second.losses) == [4, 5, 6]
+    assert all(abs(second.losses[s] - full.losses[s]) < 1e-5 for s in second.losses), (
+        second.losses,
+        full.losses,
+    )
+    assert "written by dp1 tp1 pp1 ZeRO-3; converting it for dp1 tp1 pp1 ZeRO-1" in caplog.text

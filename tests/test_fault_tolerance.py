@@ -3,6 +3,7 @@ a worker killed mid-run, the whole driver killed and `pretrain resume`."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -61,6 +62,7 @@ def test_stop_and_resume_is_bitwise_exact(corpus, tmp_path, pretrain_cli):
     )
     assert part.returncode == 0, part.stderr[-3000:]
     assert _summary(tmp_path, "part")["steps"] == 4
+    shutil.copytree(tmp_path / "runs" / "part", tmp_path / "runs" / "part-dp1")  # resumed on 1 worker below
     resumed = pretrain_cli("resume", str(tmp_path / "runs" / "part"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from committed checkpoint step 4" in resumed.stdout + resumed.stderr
@@ -81,6 +83,17 @@ def test_stop_and_resume_is_bitwise_exact(corpus, tmp_path, pretrain_cli):
     history = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_metric_history(run_id, "loss")
     steps = [m.step for m in history]
     assert sorted(steps) == list(range(1, 9)) and len(set(steps)) == len(steps)
+
+    # The same stopped run resumed on 1 worker instead of 2: the dp2 ZeRO-3 checkpoint is converted,
+    # accumulation goes 1 -> 2 for the same global batch, and the losses continue the uninterrupted
+    # run's (the summation order differs, so within 1e-5, not bitwise).
+    dp1 = pretrain_cli("resume", str(tmp_path / "runs" / "part-dp1"), "--set", "cluster.num_workers=1")
+    assert dp1.returncode == 0, dp1.stderr[-3000:]
+    assert (
+        "was written by dp2 tp1 pp1 ZeRO-3; converting it for dp1 tp1 pp1 ZeRO-3" in dp1.stdout + dp1.stderr
+    )
+    c = _losses(_summary(tmp_path, "part-dp1"))
+    assert sorted(c) == [5, 6, 7, 8] and all(abs(a[k] - c[k]) < 1e-5 for k in c), (a, c)
 
 
 def test_resume_refuses_a_model_change(corpus, tmp_path, pretrain_cli):

@@ -431,3 +431,25 @@ def test_stopping_early_releases_the_worker_threads(uneven):
     while threading.active_count() > before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert threading.active_count() == before
+
+
+@pytest.mark.parametrize("new_dp", [1, 4])
+def test_an_epoch_resumed_on_another_dp_size_sees_every_sample_once(uneven, new_dp):
+    """A run stopped after 5 steps on dp2 and resumed on dp1 or dp4 (global batch 8 throughout):
+    the epoch's 96 samples are each seen exactly once, in the uninterrupted run's steps."""
+    m, stop, steps = open_manifest(uneven), 5, 12  # 12 steps of 8 = the epoch (see above)
+    one = _stream(uneven, m, micro_batch=8)
+    epoch = [sorted(sample_ids(x, BLOCK)) for x, _ in _take(one, 0, steps)]
+    before = [_stream(uneven, m, dp_size=2, dp_rank=r) for r in range(2)]
+    state = before[0].state_dict(stop)
+    after = [_stream(uneven, m, dp_size=new_dp, dp_rank=r, micro_batch=8 // new_dp) for r in range(new_dp)]
+    start = after[0].check_resume(state)
+    assert start == stop
+    got = [[] for _ in range(steps)]
+    for streams, first, n in ((before, 0, stop), (after, start, steps - stop)):
+        for s in streams:
+            for i, (x, _) in enumerate(_take(s, first, n * _per_step(s))):
+                got[first + i // _per_step(s)] += sample_ids(x, BLOCK)
+    assert [sorted(g) for g in got] == epoch  # same samples in the same steps: none twice, none skipped
+    flat = [i for g in got for i in g]
+    assert len(flat) == len(set(flat)) == 96

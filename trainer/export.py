@@ -182,9 +182,12 @@ def _quiet(z):
         z.tqdm = bar
 
 
-def _zero_master_weights(ckpt_dir: Path, mp: int, zero_stage: int) -> dict[str, torch.Tensor]:
+def _zero_master_weights(
+    ckpt_dir: Path, mp: int, zero_stage: int, key: str | None = None
+) -> dict[str, torch.Tensor]:
     """fp32 master weights of model-parallel rank `mp`, from its DP ranks' optimizer partitions,
-    through DeepSpeed's own zero_to_fp32 reconstruction."""
+    through DeepSpeed's own zero_to_fp32 reconstruction. With `key` ("exp_avg", "exp_avg_sq"):
+    that optimizer state instead, which DeepSpeed partitions exactly like the master weights."""
     from deepspeed.utils import zero_to_fp32 as z
 
     optim = _files(ckpt_dir, f"*zero_pp_rank_*_mp_rank_{mp:02d}_optim_states.pt")
@@ -201,6 +204,8 @@ def _zero_master_weights(ckpt_dir: Path, mp: int, zero_stage: int) -> dict[str, 
         with _quiet(z):
             states = [_model_state(z, p) for p in model]
             stage, world, flat, paddings = z.parse_optim_states([str(p) for p in optim], str(ckpt_dir))
+            if key is not None:
+                flat = [_flat_optimizer_state(p, key) for p in optim]
             if stage <= 2:
                 sd = z._get_fp32_state_dict_from_zero2_checkpoint(world, flat, states, False, paddings)
             else:
@@ -209,10 +214,61 @@ def _zero_master_weights(ckpt_dir: Path, mp: int, zero_stage: int) -> dict[str, 
         import deepspeed
 
         raise ExportError(
-            f"{ckpt_dir}: DeepSpeed {deepspeed.__version__} could not reconstruct the fp32 weights of "
-            f"model-parallel rank {mp}: {e}"
+            f"{ckpt_dir}: DeepSpeed {deepspeed.__version__} could not reconstruct the fp32 "
+            f"{key or 'weights'} of model-parallel rank {mp}: {e}"
         ) from None
     return sd  # ZeRO-3: lazy GatheredTensors, materialised one by one by .contiguous()
+
+
+def _flat_states(path: Path) -> list[dict]:
+    """One DP rank's torch-optimizer states from a ZeRO `*_optim_states.pt`, one per flat group, in
+    the order of its fp32 flat groups (the base optimizer holds exactly one flat tensor per group)."""
+    osd = torch.load(path, map_location="cpu", mmap=True, weights_only=False)["optimizer_state_dict"]
+    base = osd.get("base_optimizer_state") or osd.get("optimizer_state_dict")  # ZeRO-1/2 | ZeRO-3
+    if isinstance(base, list):  # ZeRO-1/2 "elastic" form: one state dict per group
+        return base
+    return [base["state"][i] for i in sorted(base["state"])]
+
+
+def _flat_optimizer_state(path: Path, key: str) -> list[torch.Tensor]:
+    """One DP rank's flat partitions of optimizer state `key` ("exp_avg", ...), one per group."""
+    return [group[key] for group in _flat_states(path)]
+
+
+def optimizer_step_count(ckpt_dir: Path, record: dict) -> int:
+    """Adam's step counter in a checkpoint (bias correction depends on it)."""
+    _, _, zero_stage = _layout(record, ckpt_dir)
+    if zero_stage >= 1:
+        states = _flat_states(_files(ckpt_dir, "*zero_pp_rank_*_mp_rank_00_optim_states.pt")[0])
+    else:
+        opt = _torch_load(ckpt_dir / "mp_rank_00_model_states.pt").get("optimizer") or {}
+        states = list(opt.get("state", {}).values())
+    steps = {int(s["step"]) for s in states if "step" in s}
+    if len(steps) != 1:
+        raise ExportError(f"{ckpt_dir}: cannot tell the optimizer's step count (found {sorted(steps)})")
+    return steps.pop()
+
+
+def _stage_optimizer_state(ckpt_dir: Path, mp: int, key: str) -> dict[str, torch.Tensor]:
+    """ZeRO-0 without PP: optimizer state `key` of the engine's torch optimizer, by parameter name.
+    The optimizer's parameter order is `trainer.engine.param_groups` over the module's parameters
+    (matrices first, then vectors, each in module order); a tied weight is one parameter."""
+    sd = _torch_load(ckpt_dir / f"mp_rank_{mp:02d}_model_states.pt")
+    module, opt = sd["module"], sd.get("optimizer") or {}
+    names, seen = [], set()
+    for name, t in module.items():
+        if name in sd.get("buffer_names", []) or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        names.append(name)
+    order = [n for n in names if module[n].dim() >= 2] + [n for n in names if module[n].dim() < 2]
+    ids = [i for group in opt.get("param_groups", []) for i in group["params"]]
+    if len(ids) != len(order) or any(key not in opt["state"].get(i, {}) for i in ids):
+        raise ExportError(
+            f"{ckpt_dir / f'mp_rank_{mp:02d}_model_states.pt'}: its optimizer state does not match its "
+            f"{len(order)} parameters; cannot convert it"
+        )
+    return {name: opt["state"][i][key] for name, i in zip(order, ids, strict=True)}
 
 
 def _model_state(z, path: Path):
@@ -274,9 +330,17 @@ def _tp_dims(name: str) -> int | None:
     return None
 
 
-def consolidate(ckpt_dir: Path, record: dict, model_cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """One fp32 state dict with our model's names from a verified checkpoint of any layout."""
+def consolidate(
+    ckpt_dir: Path, record: dict, model_cfg: ModelConfig, key: str | None = None
+) -> dict[str, torch.Tensor]:
+    """One fp32 state dict with our model's names from a verified checkpoint of any layout; with
+    `key` ("exp_avg", "exp_avg_sq") the optimizer's state for each parameter instead."""
     tp, pp, zero_stage = _layout(record, ckpt_dir)
+    if key is not None and zero_stage == 0 and (pp > 1 or _files(ckpt_dir, "*optim_states.pt")):
+        raise ExportError(
+            f"{ckpt_dir}: converting the optimizer state of a ZeRO-0 {'pipeline' if pp > 1 else 'bf16'} "
+            "checkpoint is not supported; resume it with its own layout, or train with zero_stage >= 1"
+        )
     if pp > 1 and not _files(ckpt_dir, "layer_*-model_states.pt"):
         raise ExportError(
             f"{ckpt_dir}: layout pp={pp} but no layer_XX-model_states.pt pipeline files; "
@@ -286,9 +350,9 @@ def consolidate(ckpt_dir: Path, record: dict, model_cfg: ModelConfig) -> dict[st
     for mp in range(tp * pp):
         stage, tp_rank = divmod(mp, tp)
         if zero_stage >= 1:
-            part = _zero_master_weights(ckpt_dir, mp, zero_stage)
+            part = _zero_master_weights(ckpt_dir, mp, zero_stage, key)
         elif pp == 1:
-            part = _stage_weights(ckpt_dir, mp)
+            part = _stage_weights(ckpt_dir, mp) if key is None else _stage_optimizer_state(ckpt_dir, mp, key)
         elif stage == 0:
             part = _layer_weights(ckpt_dir, tp_rank)  # every stage's layers of this TP rank
         else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
+from trainer import reshard
 from trainer.checkpoint import CheckpointError, CheckpointManager
 from trainer.config import Config
 from trainer.data.manifest import Manifest
@@ -33,11 +35,12 @@ from trainer.metrics import (
     start_system_metrics,
     stop_system_metrics,
 )
-from trainer.model import Transformer, cross_entropy, flops_per_token, param_count
+from trainer.model import cross_entropy, flops_per_token, param_count
 from trainer.parallel.pipeline import build_pipeline_engine, pipeline_step
-from trainer.parallel.plan import apply_plan, check_device_switches, sdpa_context
+from trainer.parallel.plan import check_device_switches, sdpa_context
 from trainer.parallel.tensor import vocab_parallel_cross_entropy
 from trainer.parallel.topology import Topology
+from trainer.parallel.zero_init import build_model
 from trainer.session import Session, session_from_env
 
 log = logging.getLogger("pretrain")
@@ -178,8 +181,8 @@ def _train(cfg, session, batches, manifest, logger, cleanup) -> TrainResult:
         manifest = manifest or open_manifest(cfg.data.path)
     cfg = resolve_model_config(cfg, manifest)
     check_device_switches(cfg, device)
-    torch.manual_seed(cfg.train.seed)  # same init on every rank, before ZeRO partitions it
-    model = apply_plan(Transformer(cfg.model), cfg, topo)
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+    model = build_model(cfg, topo, device, session.local_rank)  # ZeRO-3: partitioned as it is built
     # With TP the head returns this rank's vocab slice of the logits: the loss is vocab-parallel.
     loss_fn = cross_entropy if topo.tp == 1 else partial(vocab_parallel_cross_entropy, group=topo.tp_group)
     if topo.pp > 1:  # a PipelineEngine of this rank's stage; the last stage computes loss_fn
@@ -208,7 +211,14 @@ def _train(cfg, session, batches, manifest, logger, cleanup) -> TrainResult:
             num_streams=cfg.data.num_streams,
             workers=cfg.data.loader_workers,
         )
-    start = resume(ckpt, engine, cfg, manifest, stream) if ckpt else 0
+    layout = {
+        "world": session.world_size,
+        "dp": dp_size,
+        "tp": cfg.parallel.tp,
+        "pp": cfg.parallel.pp,
+        "zero_stage": cfg.parallel.zero_stage,
+    }
+    start = resume(ckpt, engine, cfg, manifest, stream, layout, topo.tp_rank) if ckpt else 0
     evaluator = None
     if cfg.train.eval_batches and manifest is not None:
         evaluator = Evaluator(
@@ -220,13 +230,7 @@ def _train(cfg, session, batches, manifest, logger, cleanup) -> TrainResult:
         "config_fingerprint": cfg.fingerprint(RESUME_INVARIANT),
         "manifest_fingerprint": manifest.fingerprint if manifest else "",
         "mlflow_run_id": session.mlflow_run_id,
-        "layout": {
-            "world": session.world_size,
-            "dp": dp_size,
-            "tp": cfg.parallel.tp,
-            "pp": cfg.parallel.pp,
-            "zero_stage": cfg.parallel.zero_stage,
-        },
+        "layout": layout,
     }
 
     logger = logger or make_logger(cfg, session, topo.logging_rank)  # under PP: the last stage's
@@ -381,7 +385,15 @@ def _train(cfg, session, batches, manifest, logger, cleanup) -> TrainResult:
 RESUME_INVARIANT = ("model",)
 
 
-def resume(ckpt: CheckpointManager, engine, cfg: Config, manifest: Manifest | None, stream=None) -> int:
+def resume(
+    ckpt: CheckpointManager,
+    engine,
+    cfg: Config,
+    manifest: Manifest | None,
+    stream=None,
+    layout: dict | None = None,
+    tp_rank: int = 0,
+) -> int:
     """Load the newest committed checkpoint that checks out; the step to continue from (0 = none)."""
     found = ckpt.latest()
     if found is None:
@@ -408,7 +420,49 @@ def resume(ckpt: CheckpointManager, engine, cfg: Config, manifest: Manifest | No
             stream.check_resume(rec["data"], force=force)  # same corpus, seed, streams, global batch
         except ValueError as e:
             raise CheckpointError(f"{found.path}: {e}") from None
-    ckpt.load(engine, found)
+    theirs = rec.get("layout") or {}
+    if layout is None or reshard.layout_key(theirs) == reshard.layout_key(layout):
+        ckpt.load(engine, found)
+    else:
+        _load_other_layout(ckpt, engine, cfg, found, theirs, layout, tp_rank)
     if ckpt.rank == 0:
         log.info("resumed from committed checkpoint step %d (%s)", found.step, found.path)
     return found.step
+
+
+def _load_other_layout(ckpt, engine, cfg: Config, found, theirs: dict, mine: dict, tp_rank: int) -> None:
+    """Collective: convert the checkpoint to its layout-free form, then every rank loads its share.
+    Rank 0 converts; with object storage every node holds its own verified copy of the step, so
+    the first rank of each node converts it there. A failed conversion fails every rank alike."""
+    if ckpt.rank == 0:
+        log.info(
+            "checkpoint step %d was written by %s; converting it for %s",
+            found.step,
+            reshard.describe(theirs),
+            reshard.describe(mine),
+        )
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    converter = ckpt.rank == 0
+    if ckpt.remote is not None and world > 1:
+        hosts = [None] * world
+        dist.all_gather_object(hosts, socket.gethostname())
+        converter = hosts.index(hosts[ckpt.rank]) == ckpt.rank
+    error = ""
+    if converter:
+        try:
+            reshard.convert(found, cfg.model)
+        except CheckpointError as e:
+            error = str(e)
+    errors = [error]
+    if world > 1:
+        errors = [None] * world
+        dist.all_gather_object(errors, error)
+    if any(errors):
+        raise CheckpointError(next(e for e in errors if e))
+    adam_step = reshard.load(
+        engine, found.path / reshard.DIR, cfg.model, cfg.parallel.tp, tp_rank, cfg.parallel.pp
+    )
+    engine.global_steps = found.step
+    engine.global_samples = found.step * cfg.parallel.global_batch_size
+    if ckpt.rank == 0:
+        log.info("resumed on a new layout: Adam step %d, weights and moments from %s", adam_step, found.path)
