@@ -16,6 +16,7 @@ from pathlib import Path
 from cluster.tracking import check_reachable
 from trainer.config import Config, save_config
 from trainer.data.storage import check_root, is_remote
+from trainer.events import EventLog
 from trainer.fsutil import write_json_atomic
 
 log = logging.getLogger("pretrain")
@@ -66,8 +67,16 @@ def start_ray(cfg: Config):
     if address:
         ray.init(address=address, log_to_driver=True)
         return ray
-    # An embedded cluster for this process only, reachable from this machine only.
-    # The dashboard serves Ray's state API, which Ray Train uses to clean up after itself.
+    # An embedded cluster for this process only, reachable from this machine only. It ends with
+    # this process, so it starts without what only a long-lived cluster uses (each one is Python
+    # processes to start on a laptop's few cores): the dashboard (web UI, job and state APIs:
+    # `pretrain submit` goes to a cluster's own), idle workers prestarted for the driver (Ray
+    # Train's actors run in a runtime env of their own and never use them), and Ray Train's
+    # node-drain watcher and Prometheus metrics (read here, passed on to its controller). Ray
+    # Train's placement group cleaner goes too (`trainer_class`).
+    global _embedded
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
     # On Linux Ray turns a 127.0.0.1 node address into the machine's own IP, so gcs, raylet,
     # workers and agents would listen on every interface; Ray's single-machine mode (its default
     # on macOS/Windows) keeps the node address, and so every one of those sockets, on 127.0.0.1.
@@ -79,12 +88,15 @@ def start_ray(cfg: Config):
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
         ray.init(
+            address="local",  # a new cluster: never the latest `ray start` one on this machine
             _node_ip_address="127.0.0.1",
-            include_dashboard=True,
+            include_dashboard=False,
             dashboard_host="127.0.0.1",
             log_to_driver=True,
             configure_logging=False,
+            _system_config={"prestart_worker_first_driver": False},
         )
+        _embedded = True
     finally:
         if saved[0] is None:
             os.environ.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
@@ -92,6 +104,34 @@ def start_ray(cfg: Config):
             os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = saved[0]
         ray_constants.ENABLE_RAY_CLUSTER = saved[1]
     return ray
+
+
+_embedded = False  # whether this process's Ray is the embedded cluster start_ray started
+
+
+def trainer_class():
+    """Ray Train's TorchTrainer, less default callbacks that would only cost start-up here:
+
+    - Ray Datasets' (unless given datasets, which we never are): it starts a DatasetManager actor,
+      one more process before the workers may begin;
+    - on the embedded cluster, the placement group cleaner. That detached actor removes the worker
+      group's placement group if the controller dies while the cluster lives on, which an embedded
+      cluster, ending with this process, never does. It finds the controller through the state API
+      of whichever Ray it detects on the machine: without a dashboard it dies with a traceback, and
+      with someone's `ray start` cluster on the machine it asks that one, hears that our controller
+      is gone, and removes the running workers' placement group.
+
+    Callbacks are matched by class name: on a Ray that names them otherwise, nothing is dropped."""
+    from ray.train.torch import TorchTrainer
+
+    dropped = {"PlacementGroupCleanerCallback"} if _embedded else set()
+
+    class Trainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            skip = dropped if self.datasets else dropped | {"DatasetsCallback"}
+            return [cb for cb in super()._create_default_callbacks() if type(cb).__name__ not in skip]
+
+    return Trainer
 
 
 class RunStopped(RunError):
@@ -232,8 +272,9 @@ def resume_training(run: str, overrides: list[str], storage_path: str = "runs") 
 def _fit(cfg: Config, run_dir: Path, mlflow_run_id: str) -> dict:
     t0 = time.perf_counter()
     ray = start_ray(cfg)
+    EventLog(str(run_dir)).write("ray_started", init_s=round(time.perf_counter() - t0, 3))
     from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     from cluster.capacity import CapacityCheckBeforeStart, CapacityError, check_capacity
     from cluster.ray_session import worker_main
@@ -249,7 +290,7 @@ def _fit(cfg: Config, run_dir: Path, mlflow_run_id: str) -> dict:
         write_run_record(run_dir, {**json.loads((run_dir / "run.json").read_text()), "ray_job_id": job})
     cl, name = cfg.cluster, run_dir.name
     use_gpu = cl.use_gpu == "true" or (cl.use_gpu == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
-    trainer = TorchTrainer(
+    trainer = trainer_class()(
         worker_main,
         train_loop_config={
             "config": cfg.to_dict(),

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 import warnings
 
 
 def worker_main(loop_config: dict) -> None:
+    started_at = time.time()  # start-up is timed from here (trainer.events.StartupClock)
     if not loop_config["use_gpu"]:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before anything imports deepspeed
     warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.*is deprecated")
@@ -32,6 +34,7 @@ def worker_main(loop_config: dict) -> None:
         local_world_size=ctx.get_local_world_size(),
         run_dir=loop_config["run_dir"],
         mlflow_run_id=loop_config["mlflow_run_id"],
+        extra={"worker_started_at": started_at},
     )
     record_worker(session.run_dir, session.rank, ctx)
     train(from_dict(loop_config["config"]), session)

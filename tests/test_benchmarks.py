@@ -38,3 +38,29 @@ def test_gpu_benchmark_runs_on_cpu(tmp_path):
         assert r["mfu"] is None  # no invented peak on CPU
         assert set(r["breakdown_s"]) == {"forward", "backward", "optimizer"}
     assert "ours/plain" in p.stdout
+
+
+def test_startup_benchmark_prints_the_breakdown(corpus, tmp_path):
+    """`pretrain train configs/tiny-cpu.yaml` once, timed; on the test corpus (33-token blocks), with
+    one worker and no MLflow to keep it short."""
+    out = tmp_path / "startup.json"
+    args = ["--data", corpus, "--steps", "1", "--repeats", "1", "--json", str(out)]
+    for s in ("data.seq_len=32", "model.max_seq_len=32", "cluster.num_workers=1", "tracking.enabled=false"):
+        args += ["--set", s]
+    p = subprocess.run(
+        [sys.executable, "benchmarks/startup.py", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    (run,) = json.loads(out.read_text())
+    phases = ["cli", "mlflow_run", "ray_init", "worker_group", "imports", "process_group", "model"]
+    phases += ["deepspeed_initialize", "data_and_resume", "tracking", "first_step"]
+    assert all(run[k] >= 0 for k in phases), run
+    # consecutive: none missed or counted twice
+    assert abs(run["total"] - sum(run[k] for k in phases)) < 1.0, run
+    assert set(run["cpu_s"]) == {"driver", "ray_services", "ray_train_actors", "workers"}
+    assert run["cpu_s"]["workers"] > 0
+    assert "total to the first finished step" in p.stdout and "CPU seconds" in p.stdout

@@ -100,6 +100,12 @@ def setup_deepspeed(device: torch.device, local_rank: int = 0):
     # torch 2.13 renamed the collectives DeepSpeed calls; the warning repeats every ZeRO step.
     warnings.filterwarnings("ignore", message=r".*is deprecated. Please use `torch\.distributed.*")
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    if device.type == "cpu":
+        # DeepSpeed's CPU comm backend JIT-compiles its shared-memory all-reduce when it starts
+        # (40-70 s on 2 cores, and again whenever another DeepSpeed install on the machine rebuilt
+        # the shared torch extensions cache). Only its inference all-reduce uses that op; training
+        # collectives go through torch.distributed (gloo) either way.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     return deepspeed

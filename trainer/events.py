@@ -1,8 +1,9 @@
-"""The run's event log: `<run_dir>/events.jsonl`, one JSON object per line, appended by rank 0.
+"""The run's event log: `<run_dir>/events.jsonl`, one JSON object per line, appended by rank 0
+(and by the driver, before the workers start).
 
-Starts (with the attempt number and the step resumed from), committed checkpoints, preemption
-and the end of each attempt: what happened to a run, in order, across restarts and resumes.
-The driver logs the file to MLflow as an artifact.
+Starts (with the attempt number and the step resumed from), Ray's start and where each attempt's
+start-up went, committed checkpoints, preemption and the end of each attempt: what happened to a
+run, in order, across restarts and resumes. The driver logs the file to MLflow as an artifact.
 """
 
 from __future__ import annotations
@@ -34,3 +35,26 @@ class EventLog:
             f.write(line + "\n")
             f.flush()
             os.fsync(f.fileno())
+
+
+class StartupClock:
+    """Where one attempt's start-up went: seconds per phase, from the worker's entry (when the
+    launcher says when that was) to the first finished step, written as one `startup` event."""
+
+    def __init__(self, since: float | None = None):
+        self.since = since or time.time()
+        self.last = self.since
+        self.phases: dict[str, float] = {}
+
+    def mark(self, phase: str) -> None:
+        """`phase` ends now; it began at the previous mark."""
+        now = time.time()
+        self.phases[phase] = round(now - self.last, 3)
+        self.last = now
+
+    def fields(self) -> dict:
+        return {
+            "since": self.since,
+            "phases_s": dict(self.phases),
+            "total_s": round(self.last - self.since, 3),
+        }

@@ -23,7 +23,7 @@ from trainer.data.manifest import Manifest
 from trainer.data.stream import TokenStream, open_manifest, prefetched
 from trainer.engine import initialize, lr_at, precision, set_lr
 from trainer.evaluate import Evaluator
-from trainer.events import EventLog
+from trainer.events import EventLog, StartupClock
 from trainer.fsutil import write_json_atomic
 from trainer.metrics import (
     ConsoleLogger,
@@ -167,6 +167,8 @@ def train(
 
 
 def _train(cfg, session, batches, manifest, logger, cleanup) -> TrainResult:
+    startup = StartupClock(session.extra.get("worker_started_at"))
+    startup.mark("imports")  # since the launcher's worker entry, when it tells us
     device = session.device(cfg.train.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -176,6 +178,7 @@ def _train(cfg, session, batches, manifest, logger, cleanup) -> TrainResult:
     session.ensure_process_group("nccl" if device.type == "cuda" else "gloo")
     topo = Topology(session.world_size, session.rank, cfg.parallel.tp, cfg.parallel.pp).init_groups()
     dp_rank, dp_size = topo.dp_rank, topo.dp  # TP peers share a DP rank: identical batches
+    startup.mark("process_group")
 
     if batches is None:
         manifest = manifest or open_manifest(cfg.data.path)
@@ -183,6 +186,7 @@ def _train(cfg, session, batches, manifest, logger, cleanup) -> TrainResult:
     check_device_switches(cfg, device)
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     model = build_model(cfg, topo, device, session.local_rank)  # ZeRO-3: partitioned as it is built
+    startup.mark("model")  # under ZeRO-3 (zero.Init) with DeepSpeed's import and comm init
     # With TP the head returns this rank's vocab slice of the logits: the loss is vocab-parallel.
     loss_fn = cross_entropy if topo.tp == 1 else partial(vocab_parallel_cross_entropy, group=topo.tp_group)
     if topo.pp > 1:  # a PipelineEngine of this rank's stage; the last stage computes loss_fn
@@ -191,6 +195,7 @@ def _train(cfg, session, batches, manifest, logger, cleanup) -> TrainResult:
         engine, optimizer = initialize(
             cfg, model, session.world_size, device, session.local_rank, mpu=topo.mpu if topo.tp > 1 else None
         )
+    startup.mark("deepspeed_initialize")
 
     ckpt = (
         CheckpointManager(session.run_dir, cfg.checkpoint, session.rank, session.world_size)
@@ -226,6 +231,7 @@ def _train(cfg, session, batches, manifest, logger, cleanup) -> TrainResult:
         )
     if stream is not None:
         batches = prefetched(stream.batches(start), cfg.data.prefetch)
+    startup.mark("data_and_resume")
     meta = {
         "config_fingerprint": cfg.fingerprint(RESUME_INVARIANT),
         "manifest_fingerprint": manifest.fingerprint if manifest else "",
@@ -275,6 +281,7 @@ def _train(cfg, session, batches, manifest, logger, cleanup) -> TrainResult:
     cleanup.append(lambda: events.write("stop", step=int(engine.global_steps)))
     if attempt > 1 or start:  # resilience, visible in MLflow next to the loss
         logger.log({"restarts": float(attempt - 1), "resumed_from_step": float(start)}, start)
+    startup.mark("tracking")  # the metrics logger, system metrics, the event log
     for step in range(start, stop):
         # The first step of every attempt is logged too: start-up is visible, not hidden in a window.
         log_now = (step + 1) % cfg.train.log_every == 0 or step + 1 == stop or step == start
@@ -301,6 +308,8 @@ def _train(cfg, session, batches, manifest, logger, cleanup) -> TrainResult:
         window_steps += 1
         if t_start is None:
             t_start = time.perf_counter()  # steady state starts after the first step (warm-up, allocs)
+            startup.mark("first_step")  # start-up ends with the first finished step
+            events.write("startup", first_batch_wait_s=round(data_wait, 3), **startup.fields())
         metrics: dict[str, float] = {}
         # Collectives, so only on logged steps: SIGTERM on any rank, or the launcher's preemption notice.
         preempted = log_now and (preemption.agreed(device) or session.preemption_requested())
