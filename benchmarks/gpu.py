@@ -75,8 +75,9 @@ def run_one(
         "train.log_every=5",
         "checkpoint.every=0",
         # One device: ZeRO has nothing to partition, and stage 0 is DeepSpeed's BF16 optimizer, whose
-        # step skips ZeRO-1's per-parameter overflow scan (on llama-1b: 54 ms against 70 ms an H100
-        # step, the scan's 400 small kernels bound by the CPU). `--set parallel.zero_stage=1` for that.
+        # step skips ZeRO-1's per-parameter overflow scan (llama-1b on an H100: a 56 ms optimizer step
+        # against 75 ms; the scan's ~400 small kernels are bound by the CPU). `--set
+        # parallel.zero_stage=1` measures ZeRO-1.
         "parallel.zero_stage=0",
         f"train.compile={'true' if compile_blocks else 'false'}",
         "data.prefetch=4",
