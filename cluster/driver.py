@@ -110,26 +110,38 @@ _embedded = False  # whether this process's Ray is the embedded cluster start_ra
 
 
 def trainer_class():
-    """Ray Train's TorchTrainer, less default callbacks that would only cost start-up here:
+    """Ray Train's DataParallelTrainer, for our torch-free backend (cluster/backend.py), less what
+    would only cost start-up here:
 
-    - Ray Datasets' (unless given datasets, which we never are): it starts a DatasetManager actor,
-      one more process before the workers may begin;
+    - Ray Datasets' default callback (unless given datasets, which we never are): it starts a
+      DatasetManager actor, one more process before the workers may begin;
     - on the embedded cluster, the placement group cleaner. That detached actor removes the worker
       group's placement group if the controller dies while the cluster lives on, which an embedded
       cluster, ending with this process, never does. It finds the controller through the state API
       of whichever Ray it detects on the machine: without a dashboard it dies with a traceback, and
       with someone's `ray start` cluster on the machine it asks that one, hears that our controller
-      is gone, and removes the running workers' placement group.
+      is gone, and removes the running workers' placement group;
+    - on the embedded cluster, the fixed scaling policy's requests to the autoscaling coordinator
+      (`ClusterSizedScalingPolicy`).
 
-    Callbacks are matched by class name: on a Ray that names them otherwise, nothing is dropped."""
-    from ray.train.torch import TorchTrainer
+    Callbacks and policies are matched by class name: on a Ray that names them otherwise, nothing
+    is dropped."""
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
-    dropped = {"PlacementGroupCleanerCallback"} if _embedded else set()
+    from cluster.backend import ClusterSizedScalingPolicy
 
-    class Trainer(TorchTrainer):
+    embedded = _embedded
+    dropped = {"PlacementGroupCleanerCallback"} if embedded else set()
+
+    class Trainer(DataParallelTrainer):
         def _create_default_callbacks(self):
             skip = dropped if self.datasets else dropped | {"DatasetsCallback"}
             return [cb for cb in super()._create_default_callbacks() if type(cb).__name__ not in skip]
+
+        def _initialize_and_run_controller(self, **kwargs):
+            if embedded and type(kwargs.get("scaling_policy")).__name__ == "FixedScalingPolicy":
+                kwargs["scaling_policy"] = ClusterSizedScalingPolicy(self.scaling_config)
+            return super()._initialize_and_run_controller(**kwargs)
 
     return Trainer
 
@@ -150,8 +162,8 @@ def _main_thread() -> bool:
 
 def check_corpus(cfg: Config) -> None:
     """Fail here, before any run directory or Ray process exists, if the corpus cannot serve cfg."""
+    from trainer.config import resolve_model_config
     from trainer.data.stream import TokenStream, open_manifest
-    from trainer.loop import resolve_model_config
 
     manifest = open_manifest(cfg.data.path)
     try:
@@ -274,8 +286,8 @@ def _fit(cfg: Config, run_dir: Path, mlflow_run_id: str) -> dict:
     ray = start_ray(cfg)
     EventLog(str(run_dir)).write("ray_started", init_s=round(time.perf_counter() - t0, 3))
     from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
-    from ray.train.torch import TorchConfig
 
+    from cluster.backend import TorchEnvConfig
     from cluster.capacity import CapacityCheckBeforeStart, CapacityError, check_capacity
     from cluster.ray_session import worker_main
 
@@ -311,7 +323,7 @@ def _fit(cfg: Config, run_dir: Path, mlflow_run_id: str) -> dict:
             failure_config=FailureConfig(max_failures=cl.max_failures),
             callbacks=[CapacityCheckBeforeStart(cfg, use_gpu)],  # a restart after a node left
         ),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        backend_config=TorchEnvConfig(),  # the loop creates the process group: nccl or gloo
     )
     state = "failed"
     # `pretrain stop` / a scheduler ends the driver with SIGTERM: turn it into an exception so the

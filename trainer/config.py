@@ -340,6 +340,21 @@ def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
+def resolve_model_config(cfg: Config, manifest: Any) -> Config:
+    """Fill model.vocab_size from the corpus manifest (a `Manifest`, or None) when the config
+    leaves it 0; refuse a vocabulary smaller than the tokenizer's."""
+    if cfg.model.vocab_size == 0:
+        if manifest is None:
+            raise ValueError("model.vocab_size is 0 and there is no corpus manifest to take it from")
+        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=manifest.vocab_size))
+    if manifest is not None and cfg.model.vocab_size < manifest.vocab_size:
+        raise ValueError(
+            f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's "
+            f"({manifest.vocab_size}) in {cfg.data.path}; set model.vocab_size: 0 to take it from the corpus"
+        )
+    return cfg
+
+
 # ---------------------------------------------------------------------------------- validation
 
 

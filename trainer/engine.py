@@ -6,9 +6,13 @@ needs no state of its own in a checkpoint and resumes exactly.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import importlib
 import logging
 import math
 import os
+import sys
 import warnings
 
 import torch
@@ -89,13 +93,67 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
+# Two imports on DeepSpeed's start path cost each rank CPU-seconds for features training here never
+# uses (on 2 cores shared by 2 ranks, a start-up's worth of them: `python benchmarks/startup.py`).
+@contextlib.contextmanager
+def _without_mlflow():
+    """`import deepspeed` imports MLflow (1.3 s) for its autotuner to log tuning trials to; every
+    rank pays, though only rank 0 logs, through our own tracking. Within this block MLflow cannot
+    be imported (the autotuner, which we never run, sees it as not installed); after it, MLflow
+    imports as usual. A no-op once MLflow is imported."""
+    if "mlflow" in sys.modules:
+        yield
+        return
+    sys.modules["mlflow"] = None  # type: ignore[assignment]  # Python's "import blocked" marker
+    try:
+        yield
+    finally:
+        if sys.modules.get("mlflow", 0) is None:
+            del sys.modules["mlflow"]
+
+
+def _import_deferring_compile(name: str) -> None:
+    """Import module `name` with each `torch.compile` it applies as it loads deferred to the
+    compiled function's first call. DeepSpeed imports its Muon optimizer module in every optimizer
+    set-up, only to check `isinstance(optimizer, MuonWithAuxAdam)`, and that module wraps three
+    kernels in `torch.compile` at import, which imports all of inductor (1.5 s). Compilation itself
+    already waits for the first call; this moves only the wrapping, so nothing else changes."""
+    if name in sys.modules:
+        return
+    real = torch.compile
+
+    def deferred(model=None, **kwargs):
+        if model is None:  # @torch.compile(mode=...) form
+            return lambda fn: deferred(fn, **kwargs)
+        compiled = None
+
+        @functools.wraps(model)
+        def call(*args, **kw):
+            nonlocal compiled
+            if compiled is None:
+                compiled = real(model, **kwargs)
+            return compiled(*args, **kw)
+
+        return call
+
+    torch.compile = deferred
+    try:
+        importlib.import_module(name)
+    except ImportError:  # a DeepSpeed without it: nothing to import early
+        pass
+    finally:
+        torch.compile = real
+
+
 def setup_deepspeed(device: torch.device, local_rank: int = 0):
     """Import DeepSpeed for this device and attach it to the existing process group; the module.
     Needed before anything that makes DeepSpeed process groups (a `PipelineModule`)."""
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("LOCAL_RANK", str(local_rank))  # DeepSpeed's sanity check reads it
-    import deepspeed  # after DS_ACCELERATOR is set: DeepSpeed picks its accelerator on import
+    with _without_mlflow():  # after DS_ACCELERATOR is set: DeepSpeed picks its accelerator on import
+        import deepspeed
+    _import_deferring_compile("deepspeed.runtime.zero.muon.original_muon")
 
     # torch 2.13 renamed the collectives DeepSpeed calls; the warning repeats every ZeRO step.
     warnings.filterwarnings("ignore", message=r".*is deprecated. Please use `torch\.distributed.*")

@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from trainer import reshard
 from trainer.checkpoint import CheckpointError, CheckpointManager
-from trainer.config import Config
+from trainer.config import Config, resolve_model_config
 from trainer.data.manifest import Manifest
 from trainer.data.stream import TokenStream, open_manifest, prefetched
 from trainer.engine import initialize, lr_at, precision, set_lr
@@ -63,20 +63,6 @@ class TrainResult:
             "final_loss": self.final_loss,
             "tokens_per_s": self.tokens_per_s,
         }
-
-
-def resolve_model_config(cfg: Config, manifest: Manifest | None) -> Config:
-    """Fill model.vocab_size from the corpus when the config leaves it 0."""
-    if cfg.model.vocab_size == 0:
-        if manifest is None:
-            raise ValueError("model.vocab_size is 0 and there is no corpus manifest to take it from")
-        return replace(cfg, model=replace(cfg.model, vocab_size=manifest.vocab_size))
-    if manifest is not None and cfg.model.vocab_size < manifest.vocab_size:
-        raise ValueError(
-            f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's "
-            f"({manifest.vocab_size}) in {cfg.data.path}; set model.vocab_size: 0 to take it from the corpus"
-        )
-    return cfg
 
 
 def make_logger(cfg: Config, session: Session, logging_rank: int = 0) -> NullLogger:

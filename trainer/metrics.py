@@ -188,7 +188,10 @@ class MlflowLogger(NullLogger):
         self.max_buffered = max_buffered
         self.close_timeout_s = close_timeout_s
         self.max_backoff_s = max_backoff_s
-        self._store = _TrackingStore(tracking_uri, request_timeout_s)
+        # Opened by the thread on its first send: MLflow's import and a store's set-up (about 2 s
+        # of CPU on SQLite) then overlap the first training steps instead of preceding them.
+        self._store: _TrackingStore | None = None
+        self._tracking_uri = tracking_uri
         self._request_timeout_s = request_timeout_s
         self._queue: collections.deque = collections.deque()  # log() -> thread; deque ops are atomic
         self._pending: collections.deque = collections.deque()  # the thread's own: not yet sent
@@ -299,6 +302,8 @@ class MlflowLogger(NullLogger):
         if self._outage_since is not None and time.monotonic() < self._next_try and not self._stop.is_set():
             return
         try:
+            if self._store is None:  # failing (MLflow broken, store unreachable) is an outage too
+                self._store = _TrackingStore(self._tracking_uri, self._request_timeout_s)
             if self._last_step is None:
                 self._last_step = self._store.last_steps(self.run_id)
                 self._pending = collections.deque(i for i in self._pending if self._keep(i))

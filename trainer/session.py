@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -33,8 +34,10 @@ class Session:
         """A launcher (Ray Train, torchrun) normally created it; a plain process gets a world of 1."""
         if dist.is_initialized():
             return
-        if "MASTER_ADDR" in os.environ and "RANK" in os.environ:  # torchrun
-            dist.init_process_group(backend)
+        if "MASTER_ADDR" in os.environ and "RANK" in os.environ:  # torchrun, Ray (cluster/backend.py)
+            # 30 minutes for a collective, not NCCL's default 10: ranks wait at a barrier while
+            # rank 0 writes a large checkpoint or evaluates.
+            dist.init_process_group(backend, timeout=timedelta(minutes=30))
             return
         if self.world_size != 1:
             raise RuntimeError("a multi-process session needs a process group from its launcher")

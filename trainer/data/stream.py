@@ -32,12 +32,15 @@ import threading
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from trainer.data.manifest import MANIFEST_NAME, Manifest, ShardInfo, load_manifest
 from trainer.data.storage import Retry, check_root, is_remote, join, read_shard, read_text
+
+if TYPE_CHECKING:  # torch is imported where batches are made: the driver checks a corpus without it
+    import torch
 
 # Default S candidates: highly composite, so dp of 1, 2, 3, 4, 6, 8, 12, 16, ... all divide.
 _STREAM_CHOICES = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
@@ -344,6 +347,8 @@ class TokenStream:
         chunk: dict[int, np.ndarray] = {}
         at: dict[int, int] = {s: 0 for s in self.owned_streams}
         buf: list[np.ndarray] = []
+        import torch
+
         for g in range(first_step * GB + self.dp_rank, plan.steps * GB, dp):
             s = g % S
             rows = chunk.get(s)
@@ -420,6 +425,8 @@ class ValStream:
         need = n * self.mb * self.dp
         if total == 0:
             raise DataError(f"the corpus at {self.root} has no validation split")
+        import torch
+
         out, buf, g = [], [], 0
         while len(out) < n:
             for info in self.shards:

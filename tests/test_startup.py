@@ -1,0 +1,95 @@
+"""Start-up cost guards: what each process of a run imports (benchmarks/startup.py has the times).
+
+On a laptop's few cores every import is paid in series with the rest of the start-up, so these
+check the outcome that matters, in a fresh interpreter: which heavy modules a process ends up
+holding."""
+
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+from tests.conftest import ROOT
+
+
+def run_python(code: str, tmp_path) -> str:
+    p = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "DS_ACCELERATOR": "cpu"},
+    )
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p.stdout
+
+
+def test_the_driver_never_imports_torch(corpus, tmp_path):
+    """The driver parses, checks the corpus and builds the Ray Train trainer and backend without
+    torch (1.5 s); so does Ray Train's controller, which holds only the backend config."""
+    out = run_python(
+        f"""
+        import sys
+        from launch import cli
+        from cluster import driver
+        from cluster.backend import ClusterSizedScalingPolicy, TorchEnvConfig
+        from trainer.config import load_config
+        cfg = driver.absolutize(load_config("configs/tiny-cpu.yaml", ["data.path={corpus}", "data.seq_len=32", "model.max_seq_len=32"]))
+        driver.check_corpus(cfg)
+        driver.trainer_class()
+        TorchEnvConfig().backend_cls
+        print(sorted(m for m in ("torch", "deepspeed", "mlflow") if m in sys.modules))
+        """,
+        tmp_path,
+    )
+    assert out.strip() == "[]"
+
+
+def test_deepspeed_starts_without_mlflow_or_inductor(tmp_path):
+    """A rank's DeepSpeed engine (ZeRO-3, as the quick start) comes up without importing MLflow (its
+    autotuner's, 1.3 s) or inductor (torch.compile of DeepSpeed's Muon kernels, 1.5 s); MLflow
+    still imports normally afterwards, for the rank that logs."""
+    out = run_python(
+        """
+        import sys
+        import torch
+        from trainer.config import from_dict
+        from trainer.engine import initialize
+        from trainer.model import Transformer
+        from trainer.session import Session
+
+        cfg = from_dict({"model": {"vocab_size": 64, "d_model": 32, "n_layers": 1, "n_heads": 2,
+                                   "max_seq_len": 16},
+                         "data": {"seq_len": 16},
+                         "parallel": {"zero_stage": 3, "micro_batch_size": 2, "global_batch_size": 2},
+                         "train": {"precision": "fp32"}, "cluster": {"num_workers": 1}})
+        Session().ensure_process_group("gloo")
+        engine, _ = initialize(cfg, Transformer(cfg.model), 1, torch.device("cpu"))
+        x = torch.randint(0, 64, (2, 16))
+        engine.backward(engine(x).float().mean())
+        engine.step()
+        print(sorted(m for m in ("mlflow", "torch._inductor.compile_fx") if m in sys.modules))
+        import mlflow
+        print(mlflow.__name__)
+        """,
+        tmp_path,
+    )
+    assert out.split("\n")[:2] == ["[]", "mlflow"]
+
+
+def test_a_module_imported_with_compile_deferred_compiles_on_first_call(tmp_path, monkeypatch):
+    from trainer.engine import _import_deferring_compile
+
+    (tmp_path / "kernels_for_test.py").write_text(
+        "import torch\n\n@torch.compile(backend='eager')\ndef double(x):\n    return x * 2\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    real = torch.compile
+    _import_deferring_compile("kernels_for_test")
+    assert torch.compile is real
+    import kernels_for_test
+
+    assert torch.equal(kernels_for_test.double(torch.arange(3)), torch.tensor([0, 2, 4]))
+    assert kernels_for_test.double.__name__ == "double"
