@@ -7,9 +7,10 @@ in one working directory, and splits each start-up into where it went:
 - driver: the CLI's imports, config and corpus check (until the run directory's config.yaml is
   written); the MLflow run (created once by the driver); Ray's start (`ray.init`, from the run's
   `ray_started` event);
-- the worker group: Ray Train's controller, placement group, worker processes and their torch
-  process group (from Ray being up to rank 0 entering the training function);
-- in rank 0 (from the run's `startup` event): imports, process groups, model build (under ZeRO-3
+- the worker group: Ray Train's controller, placement group and worker processes (from Ray being
+  up to rank 0 entering the training function);
+- in rank 0 (from the run's `startup` event): imports, the torch process group (rendezvous of all
+  ranks) and the layout's groups, model build (under ZeRO-3
   with DeepSpeed's import and comm init), `deepspeed.initialize`, data open and resume, tracking
   (metrics logger, system metrics), the first step (first batch included).
 
@@ -48,9 +49,9 @@ ROWS = [
     ("cli", "CLI: imports, config, corpus check"),
     ("mlflow_run", "MLflow run created by the driver"),
     ("ray_init", "Ray start (ray.init)"),
-    ("worker_group", "worker group: controller, placement, processes, torch process group"),
+    ("worker_group", "worker group: controller, placement, worker processes"),
     ("imports", "  rank 0: imports"),
-    ("process_group", "  rank 0: process groups"),
+    ("process_group", "  rank 0: process groups (all ranks meet)"),
     ("model", "  rank 0: model build (ZeRO-3: DeepSpeed import + comm init)"),
     ("deepspeed_initialize", "  rank 0: deepspeed.initialize"),
     ("data_and_resume", "  rank 0: data open, resume"),
