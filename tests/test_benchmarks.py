@@ -1,6 +1,7 @@
-"""The GPU benchmark script runs end to end on CPU (its real path: shards, loader, loop, metrics)."""
+"""The benchmark scripts run end to end on CPU (their real path: shards, loader, loop, metrics)."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -64,3 +65,18 @@ def test_startup_benchmark_prints_the_breakdown(corpus, tmp_path):
     assert set(run["cpu_s"]) == {"driver", "ray_services", "ray_train_actors", "workers"}
     assert run["cpu_s"]["workers"] > 0
     assert "total to the first finished step" in p.stdout and "CPU seconds" in p.stdout
+
+
+def test_overhead_benchmark_prints_both_ratios():
+    """Plain loop, then `pretrain train` at ZeRO-0 and ZeRO-3, in a few short windows."""
+    p = subprocess.run(
+        [sys.executable, "benchmarks/overhead.py", "--steps", "12", "--log-every", "4"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    ratios = [float(r) for r in re.findall(r"ZeRO-[03]: [\d,]+ tokens/s -> ratio ([\d.]+)", p.stdout)]
+    assert len(ratios) == 2 and all(r > 0 for r in ratios), p.stdout
+    assert "steps 2-4 (start-up's tail)" in p.stdout
