@@ -5,8 +5,8 @@ workers, DeepSpeed ZeRO-3, MLflow in SQLite) for a few steps as a subprocess, `-
 in one working directory, and splits each start-up into where it went:
 
 - driver: the CLI's imports, config and corpus check (until the run directory's config.yaml is
-  written); the MLflow run (created once by the driver); Ray's start (`ray.init`, from the run's
-  `ray_started` event);
+  written); Ray's import; Ray's start (`ray.init`, from the run's `ray_started` event), while the
+  MLflow run is created on a thread (what is left of that when Ray is up counts in the next row);
 - the worker group: Ray Train's controller, placement group and worker processes (from Ray being
   up to rank 0 entering the training function);
 - in rank 0 (from the run's `startup` event): imports, the torch process group (rendezvous of all
@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 # (key, label) in the order they happen; the in-worker keys are the `startup` event's phases.
 ROWS = [
     ("cli", "CLI: imports, config, corpus check"),
-    ("mlflow_run", "MLflow run created by the driver"),
+    ("mlflow_run", "driver: Ray's import (the MLflow run is created from here)"),
     ("ray_init", "Ray start (ray.init)"),
     ("worker_group", "worker group: controller, placement, worker processes"),
     ("imports", "  rank 0: imports"),

@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -185,6 +186,7 @@ def check_corpus(cfg: Config) -> None:
 
 def run_training(cfg: Config) -> dict:
     """A new run of `cfg` on Ray, to completion; returns the final summary plus the run's location."""
+    t0 = time.perf_counter()
     check_root(cfg.data.path)  # refuses pipe: and unknown schemes before paths are made absolute
     cfg = absolutize(cfg)
     check_corpus(cfg)
@@ -195,11 +197,14 @@ def run_training(cfg: Config) -> dict:
     run_dir.mkdir(parents=True)
     try:
         save_config(cfg, run_dir / "config.yaml")
-        from cluster.tracking import create_mlflow_run, log_run_artifacts
-
-        mlflow_run_id = create_mlflow_run(cfg, run_dir) if cfg.tracking.enabled else ""
-        if mlflow_run_id:
-            log_run_artifacts(cfg, mlflow_run_id)
+        # The MLflow run is created while Ray starts: MLflow's import and store set-up (2-3 s of
+        # CPU) fill a core that Ray's start leaves waiting for its services.
+        with ThreadPoolExecutor(1, thread_name_prefix="mlflow-run") as pool:
+            created = pool.submit(_create_mlflow_run, cfg, run_dir) if cfg.tracking.enabled else None
+            try:
+                start_ray_logged(cfg, run_dir)
+            finally:
+                mlflow_run_id = created.result() if created else ""  # its error first, if both fail
         write_run_record(
             run_dir,
             {
@@ -212,7 +217,27 @@ def run_training(cfg: Config) -> dict:
     except Exception:
         shutil.rmtree(run_dir, ignore_errors=True)  # never leave a half-made run behind
         raise
-    return _fit(cfg, run_dir, mlflow_run_id)
+    return _fit(cfg, run_dir, mlflow_run_id, t0)
+
+
+def _create_mlflow_run(cfg: Config, run_dir: Path) -> str:
+    from cluster.tracking import create_mlflow_run, log_run_artifacts
+
+    mlflow_run_id = create_mlflow_run(cfg, run_dir)
+    log_run_artifacts(cfg, mlflow_run_id)
+    return mlflow_run_id
+
+
+def start_ray_logged(cfg: Config, run_dir: Path):
+    """`start_ray`, with Ray's start time as the run's `ray_started` event unless Ray was up."""
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    t0 = time.perf_counter()
+    start_ray(cfg)
+    EventLog(str(run_dir)).write("ray_started", init_s=round(time.perf_counter() - t0, 3))
+    return ray
 
 
 # What `pretrain resume RUN --set ...` may change: how long and where it runs, and its layout (the
@@ -254,6 +279,7 @@ def find_run(run: str, storage_path: str = "runs") -> Path:
 
 def resume_training(run: str, overrides: list[str], storage_path: str = "runs") -> dict:
     """Continue a run from its newest committed checkpoint, same config, same MLflow run."""
+    t0 = time.perf_counter()
     from trainer.config import ConfigError, apply_overrides, from_dict, load_yaml
 
     run_dir = find_run(run, storage_path)
@@ -278,13 +304,12 @@ def resume_training(run: str, overrides: list[str], storage_path: str = "runs") 
         reopen_mlflow_run(cfg, mlflow_run_id)
     save_config(cfg, run_dir / "config.yaml")
     write_run_record(run_dir, {**record, "state": "running", "resumes": record.get("resumes", 0) + 1})
-    return _fit(cfg, run_dir, mlflow_run_id)
+    return _fit(cfg, run_dir, mlflow_run_id, t0)
 
 
-def _fit(cfg: Config, run_dir: Path, mlflow_run_id: str) -> dict:
-    t0 = time.perf_counter()
-    ray = start_ray(cfg)
-    EventLog(str(run_dir)).write("ray_started", init_s=round(time.perf_counter() - t0, 3))
+def _fit(cfg: Config, run_dir: Path, mlflow_run_id: str, t0: float) -> dict:
+    """Run the worker group to the end; `t0` (perf_counter) is when this command began the run."""
+    ray = start_ray_logged(cfg, run_dir)
     from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
 
     from cluster.backend import TorchEnvConfig

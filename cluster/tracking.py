@@ -168,12 +168,20 @@ def log_config_artifact(cfg: Config, run_id: str) -> None:
 
 def create_mlflow_run(cfg: Config, run_dir: Path) -> str:
     """Create the run's MLflow run (experiment `tracking.experiment`), log its params, tags and
-    config; returns the run id. Raises TrackingError when an http(s) store does not answer."""
+    config; returns the run id. Raises TrackingError when an http(s) store does not answer or
+    another store cannot be opened."""
     check_reachable(cfg.tracking.uri)
     from mlflow.entities import RunTag
 
-    client = _client(cfg.tracking.uri)
-    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    try:  # opens the store (a SQLite file, a database, a directory)
+        client = _client(cfg.tracking.uri)
+        exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    except Exception as e:
+        reason = mask_uri_credentials(str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
+        raise TrackingError(
+            f"tracking.uri {mask_uri_credentials(cfg.tracking.uri)}: the MLflow store cannot be opened "
+            f"({type(e).__name__}: {reason}); fix tracking.uri or set tracking.enabled: false"
+        ) from None
     exp_id = exp.experiment_id if exp else client.create_experiment(cfg.tracking.experiment)
     run = client.create_run(exp_id, run_name=cfg.cluster.run_name or None)
     run_id = run.info.run_id

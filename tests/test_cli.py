@@ -105,3 +105,23 @@ def test_config_fields_documents_every_field(pretrain_cli):
     p = pretrain_cli("config", "--fields")
     assert p.returncode == 0
     assert "parallel.zero_stage" in p.stdout and "model.n_kv_heads" in p.stdout
+
+
+def test_a_tracking_store_that_cannot_be_opened_names_tracking_uri(pretrain_cli, tmp_path, corpus):
+    """The MLflow run is created while Ray starts: its failure still ends the command with the
+    field to fix, and leaves no run behind."""
+    from tests.conftest import ROOT
+
+    (tmp_path / "afile").write_text("not a directory")
+    uri = f"sqlite:///{tmp_path}/afile/mlflow.db"
+    p = pretrain_cli(
+        "train",
+        str(ROOT / "configs/tiny-cpu.yaml"),
+        *("--set", f"data.path={corpus}", "--set", "data.seq_len=32", "--set", "model.max_seq_len=32"),
+        *("--set", f"cluster.storage_path={tmp_path}/runs", "--set", f"tracking.uri={uri}"),
+        cwd=tmp_path,
+    )
+    assert p.returncode == 2, p.stderr
+    assert f"tracking.uri {uri}: the MLflow store cannot be opened" in p.stderr
+    assert "Traceback" not in p.stderr
+    assert list((tmp_path / "runs").iterdir()) == []
