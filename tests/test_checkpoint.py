@@ -113,6 +113,16 @@ def test_retention_keeps_the_last_k(uninterrupted):
     assert not (run / "checkpoints" / "latest").exists()  # DeepSpeed's pointer file is never written
 
 
+def test_the_commit_record_is_as_readable_as_the_checkpoint(uninterrupted):
+    """Whoever may read a checkpoint's files (a shared filesystem, another user's eval job) may read
+    the record that says it is complete: both get the mode any new file gets."""
+    _, run = uninterrupted
+    step = run / "checkpoints" / "step_6"
+    data = [p for p in step.rglob("*") if p.is_file() and p.name != COMMIT]
+    assert data and {p.stat().st_mode & 0o777 for p in data} == {(step / COMMIT).stat().st_mode & 0o777}
+    assert (run / "summary.json").stat().st_mode & 0o777 == data[0].stat().st_mode & 0o777
+
+
 def test_resume_with_a_different_model_is_refused(corpus, tmp_path):
     _stopped_run(corpus, tmp_path)
     changed = tiny_config(data={"path": corpus}, model={"d_model": 128}, train={"steps": STEPS})

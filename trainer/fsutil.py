@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 
 
 def write_bytes_atomic(path: str, data: bytes) -> None:
+    """Write `path` through a temp file beside it (fsync, rename, fsync of the directory). The file
+    gets the mode any new file gets (the umask's), so a dataset's manifest or a checkpoint's
+    commit record stays readable to whoever may read the rest of the directory."""
     d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
+    tmp = os.path.join(d, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -20,12 +23,22 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    dir_fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_dir(d)
 
 
 def write_json_atomic(path: str, obj) -> None:
     write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def fsync_dir(path: str) -> None:
+    """Make renames inside `path` durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -23,9 +23,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import secrets
 from dataclasses import asdict, dataclass, fields
 from typing import Any
+
+from trainer.fsutil import write_bytes_atomic
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
@@ -131,35 +132,8 @@ def load_manifest(root: str) -> Manifest:
 def write_manifest(root: str, manifest: Manifest) -> str:
     """Atomically write `<root>/manifest.json` (temp file + fsync + rename); returns its path."""
     path = os.path.join(root, MANIFEST_NAME)
-    text = manifest.to_json()
-    # Not mkstemp: its 0600 mode would make the manifest unreadable to other users of the dataset.
-    tmp = os.path.join(root, f".{MANIFEST_NAME}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "x", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    fsync_dir(root)
+    write_bytes_atomic(path, manifest.to_json().encode("utf-8"))
     return path
-
-
-def fsync_dir(path: str) -> None:
-    """Make renames inside `path` durable (no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # ---- validation -------------------------------------------------------------------------------

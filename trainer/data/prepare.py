@@ -40,7 +40,8 @@ from typing import IO, Any
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from trainer.data.manifest import MANIFEST_NAME, Manifest, ShardInfo, SplitInfo, fsync_dir, write_manifest
+from trainer.data.manifest import MANIFEST_NAME, Manifest, ShardInfo, SplitInfo, write_manifest
+from trainer.fsutil import fsync_dir
 
 EOS_TOKEN = "<|endoftext|>"
 TOKENIZER_NAME = "tokenizer.json"
