@@ -37,6 +37,29 @@ def tiny_config(**sections):
     return from_dict(raw)
 
 
+def tiny_run(corpus: str, tmp_path, name: str, steps: int, *more: str, tracking: bool = False) -> list[str]:
+    """`--set` items that make `pretrain train configs/tiny-cpu.yaml` a tiny run on the test corpus
+    (2 layers, d_model 64, seq 32, batch 8 in micro batches of 4, every step logged), named `name`
+    under `<tmp_path>/runs`, MLflow in `<tmp_path>/mlflow.db` when `tracking`; `more` after."""
+    return [
+        f"data.path={corpus}",
+        "data.seq_len=32",
+        "model.max_seq_len=32",
+        "model.d_model=64",
+        "model.n_layers=2",
+        "parallel.micro_batch_size=4",
+        "parallel.global_batch_size=8",
+        f"train.steps={steps}",
+        "train.log_every=1",
+        "optim.warmup_steps=2",
+        "train.torch_threads=1",
+        f"cluster.run_name={name}",
+        f"cluster.storage_path={tmp_path}/runs",
+        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db" if tracking else "tracking.enabled=false",
+        *more,
+    ]
+
+
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> str:
     """A real corpus: a few stdlib modules, BPE vocab 512, blocks of 33 tokens, 32 samples/shard."""

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, tiny_run
 from trainer.config import load_config
 from trainer.loop import train
 
@@ -16,24 +16,7 @@ STEPS = 8
 
 
 def _overrides(corpus, tmp_path):
-    return [
-        f"data.path={corpus}",
-        "data.seq_len=32",
-        "model.max_seq_len=32",
-        "model.d_model=64",
-        "model.n_layers=2",
-        "model.n_kv_heads=2",
-        "parallel.micro_batch_size=4",
-        "parallel.global_batch_size=8",
-        f"train.steps={STEPS}",
-        "train.log_every=1",
-        "optim.warmup_steps=2",
-        "optim.lr=3e-3",
-        "cluster.run_name=e2e",
-        f"cluster.storage_path={tmp_path}/runs",
-        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
-        "train.torch_threads=1",
-    ]
+    return tiny_run(corpus, tmp_path, "e2e", STEPS, "optim.lr=3e-3", tracking=True)
 
 
 def test_train_on_ray_zero3_matches_single_process(corpus, tmp_path, pretrain_cli):

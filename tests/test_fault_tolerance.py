@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, tiny_run
 from tests.test_checkpoint import fp32_master
 from trainer.config import load_config
 from trainer.loop import train
@@ -21,23 +21,7 @@ pytestmark = pytest.mark.slow
 
 
 def _overrides(corpus, tmp_path, name, steps, every):
-    return [
-        f"data.path={corpus}",
-        "data.seq_len=32",
-        "model.max_seq_len=32",
-        "model.d_model=64",
-        "model.n_layers=2",
-        "parallel.micro_batch_size=4",
-        "parallel.global_batch_size=8",
-        f"train.steps={steps}",
-        "train.log_every=1",
-        "optim.warmup_steps=2",
-        "train.torch_threads=1",
-        f"checkpoint.every={every}",
-        f"cluster.run_name={name}",
-        f"cluster.storage_path={tmp_path}/runs",
-        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
-    ]
+    return tiny_run(corpus, tmp_path, name, steps, f"checkpoint.every={every}", tracking=True)
 
 
 def _args(overrides):

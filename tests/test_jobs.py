@@ -18,7 +18,7 @@ import psutil
 import pytest
 import yaml
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, tiny_run
 
 VENV_BIN = str(Path(sys.executable).parent)
 
@@ -122,23 +122,7 @@ def _jobs(head, *args, timeout=120):
 
 
 def _overrides(corpus, tmp_path, name, steps):
-    return [
-        f"data.path={corpus}",
-        "data.seq_len=32",
-        "model.max_seq_len=32",
-        "model.d_model=64",
-        "model.n_layers=2",
-        "model.n_kv_heads=2",
-        "parallel.micro_batch_size=4",
-        "parallel.global_batch_size=8",
-        f"train.steps={steps}",
-        "train.log_every=1",
-        "optim.warmup_steps=2",
-        "train.torch_threads=1",
-        f"cluster.run_name={name}",
-        f"cluster.storage_path={tmp_path}/runs",
-        "tracking.enabled=false",
-    ]
+    return tiny_run(corpus, tmp_path, name, steps)
 
 
 def _sets(overrides):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from cluster.capacity import CapacityError, check_capacity, shortfall, worker_resources
-from tests.conftest import ROOT, tiny_config
+from tests.conftest import ROOT, tiny_config, tiny_run
 from trainer.config import load_config
 from trainer.loop import train
 
@@ -135,25 +135,7 @@ def losing_a_node(two_nodes):
 
 
 def _overrides(corpus, tmp_path, address):
-    return [
-        f"data.path={corpus}",
-        "data.seq_len=32",
-        "model.max_seq_len=32",
-        "model.d_model=64",
-        "model.n_layers=2",
-        "model.n_kv_heads=2",
-        "parallel.micro_batch_size=4",
-        "parallel.global_batch_size=8",
-        f"train.steps={STEPS}",
-        "train.log_every=1",
-        "optim.warmup_steps=2",
-        "optim.lr=3e-3",
-        "train.torch_threads=1",
-        "cluster.run_name=spread",
-        f"cluster.storage_path={tmp_path}/runs",
-        "tracking.enabled=false",
-        f"cluster.address={address}",
-    ]
+    return tiny_run(corpus, tmp_path, "spread", STEPS, "optim.lr=3e-3", f"cluster.address={address}")
 
 
 @pytest.mark.slow
