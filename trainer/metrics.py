@@ -256,6 +256,10 @@ class MlflowLogger(NullLogger):
     # --- the background thread ---
 
     def _run(self) -> None:
+        try:  # at once, not at the first metrics: open by the time a checkpoint waits for a flush
+            self._store = _TrackingStore(self._tracking_uri, self._request_timeout_s)
+        except Exception:
+            pass  # `_send` tries again, as an outage, once there is something to send
         while True:
             stopping = self._stop.is_set()
             try:
