@@ -188,8 +188,9 @@ class MlflowLogger(NullLogger):
         self.max_buffered = max_buffered
         self.close_timeout_s = close_timeout_s
         self.max_backoff_s = max_backoff_s
-        # Opened by the thread on its first send: MLflow's import and a store's set-up (about 2 s
-        # of CPU on SQLite) then overlap the first training steps instead of preceding them.
+        # Opened by the thread on its first send (the first step's metrics): MLflow's import and a
+        # store's set-up (about 2 s of CPU on SQLite) then overlap the next steps instead of
+        # preceding the first; a checkpoint's flush waits for them.
         self._store: _TrackingStore | None = None
         self._tracking_uri = tracking_uri
         self._request_timeout_s = request_timeout_s
@@ -256,10 +257,6 @@ class MlflowLogger(NullLogger):
     # --- the background thread ---
 
     def _run(self) -> None:
-        try:  # at once, not at the first metrics: open by the time a checkpoint waits for a flush
-            self._store = _TrackingStore(self._tracking_uri, self._request_timeout_s)
-        except Exception:
-            pass  # `_send` tries again, as an outage, once there is something to send
         while True:
             stopping = self._stop.is_set()
             try:
