@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -66,6 +67,7 @@ def start_ray(cfg: Config):
     joined = os.environ.get("RAY_ADDRESS", "")
     address = cfg.cluster.address or ("" if joined.startswith(("http://", "https://")) else joined)
     if address:
+        check_ray_address(address, "cluster.address" if cfg.cluster.address else "RAY_ADDRESS")
         ray.init(address=address, log_to_driver=True)
         return ray
     # An embedded cluster for this process only, reachable from this machine only. It ends with
@@ -105,6 +107,21 @@ def start_ray(cfg: Config):
             os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = saved[0]
         ray_constants.ENABLE_RAY_CLUSTER = saved[1]
     return ray
+
+
+def check_ray_address(address: str, field: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds when nothing listens at a host:port (or ray://host:port) cluster address:
+    `ray.init` would retry for minutes. "auto" and forms Ray parses otherwise are left to Ray."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise RunError(
+            f"{field} {address}: no Ray cluster answers there ({e.strerror or e}); start one "
+            "(`ray start --head`) or leave cluster.address empty to run on a local Ray"
+        ) from None
 
 
 _embedded = False  # whether this process's Ray is the embedded cluster start_ray started
@@ -195,6 +212,7 @@ def run_training(cfg: Config) -> dict:
         check_reachable(cfg.tracking.uri)
     cfg = replace(cfg, cluster=replace(cfg.cluster, run_name=name))
     run_dir.mkdir(parents=True)
+    mlflow_run_id = ""
     try:
         save_config(cfg, run_dir / "config.yaml")
         # The MLflow run is created, and Ray Train imported, while Ray starts: MLflow's import and
@@ -218,6 +236,10 @@ def run_training(cfg: Config) -> dict:
         )
     except Exception:
         shutil.rmtree(run_dir, ignore_errors=True)  # never leave a half-made run behind
+        if mlflow_run_id:  # created while Ray failed to start
+            from cluster.tracking import delete_mlflow_run
+
+            delete_mlflow_run(cfg, mlflow_run_id)
         raise
     return _fit(cfg, run_dir, mlflow_run_id, t0)
 

@@ -251,5 +251,13 @@ def log_event_artifact(cfg: Config, run_id: str, path: Path) -> None:
         log.warning("could not log %s to MLflow: %s", path, e)
 
 
+def delete_mlflow_run(cfg: Config, run_id: str) -> None:
+    """Delete a run that never started (MLflow keeps it restorable); never raises."""
+    try:
+        _client(cfg.tracking.uri).delete_run(run_id)
+    except Exception as e:
+        log.warning("MLflow run %s could not be deleted: %s", run_id, e)
+
+
 def end_mlflow_run(cfg: Config, run_id: str, status: str) -> None:
     _client(cfg.tracking.uri).set_terminated(run_id, status)

@@ -125,3 +125,38 @@ def test_a_tracking_store_that_cannot_be_opened_names_tracking_uri(pretrain_cli,
     assert f"tracking.uri {uri}: the MLflow store cannot be opened" in p.stderr
     assert "Traceback" not in p.stderr
     assert list((tmp_path / "runs").iterdir()) == []
+
+
+def test_a_cluster_address_nothing_answers_at_fails_fast_and_leaves_nothing(pretrain_cli, tmp_path, corpus):
+    """`ray.init` would retry for minutes; the MLflow run, created while Ray starts, is deleted."""
+    import socket
+
+    from tests.conftest import ROOT
+
+    with socket.socket() as s:  # a port nothing listens at
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    p = pretrain_cli(
+        "train",
+        str(ROOT / "configs/tiny-cpu.yaml"),
+        *("--set", f"data.path={corpus}", "--set", "data.seq_len=32", "--set", "model.max_seq_len=32"),
+        *(
+            "--set",
+            f"cluster.storage_path={tmp_path}/runs",
+            "--set",
+            f"tracking.uri=sqlite:///{tmp_path}/m.db",
+        ),
+        *("--set", f"cluster.address=127.0.0.1:{port}"),
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert p.returncode == 2, p.stderr
+    assert f"cluster.address 127.0.0.1:{port}: no Ray cluster answers there" in p.stderr
+    assert "Traceback" not in p.stderr
+    assert list((tmp_path / "runs").iterdir()) == []
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/m.db")
+    exp = client.get_experiment_by_name("pretrain")
+    runs = client.search_runs([exp.experiment_id], run_view_type=3) if exp else []  # 3: all
+    assert runs and all(r.info.lifecycle_stage == "deleted" for r in runs)
