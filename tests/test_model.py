@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -71,6 +73,37 @@ def test_one_adamw_step_lowers_loss(name):
     assert after < before - 0.05
     # a fresh model predicts close to uniform: loss ~ ln(V)
     assert abs(before.item() - torch.log(torch.tensor(97.0)).item()) < 0.3
+
+
+def test_our_adamw_updates_exactly_as_torchs():
+    """The optimizer the engine builds (torch's AdamW without its dynamo-importing step wrapper)
+    leaves bit-identical weights to torch.optim.AdamW over steps with decay groups, and steps
+    under grad mode as torch's does (in-place updates of leaves that require grad)."""
+    from trainer.config import OptimConfig
+    from trainer.engine import AdamW, make_optimizer, param_groups
+
+    cfg = SHAPES["llama-gqa"]
+    o = OptimConfig(lr=1e-2, weight_decay=0.1)
+    torch.manual_seed(0)
+    models = [Transformer(cfg)]
+    models.append(copy.deepcopy(models[0]))
+    opts = [
+        make_optimizer(models[0], o, torch.device("cpu")),
+        torch.optim.AdamW(
+            param_groups(models[1], o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps
+        ),
+    ]
+    assert type(opts[0]) is AdamW and type(opts[1]) is torch.optim.AdamW
+    torch.manual_seed(1)
+    for _ in range(3):
+        idx = torch.randint(0, cfg.vocab_size, (4, 13))
+        for model, opt in zip(models, opts, strict=True):
+            opt.zero_grad()
+            cross_entropy(model(idx[:, :-1]), idx[:, 1:]).backward()
+            opt.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert opts[0].state_dict()["state"][0]["step"] == 3
 
 
 def test_tied_embeddings_share_storage():

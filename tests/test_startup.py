@@ -93,3 +93,61 @@ def test_a_module_imported_with_compile_deferred_compiles_on_first_call(tmp_path
 
     assert torch.equal(kernels_for_test.double(torch.arange(3)), torch.tensor([0, 2, 4]))
     assert kernels_for_test.double.__name__ == "double"
+
+
+def test_a_run_that_compiles_nothing_never_imports_dynamo(corpus, tmp_path):
+    """A rank with `train.compile` off trains ZeRO-3, evaluates, checkpoints and resumes without
+    importing `torch._dynamo` (1.5-2.5 s per rank): torch's and DeepSpeed's "never compile this"
+    markers no longer import it (trainer/lazy_dynamo.py), nor does the optimizer's step."""
+    (tmp_path / "run").mkdir()
+    out = run_python(
+        f"""
+        import sys
+        from tests.conftest import tiny_config
+        from trainer.loop import train
+        from trainer.session import Session
+
+        def cfg(steps):
+            return tiny_config(data={{"path": {corpus!r}}}, checkpoint={{"every": 2}},
+                               train={{"steps": steps, "eval_batches": 1}})
+        first = train(cfg(2), Session(run_dir={str(tmp_path / "run")!r}))
+        second = train(cfg(4), Session(run_dir={str(tmp_path / "run")!r}))  # resumes from step 2
+        print(first.steps, second.steps, sorted(second.val_losses), "torch._dynamo" in sys.modules)
+        """,
+        tmp_path,
+    )
+    assert out.split("\n")[-2] == "2 4 [4] False"
+
+
+def test_deferred_markers_still_keep_compile_out_once_dynamo_is_imported(tmp_path):
+    """After `lazy_dynamo.defer()`, a function marked with `torch.compiler.disable` or torch's own
+    `_disable_dynamo` runs plainly while dynamo is not imported; once something imports it and
+    compiles a caller, the marked function is still left out of the graph (only the caller's own
+    `+ 1` is compiled), whether or not it ran before."""
+    out = run_python(
+        """
+        import sys
+        import torch
+        from trainer import lazy_dynamo
+
+        print(lazy_dynamo.defer() > 100)  # torch's own markers (optimizers, ...) seeded
+        marked = [torch.compiler.disable(lambda x: x.sin().cos().exp()),
+                  torch._disable_dynamo(lambda x: x.sin().cos().exp()),
+                  torch.compiler.disable(lambda x: x.sin().cos().exp())]
+        x = torch.randn(8)
+        marked[0](x), marked[1](x)  # the third first runs under compile
+        print("torch._dynamo" in sys.modules)
+
+        import torch._dynamo
+        from torch._dynamo.testing import CompileCounter
+
+        for f in marked:
+            counter = CompileCounter()
+            caller = torch.compile(lambda x: f(x) + 1, backend=counter)
+            assert torch.allclose(caller(x), x.sin().cos().exp() + 1)
+            print(counter.op_count, end=" ")
+        """,
+        tmp_path,
+    )
+    assert out.split("\n")[:2] == ["True", "False"]
+    assert out.split("\n")[2].split() == ["1", "1", "1"]

@@ -67,10 +67,28 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+# torch's `Adam.step` as written, without `_use_grad_for_differentiable` (None on a torch that
+# changed it): that wrapper sets grad mode and imports `torch._dynamo` for a `graph_break()`
+# that only matters when the step is compiled, and ours never is.
+_ADAM_STEP = getattr(torch.optim.AdamW.step, "__wrapped__", None)
+
+
+class AdamW(torch.optim.AdamW):
+    """torch's AdamW, whose first step does not import `torch._dynamo` (1.5-2.5 s of CPU per rank
+    at start-up; see trainer/lazy_dynamo.py). Same update, same hooks: only the grad mode is set
+    here instead of in torch's wrapper."""
+
+    if _ADAM_STEP is not None:
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            return _ADAM_STEP(self, closure)
+
+
 def make_optimizer(model: nn.Module, o: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
     # torch's own AdamW: fused CUDA kernel on GPU when asked (no extension to compile), the
     # foreach path on CPU. DeepSpeed's ZeRO accepts it as a supported optimizer.
-    return torch.optim.AdamW(
+    return AdamW(
         param_groups(model, o.weight_decay),
         lr=o.lr,
         betas=(o.beta1, o.beta2),
@@ -154,6 +172,10 @@ def setup_deepspeed(device: torch.device, local_rank: int = 0):
     with _without_mlflow():  # after DS_ACCELERATOR is set: DeepSpeed picks its accelerator on import
         import deepspeed
     _import_deferring_compile("deepspeed.runtime.zero.muon.original_muon")
+    from deepspeed.runtime.zero.utils import ZERO_SUPPORTED_OPTIMIZERS
+
+    if AdamW not in ZERO_SUPPORTED_OPTIMIZERS:  # ZeRO checks the exact type; ours is torch's AdamW
+        ZERO_SUPPORTED_OPTIMIZERS.append(AdamW)
 
     # torch 2.13 renamed the collectives DeepSpeed calls; the warning repeats every ZeRO step.
     warnings.filterwarnings("ignore", message=r".*is deprecated. Please use `torch\.distributed.*")

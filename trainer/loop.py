@@ -16,7 +16,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from trainer import reshard
+from trainer import lazy_dynamo, reshard
 from trainer.checkpoint import CheckpointError, CheckpointManager
 from trainer.config import Config, resolve_model_config
 from trainer.data.manifest import Manifest
@@ -155,6 +155,8 @@ def train(
 def _train(cfg, session, batches, manifest, logger, cleanup) -> TrainResult:
     startup = StartupClock(session.extra.get("worker_started_at"))
     startup.mark("imports")  # since the launcher's worker entry, when it tells us
+    if not cfg.train.compile:
+        lazy_dynamo.defer()  # nothing here compiles: don't import dynamo to mark what mustn't
     device = session.device(cfg.train.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
