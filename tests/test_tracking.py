@@ -27,6 +27,7 @@ from cluster.tracking import (
 )
 from tests.conftest import ROOT, tiny_config
 from tests.test_loop import affine_stream
+from tests.test_startup import run_python
 from trainer.loop import train
 from trainer.metrics import MlflowLogger, process_memory_gb, start_system_metrics, stop_system_metrics
 from trainer.model import flops_per_token
@@ -209,6 +210,36 @@ def test_server_down_at_start_is_a_clear_error(tmp_path):
     assert uri in str(e.value)
 
 
+def test_metrics_and_system_metrics_start_together_in_a_fresh_process(tmp_path):
+    """Rank 0 starts its metrics logger and its system-metrics sampler at once, each importing
+    MLflow on its own thread: both must reach the run (a concurrent first import of MLflow left one
+    thread with a half-imported module and lost every metric of the run)."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run_id = create_mlflow_run(_cfg(uri, "fresh"), tmp_path / "run")
+    out = run_python(
+        f"""
+        import time
+        from trainer.metrics import MlflowLogger, start_system_metrics, stop_system_metrics
+
+        sampler = start_system_metrics({uri!r}, {run_id!r}, "node0", interval_s=0.2)
+        logger = MlflowLogger({uri!r}, {run_id!r}, flush_every_s=0.1)
+        for step in range(1, 4):
+            logger.log({{"loss": 1.0 / step}}, step)
+        deadline = time.monotonic() + 60
+        while sampler.step < 2 and time.monotonic() < deadline:  # two samples taken
+            time.sleep(0.1)
+        logger.close()
+        stop_system_metrics(sampler)
+        print("sent", logger.sent)
+        """,
+        tmp_path,
+    )
+    assert "sent 3" in out
+    client = _client(uri)
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1, 2, 3]
+    assert "system/node0/cpu_utilization_percentage" in client.get_run(run_id).data.metrics
+
+
 def test_logger_never_blocks_or_raises_without_a_server(caplog):
     logger = MlflowLogger(
         f"http://127.0.0.1:{free_port()}", "no-such-run", flush_every_s=0.1, max_buffered=50
@@ -224,6 +255,21 @@ def test_logger_never_blocks_or_raises_without_a_server(caplog):
     messages = [r.getMessage() for r in caplog.records]
     assert sum("dropped the 150 oldest" in m for m in messages) == 1, messages
     assert any("50 metrics could not be sent" in m for m in messages), messages
+
+
+def test_closing_without_a_server_retries_calmly(caplog):
+    """While `close()` waits for a store that refuses connections it retries every 0.5 s, not in a
+    busy loop (which hammered the store and, past a thousand tries, overflowed the backoff and
+    logged an error per try)."""
+    logger = MlflowLogger(f"http://127.0.0.1:{free_port()}", "no-such-run", flush_every_s=0.1)
+    logger.log({"loss": 1.0}, 1)
+    logger.close_timeout_s = 3.0
+    with caplog.at_level(logging.WARNING, logger="pretrain"):
+        logger.close()
+    messages = [r.getMessage() for r in caplog.records]
+    assert not any("unexpected error" in m for m in messages), messages[:3]
+    assert any("1 metrics could not be sent within 3 s" in m for m in messages), messages
+    assert logger._failures <= 10  # one try at close, then one per 0.5 s
 
 
 # ---------------------------------------------------------------------------------------- slow

@@ -92,6 +92,13 @@ class ConsoleLogger(NullLogger):
         print(" | ".join(parts), file=self.stream, flush=True)
 
 
+# MLflow's first import, made by one thread at a time. Two threads of a process importing it at
+# once (rank 0's metrics logger and its system-metrics sampler) can leave one of them with a
+# partially initialized `mlflow.tracking` ("cannot import name '_get_store'"), and MLflow broken in
+# that process for the rest of the run.
+MLFLOW_IMPORT = threading.Lock()
+
+
 class _TrackingStore:
     """Two calls against the run's tracking store, each bounded in time (no hidden retries):
     HTTP(S) stores through MLflow's REST API with `max_retries=0`, other stores (SQLite, files)
@@ -101,14 +108,16 @@ class _TrackingStore:
         self.uri = tracking_uri
         self.timeout = max(1, int(request_timeout_s))
         self.http = tracking_uri.startswith(("http://", "https://"))
-        if self.http:
-            from mlflow.utils.credentials import get_default_host_creds
+        with MLFLOW_IMPORT:
+            if self.http:
+                from mlflow.utils.credentials import get_default_host_creds
+                from mlflow.utils.rest_utils import http_request, verify_rest_response  # noqa: F401
 
-            self.creds = get_default_host_creds(tracking_uri)
-        else:
-            from mlflow.tracking import MlflowClient
+                self.creds = get_default_host_creds(tracking_uri)
+            else:
+                from mlflow.tracking import MlflowClient
 
-            self.client = MlflowClient(tracking_uri)
+                self.client = MlflowClient(tracking_uri)
 
     def _request(self, method: str, endpoint: str, **kwargs) -> dict:
         from mlflow.utils.rest_utils import http_request, verify_rest_response
@@ -269,7 +278,7 @@ class MlflowLogger(NullLogger):
             if stopping:
                 if self.buffered() == 0 or time.monotonic() >= self._deadline:
                     return
-                self._stop.wait(0.5)  # still failing: try again until the deadline
+                time.sleep(0.5)  # still failing: try again until the deadline (_stop is set)
                 continue
             if self._outage_since is None:
                 self._wake.wait(self.flush_every_s)
@@ -323,7 +332,7 @@ class MlflowLogger(NullLogger):
                     self._pending.popleft()
         except Exception as e:
             self._failures += 1
-            self._next_try = time.monotonic() + min(self.max_backoff_s, 2.0 ** (self._failures - 1))
+            self._next_try = time.monotonic() + min(self.max_backoff_s, 2.0 ** min(self._failures - 1, 30))
             if self._outage_since is None:
                 self._outage_since = time.monotonic()
                 self._outage_log(
@@ -397,18 +406,21 @@ class SystemMetrics:
 
     def _open_monitor(self) -> None:
         import psutil
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
         # Checked against MLflow 3.17: the constructor reads the run's last system step
-        # (resume_logging) and picks the GPU monitor that works; we drive the sampling ourselves.
-        # MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL / _NODE_ID, when set, win as in MLflow.
-        monitor = SystemMetricsMonitor(
-            self.run_id,
-            sampling_interval=self.interval_s,
-            resume_logging=True,
-            node_id=self.node_id or None,
-            tracking_uri=self.tracking_uri,
-        )
+        # (resume_logging) and picks the GPU monitor that works, importing what that takes; we
+        # drive the sampling ourselves. MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL / _NODE_ID, when
+        # set, win as in MLflow.
+        with MLFLOW_IMPORT:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            monitor = SystemMetricsMonitor(
+                self.run_id,
+                sampling_interval=self.interval_s,
+                resume_logging=True,
+                node_id=self.node_id or None,
+                tracking_uri=self.tracking_uri,
+            )
         self.interval_s = float(monitor.sampling_interval)
         self.prefix = "system/" + (f"{monitor.node_id}/" if monitor.node_id else "")
         self.step = int(getattr(monitor, "_logging_step", 0))
