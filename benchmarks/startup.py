@@ -12,7 +12,7 @@ in one working directory, and splits each start-up into where it went:
 - in rank 0 (from the run's `startup` event): imports, the torch process group (rendezvous of all
   ranks) and the layout's groups, model build (under ZeRO-3
   with DeepSpeed's import and comm init), `deepspeed.initialize`, data open and resume, tracking
-  (metrics logger, system metrics), the first step (first batch included).
+  (metrics logger, event log), the first step (first batch included).
 
 Also the CPU seconds that every process of the run (driver, Ray's services, Ray Train's actors,
 the training workers) spent until the first step: on a shared machine the load stretches wall
@@ -55,7 +55,7 @@ ROWS = [
     ("model", "  rank 0: model build (ZeRO-3: DeepSpeed import + comm init)"),
     ("deepspeed_initialize", "  rank 0: deepspeed.initialize"),
     ("data_and_resume", "  rank 0: data open, resume"),
-    ("tracking", "  rank 0: metrics logger, system metrics"),
+    ("tracking", "  rank 0: metrics logger, event log"),
     ("first_step", "  rank 0: first step (first batch included)"),
     ("total", "total to the first finished step"),
     ("wall", "whole command (steps, shutdown included)"),

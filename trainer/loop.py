@@ -152,6 +152,21 @@ def train(
             fn()
 
 
+def start_node_metrics(cfg: Config, session: Session, cleanup: list) -> None:
+    """System metrics of this node into the run, from its local rank 0, when tracking is on."""
+    if (
+        cfg.tracking.enabled
+        and session.mlflow_run_id
+        and session.local_rank == 0
+        and cfg.tracking.system_metrics_every_s
+    ):
+        node = f"node{session.rank // session.local_world_size}"
+        sampler = start_system_metrics(
+            cfg.tracking.uri, session.mlflow_run_id, node, cfg.tracking.system_metrics_every_s
+        )
+        cleanup.append(lambda: stop_system_metrics(sampler))
+
+
 def _train(cfg, session, batches, manifest, logger, cleanup) -> TrainResult:
     startup = StartupClock(session.extra.get("worker_started_at"))
     startup.mark("imports")  # since the launcher's worker entry, when it tells us
@@ -229,17 +244,6 @@ def _train(cfg, session, batches, manifest, logger, cleanup) -> TrainResult:
 
     logger = logger or make_logger(cfg, session, topo.logging_rank)  # under PP: the last stage's
     cleanup.append(logger.close)
-    if (
-        cfg.tracking.enabled
-        and session.mlflow_run_id
-        and session.local_rank == 0
-        and cfg.tracking.system_metrics_every_s
-    ):
-        node = f"node{session.rank // session.local_world_size}"
-        sampler = start_system_metrics(
-            cfg.tracking.uri, session.mlflow_run_id, node, cfg.tracking.system_metrics_every_s
-        )
-        cleanup.append(lambda: stop_system_metrics(sampler))
     accum = cfg.grad_accum(session.world_size)
     tokens_per_step = cfg.parallel.global_batch_size * cfg.data.seq_len
     fpt = flops_per_token(cfg.model, cfg.data.seq_len)
@@ -269,7 +273,7 @@ def _train(cfg, session, batches, manifest, logger, cleanup) -> TrainResult:
     cleanup.append(lambda: events.write("stop", step=int(engine.global_steps)))
     if attempt > 1 or start:  # resilience, visible in MLflow next to the loss
         logger.log({"restarts": float(attempt - 1), "resumed_from_step": float(start)}, start)
-    startup.mark("tracking")  # the metrics logger, system metrics, the event log
+    startup.mark("tracking")  # the metrics logger, the event log
     for step in range(start, stop):
         # The first step of every attempt is logged too: start-up is visible, not hidden in a window.
         log_now = (step + 1) % cfg.train.log_every == 0 or step + 1 == stop or step == start
@@ -298,6 +302,9 @@ def _train(cfg, session, batches, manifest, logger, cleanup) -> TrainResult:
             t_start = time.perf_counter()  # steady state starts after the first step (warm-up, allocs)
             startup.mark("first_step")  # start-up ends with the first finished step
             events.write("startup", first_batch_wait_s=round(data_wait, 3), **startup.fields())
+            # Only now: MLflow's monitor (its import and first contact with the store, 3 CPU-s)
+            # would otherwise compete with the first step for the cores (2 s of it on 2 CPUs).
+            start_node_metrics(cfg, session, cleanup)
         metrics: dict[str, float] = {}
         # Collectives, so only on logged steps: SIGTERM on any rank, or the launcher's preemption notice.
         preempted = log_now and (preemption.agreed(device) or session.preemption_requested())
