@@ -95,7 +95,7 @@ class ConsoleLogger(NullLogger):
 # MLflow's first import, made by one thread at a time. Two threads of a process importing it at
 # once (rank 0's metrics logger and its system-metrics sampler) can leave one of them with a
 # partially initialized `mlflow.tracking` ("cannot import name '_get_store'"), and MLflow broken in
-# that process for the rest of the run.
+# that process for the rest of the run. Never held across a request to the store.
 MLFLOW_IMPORT = threading.Lock()
 
 
@@ -407,20 +407,22 @@ class SystemMetrics:
     def _open_monitor(self) -> None:
         import psutil
 
-        # Checked against MLflow 3.17: the constructor reads the run's last system step
-        # (resume_logging) and picks the GPU monitor that works, importing what that takes; we
-        # drive the sampling ourselves. MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL / _NODE_ID, when
-        # set, win as in MLflow.
-        with MLFLOW_IMPORT:
+        with MLFLOW_IMPORT:  # and the store's modules: a client makes the store, no request
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+            from mlflow.tracking import MlflowClient
 
-            monitor = SystemMetricsMonitor(
-                self.run_id,
-                sampling_interval=self.interval_s,
-                resume_logging=True,
-                node_id=self.node_id or None,
-                tracking_uri=self.tracking_uri,
-            )
+            MlflowClient(self.tracking_uri)
+        # Checked against MLflow 3.17: the constructor reads the run's last system step
+        # (resume_logging: a request, retried while the server is away, so outside the lock) and
+        # picks the GPU monitor that works; we drive the sampling ourselves.
+        # MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL / _NODE_ID, when set, win as in MLflow.
+        monitor = SystemMetricsMonitor(
+            self.run_id,
+            sampling_interval=self.interval_s,
+            resume_logging=True,
+            node_id=self.node_id or None,
+            tracking_uri=self.tracking_uri,
+        )
         self.interval_s = float(monitor.sampling_interval)
         self.prefix = "system/" + (f"{monitor.node_id}/" if monitor.node_id else "")
         self.step = int(getattr(monitor, "_logging_step", 0))
