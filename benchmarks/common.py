@@ -79,16 +79,22 @@ def plain_pytorch_tokens_per_s(
     compile_blocks: bool,
     lr: float = 3e-4,
     accum: int = 1,
+    fused: bool | None = None,
 ) -> float:
     """The baseline: the same model trained by the ~20-line loop everyone writes first; `accum`
-    micro batches of `batch` sequences per optimizer step."""
+    micro batches of `batch` sequences per optimizer step. torch's fused AdamW when `fused`
+    (default: on GPU), so that a comparison runs the same optimizer kernel on both sides."""
     torch.manual_seed(0)
     model = Transformer(cfg).to(device)
     if compile_blocks:
         for block in model.blocks:
             block.compile(dynamic=False)
     opt = torch.optim.AdamW(
-        model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1, fused=device == "cuda"
+        model.parameters(),
+        lr=lr,
+        betas=(0.9, 0.95),
+        weight_decay=0.1,
+        fused=device == "cuda" if fused is None else fused,
     )
     g = torch.Generator().manual_seed(0)
     data = [torch.randint(0, cfg.vocab_size, (batch, seq_len + 1), generator=g) for _ in range(4)]

@@ -1,14 +1,14 @@
 """Framework overhead on CPU, measured side by side in one run.
 
 The same tiny model (configs/tiny-cpu.yaml shapes), batch, seed and thread count, run
-(a) as a plain PyTorch loop (torch AdamW, no Ray, no DeepSpeed, in-memory batches) and
-(b) through `pretrain train` with 1 Ray worker, ZeRO 0 and ZeRO 3 (the whole product path:
-Ray Train, DeepSpeed, streamed shards, MLflow). Reports steady-state tokens/s of (b) over (a):
-(a) after 3 warm-up steps; (b) from its logged windows after the first (steps 2-10 end the
-start-up: rank 0 imports MLflow and opens its store and system metrics on their threads
-meanwhile), with the first window and the whole run after step 1 shown beside it. Each of ours
-runs between two runs of the plain loop, `--rounds` times; the median ratio is the figure.
-Start-up itself: benchmarks/startup.py.
+(a) as a plain PyTorch loop (torch AdamW, fused when the config's is, no Ray, no DeepSpeed,
+in-memory batches) and (b) through `pretrain train` with 1 Ray worker, ZeRO 0 and ZeRO 3 (the
+whole product path: Ray Train, DeepSpeed, streamed shards, MLflow). Reports steady-state
+tokens/s of (b) over (a): (a) after 3 warm-up steps; (b) from its logged windows after the first
+(steps 2-10 end the start-up: rank 0 imports MLflow and opens its store and system metrics on
+their threads meanwhile), with the first window and the whole run after step 1 shown beside it.
+Each of ours runs between two runs of the plain loop, `--rounds` times; the median ratio is the
+figure. Start-up itself: benchmarks/startup.py.
 
     python benchmarks/overhead.py        # ~6 minutes on 2 cores (3 rounds)
 """
@@ -102,6 +102,7 @@ def main() -> int:
                 bf16=False,
                 compile_blocks=False,
                 lr=cfg.optim.lr,
+                fused=cfg.optim.fused,  # the optimizer kernel ours runs
             )
 
         # A shared VM's speed drifts by 10-15% from minute to minute: the plain loop runs before

@@ -1,5 +1,5 @@
 """Speed switches: each one is loss-parity tested against the plain setting (fp32, CPU), and the
-GPU-only ones are refused on CPU with the field to change."""
+GPU-only ones (flash/efficient attention) are refused on CPU with the field to change."""
 
 import pytest
 
@@ -49,13 +49,17 @@ def test_zero_stages_agree(reference):
         assert _losses(parallel={"zero_stage": stage}) == pytest.approx(reference, abs=1e-5), stage
 
 
-@pytest.mark.parametrize(
-    "sections, field",
-    [({"optim": {"fused": True}}, "optim.fused"), ({"train": {"attention": "flash"}}, "train.attention")],
-)
-def test_gpu_only_switches_refused_on_cpu(sections, field):
-    with pytest.raises(ConfigError, match=field):
-        _losses(**sections)
+def test_fused_adamw_parity(reference):
+    """torch's fused AdamW kernel (optim.fused) runs on CPU too: the same losses as its default,
+    on ZeRO-3's flat fp32 partitions (the reference) and on ZeRO-0's own parameters."""
+    assert _losses(optim={"fused": True}) == pytest.approx(reference, abs=1e-6)
+    zero0 = _losses(parallel={"zero_stage": 0})
+    assert _losses(parallel={"zero_stage": 0}, optim={"fused": True}) == pytest.approx(zero0, abs=1e-6)
+
+
+def test_gpu_only_switches_refused_on_cpu():
+    with pytest.raises(ConfigError, match="train.attention"):
+        _losses(train={"attention": "flash"})
 
 
 def test_gpu_only_switches_refused_at_config_time_when_device_is_cpu():

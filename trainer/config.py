@@ -110,7 +110,9 @@ class OptimConfig:
     beta2: float = _f(0.95, "AdamW beta2")
     eps: float = _f(1e-8, "AdamW epsilon")
     grad_clip: float = _f(1.0, "clip the global gradient norm to this; 0 disables clipping")
-    fused: bool = _f(False, "DeepSpeed's fused CUDA Adam (GPU only); off = torch AdamW")
+    fused: bool = _f(
+        False, "torch's fused AdamW kernel, GPU or CPU (3-5x faster step on CPU); off = torch's default"
+    )
 
 
 @dataclass
@@ -454,10 +456,6 @@ def _validate(c: Config) -> None:
         f"checkpoint.storage ({k.storage!r}) must be empty (<run_dir>/checkpoints) or an s3://bucket/prefix",
     )
     need(cl.cpus_per_worker > 0, f"cluster.cpus_per_worker must be > 0, got {cl.cpus_per_worker}")
-    need(
-        not (o.fused and c.train.device == "cpu"),
-        "optim.fused: the fused AdamW is a CUDA kernel; set optim.fused: false on CPU",
-    )
     need(
         c.train.attention in ("auto", "math") or c.train.device != "cpu",
         f"train.attention={c.train.attention} is a CUDA kernel; set train.attention: auto or math on CPU",

@@ -86,15 +86,15 @@ class AdamW(torch.optim.AdamW):
 
 
 def make_optimizer(model: nn.Module, o: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
-    # torch's own AdamW: fused CUDA kernel on GPU when asked (no extension to compile), else
-    # torch's default (foreach on GPU, one tensor at a time on CPU, as the plain loop of
-    # benchmarks/overhead.py). DeepSpeed's ZeRO accepts it as a supported optimizer.
+    # torch's own AdamW: its fused kernel when asked, on GPU or CPU (no extension to compile),
+    # else torch's default (foreach on GPU, one tensor at a time on CPU). DeepSpeed's ZeRO
+    # accepts it as a supported optimizer.
     return AdamW(
         param_groups(model, o.weight_decay),
         lr=o.lr,
         betas=(o.beta1, o.beta2),
         eps=o.eps,
-        fused=o.fused and device.type == "cuda",
+        fused=o.fused,
     )
 
 

@@ -43,11 +43,6 @@ def check_device_switches(cfg: Config, device: torch.device) -> None:
     from trainer.config import ConfigError
 
     if device.type != "cuda":
-        if cfg.optim.fused:
-            raise ConfigError(
-                "optim.fused: the fused AdamW is a CUDA kernel and this rank has no GPU; "
-                "set optim.fused: false"
-            )
         if cfg.train.attention not in ("auto", "math"):
             raise ConfigError(
                 f"train.attention={cfg.train.attention} is a CUDA kernel and this rank has no GPU; "
