@@ -88,7 +88,7 @@ def test_our_adamw_updates_exactly_as_torchs():
     models = [Transformer(cfg)]
     models.append(copy.deepcopy(models[0]))
     opts = [
-        make_optimizer(models[0], o, torch.device("cpu")),
+        make_optimizer(models[0], o),
         torch.optim.AdamW(
             param_groups(models[1], o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps
         ),

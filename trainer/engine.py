@@ -85,7 +85,7 @@ class AdamW(torch.optim.AdamW):
             return _ADAM_STEP(self, closure)
 
 
-def make_optimizer(model: nn.Module, o: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, o: OptimConfig) -> torch.optim.Optimizer:
     # torch's own AdamW: its fused kernel when asked, on GPU or CPU (no extension to compile),
     # else torch's default (foreach on GPU, one tensor at a time on CPU). DeepSpeed's ZeRO
     # accepts it as a supported optimizer.
@@ -203,7 +203,7 @@ def initialize(
     # built later in the same process without one must not inherit stale process groups.
     deepspeed.utils.groups.mpu = mpu
     model = model.to(device)
-    optimizer = make_optimizer(model, cfg.optim, device)
+    optimizer = make_optimizer(model, cfg.optim)
     engine, optimizer, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
