@@ -4,6 +4,7 @@ storage), with its run directory and its MLflow run created once, here, before w
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -76,7 +77,8 @@ def start_ray(cfg: Config):
     # `pretrain submit` goes to a cluster's own), idle workers prestarted for the driver (Ray
     # Train's actors run in a runtime env of their own and never use them), and Ray Train's
     # node-drain watcher and Prometheus metrics (read here, passed on to its controller). Ray
-    # Train's placement group cleaner goes too (`trainer_class`).
+    # Train's placement group cleaner goes too (`trainer_class`), and so do the autoscaler's
+    # monitor and Ray's API server (`_lean_head`).
     global _embedded
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
@@ -90,15 +92,16 @@ def start_ray(cfg: Config):
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
-        ray.init(
-            address="local",  # a new cluster: never the latest `ray start` one on this machine
-            _node_ip_address="127.0.0.1",
-            include_dashboard=False,
-            dashboard_host="127.0.0.1",
-            log_to_driver=True,
-            configure_logging=False,
-            _system_config={"prestart_worker_first_driver": False},
-        )
+        with _lean_head():
+            ray.init(
+                address="local",  # a new cluster: never the latest `ray start` one on this machine
+                _node_ip_address="127.0.0.1",
+                include_dashboard=False,
+                dashboard_host="127.0.0.1",
+                log_to_driver=True,
+                configure_logging=False,
+                _system_config={"prestart_worker_first_driver": False},
+            )
         _embedded = True
     finally:
         if saved[0] is None:
@@ -122,6 +125,29 @@ def check_ray_address(address: str, field: str, timeout_s: float = 5.0) -> None:
             f"{field} {address}: no Ray cluster answers there ({e.strerror or e}); start one "
             "(`ray start --head`) or leave cluster.address empty to run on a local Ray"
         ) from None
+
+
+@contextlib.contextmanager
+def _lean_head():
+    """Start an embedded head without two Python processes Ray starts on every head, each a second of
+    CPU on a laptop's few cores: the autoscaler's monitor (there is no autoscaler: the cluster is
+    this machine) and Ray's API server, which with `include_dashboard=False` loads only its
+    usage-stats module, yet `ray.init` waits for it to come up (1.5 s). Ray's own switch for the
+    first (`RayParams.no_monitor`, `ray start --no-monitor`) is not an argument of `ray.init`. A Ray
+    without these methods starts its head as usual."""
+    from ray._private.node import Node
+
+    saved = {name: Node.__dict__.get(name) for name in ("start_monitor", "start_api_server")}
+    if None in saved.values():
+        yield
+        return
+    Node.start_monitor = lambda self: None
+    Node.start_api_server = lambda self, **kwargs: None
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(Node, name, fn)
 
 
 _embedded = False  # whether this process's Ray is the embedded cluster start_ray started

@@ -267,8 +267,9 @@ socks = [
     for c in psutil.net_connections("tcp")
     if c.status == psutil.CONN_LISTEN and c.pid in pids
 ]
+scripts = [a.rsplit("/", 1)[-1] for p in psutil.Process().children(recursive=True) for a in p.cmdline()[:3]]
 ray.shutdown()
-print(json.dumps(socks))
+print(json.dumps([socks, scripts]))
 """
 
 
@@ -281,7 +282,11 @@ def test_embedded_head_listens_on_loopback_only():
         [sys.executable, "-c", _PROBE], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180
     )
     assert p.returncode == 0, p.stderr[-3000:]
-    socks = json.loads(p.stdout.strip().splitlines()[-1])
+    socks, scripts = json.loads(p.stdout.strip().splitlines()[-1])
+    # nothing that serves HTTP or waits for an autoscaler: Ray's API server and the autoscaler's
+    # monitor are not started (each a second of CPU and ray.init waited for the first)
+    assert "dashboard.py" not in scripts and "monitor.py" not in scripts, scripts
+    assert "log_monitor.py" in scripts, scripts  # worker output still reaches the driver
     names = {name for _, _, name in socks}
     assert {"gcs_server", "raylet"} <= names and len(socks) >= 5, socks
     loopback = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}

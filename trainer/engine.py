@@ -169,6 +169,9 @@ def setup_deepspeed(device: torch.device, local_rank: int = 0):
     Needed before anything that makes DeepSpeed process groups (a `PipelineModule`)."""
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        # Its CPU accelerator counts a node's "devices" as the ranks on it, which DeepSpeed's own
+        # launcher passes as LOCAL_SIZE; without it, it asks `numactl --hardware` every time.
+        os.environ.setdefault("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1"))
     os.environ.setdefault("LOCAL_RANK", str(local_rank))  # DeepSpeed's sanity check reads it
     with _without_mlflow():  # after DS_ACCELERATOR is set: DeepSpeed picks its accelerator on import
         import deepspeed
@@ -185,8 +188,10 @@ def setup_deepspeed(device: torch.device, local_rank: int = 0):
         # DeepSpeed's CPU comm backend JIT-compiles its shared-memory all-reduce when it starts
         # (40-70 s on 2 cores, and again whenever another DeepSpeed install on the machine rebuilt
         # the shared torch extensions cache). Only its inference all-reduce uses that op; training
-        # collectives go through torch.distributed (gloo) either way.
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        # collectives go through torch.distributed (gloo) either way. The table is set, not read:
+        # reading it first probes every op DeepSpeed has, which compiles and links a C program
+        # (its async-io check) on every rank of every run.
+        vars(deepspeed.ops).setdefault("__compatible_ops__", {})["deepspeed_shm_comm"] = False
 
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     return deepspeed
