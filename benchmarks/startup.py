@@ -62,7 +62,7 @@ ROWS = [
 ]
 CPU_KINDS = {
     "driver": "driver (pretrain train)",
-    "ray_services": "Ray services (gcs, raylet, agents, dashboard, ...)",
+    "ray_services": "Ray services (gcs, raylet, agents, log monitor)",
     "ray_train_actors": "Ray Train actors (controller, ...)",
     "workers": "training workers",
 }

@@ -8,6 +8,8 @@ import logging
 import os
 import sys
 
+from launch.args import add_config, add_set
+
 EXIT_BAD_INPUT = 2
 
 
@@ -65,19 +67,6 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument(
-        "config", nargs=None if required else "?", help="YAML config file, e.g. configs/tiny-cpu.yaml"
-    )
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field, e.g. --set train.steps=100 (repeatable; beats the YAML)",
-    )
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pretrain",
@@ -100,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="train from a config on a local or remote Ray cluster",
         description="Validate CONFIG, start (or join) Ray and run the training to the end.",
     )
-    _add_config_args(p)
+    add_config(p, "configs/tiny-cpu.yaml", "train.steps=100")
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser(
@@ -114,13 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--storage-path", default="runs", help="where runs live (cluster.storage_path), default: runs"
     )
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override, e.g. --set train.steps=2000 (repeatable)",
-    )
+    add_set(p, "train.steps=2000", over="the run's config")
     p.set_defaults(fn=cmd_resume)
 
     from launch import ui
@@ -138,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the resolved config, or every field with its meaning",
         description="Print CONFIG after --set overrides and defaults, validated.",
     )
-    _add_config_args(p, required=False)
+    add_config(p, "configs/tiny-cpu.yaml", "train.steps=100", required=False)
     p.add_argument(
         "--fields", action="store_true", help="list every config field, its default and its meaning"
     )

@@ -9,6 +9,8 @@ import os
 import sys
 import time
 
+from launch.args import add_config
+
 EXIT_BAD_INPUT = 2
 
 
@@ -33,14 +35,7 @@ def register(sub) -> None:
         description="Ship this project and the resolved CONFIG to the cluster at --address and start "
         "`pretrain train` there as a Ray Job whose id is the run name.",
     )
-    p.add_argument("config", help="YAML config file, e.g. configs/llama-1b.yaml")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field, e.g. --set cluster.num_workers=16 (repeatable; beats the YAML)",
-    )
+    add_config(p, "configs/llama-1b.yaml", "cluster.num_workers=16")
     _add_address(p)
     p.set_defaults(fn=run_submit)
 

@@ -12,6 +12,8 @@ import argparse
 import sys
 from dataclasses import replace
 
+from launch.args import add_config
+
 EXIT_BAD_INPUT = 2
 MAX_GROUPS_SHOWN = 8
 
@@ -130,14 +132,7 @@ def register(sub) -> None:
         description="Resolve CONFIG (with --set overrides) and print the rank layout (TP, DP and PP groups), "
         "the parameter count, FLOPs per token and an estimate of memory per device. Starts no process.",
     )
-    p.add_argument("config", help="YAML config file, e.g. configs/llama-1b.yaml")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field, e.g. --set parallel.tp=2 (repeatable; beats the YAML)",
-    )
+    add_config(p, "configs/llama-1b.yaml", "parallel.tp=2")
     p.set_defaults(fn=run_plan)
 
 

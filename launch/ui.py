@@ -17,6 +17,8 @@ import sys
 import threading
 from pathlib import Path
 
+from launch.args import add_set
+
 EXIT_BAD_INPUT = 2
 
 
@@ -26,13 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         nargs="?",
         help="YAML config or run directory whose tracking.uri to show (default: sqlite:///mlflow.db)",
     )
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field, e.g. --set tracking.uri=sqlite:///other.db",
-    )
+    add_set(p, "tracking.uri=sqlite:///other.db", over="the config")
     p.add_argument(
         "--host",
         default="127.0.0.1",

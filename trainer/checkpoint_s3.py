@@ -19,6 +19,8 @@ import tempfile
 import threading
 from pathlib import Path
 
+from trainer.s3 import NO_CREDENTIALS, client_error
+
 COMMIT = "commit.json"
 
 
@@ -80,17 +82,12 @@ class S3Checkpoints:
         try:
             return fn(*args, **kw)
         except NoCredentialsError:
-            raise ObjectStoreError(
-                f"{what}: no AWS credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
-                "AWS_PROFILE, or use an instance role)"
-            ) from None
+            raise ObjectStoreError(f"{what}: {NO_CREDENTIALS}") from None
         except ClientError as e:
-            err = e.response.get("Error", {})
-            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-            code = err.get("Code", "?")
+            code, _, line = client_error(e)
             if code in ("404", "NoSuchKey", "NotFound"):
                 raise MissingObject(f"{what} is missing") from None
-            raise ObjectStoreError(f"{what}: S3 {code} (HTTP {status}): {err.get('Message', '')}") from None
+            raise ObjectStoreError(f"{what}: {line}") from None
         except BotoCoreError as e:  # endpoint unreachable, timeouts, dropped connections (after retries)
             raise ObjectStoreError(f"{what}: {type(e).__name__}: {e}") from None
 

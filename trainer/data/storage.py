@@ -33,6 +33,8 @@ from contextlib import closing
 from dataclasses import dataclass
 from typing import IO, TypeVar
 
+from trainer.s3 import NO_CREDENTIALS, client_error
+
 T = TypeVar("T")
 
 REMOTE_SCHEMES = ("http://", "https://", "s3://")
@@ -233,19 +235,12 @@ def _s3_open(url: str, timeout_s: float) -> IO[bytes]:
     try:
         return client.get_object(Bucket=bucket, Key=key)["Body"]
     except NoCredentialsError:
-        raise StorageError(
-            f"cannot read {url}: no AWS credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
-            "AWS_PROFILE, or use an instance role)"
-        ) from None
+        raise StorageError(f"cannot read {url}: {NO_CREDENTIALS}") from None
     except ClientError as e:
-        err = e.response.get("Error", {})
-        status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        code = err.get("Code", "?")
+        code, status, line = client_error(e)
         if status >= 500 or code in ("SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable"):
             raise _Transient(f"S3 {code} (HTTP {status})") from None
-        raise StorageError(
-            f"cannot read {url}: S3 {code} (HTTP {status}): {err.get('Message', '')}"
-        ) from None
+        raise StorageError(f"cannot read {url}: {line}") from None
     except BotoCoreError as e:  # endpoint unreachable, timeouts, dropped connections
         raise _Transient(f"{type(e).__name__}: {e}") from None
 
