@@ -6,9 +6,10 @@ in one working directory, and splits each start-up into where it went:
 
 - driver: the CLI's imports, config and corpus check (until the run directory's config.yaml is
   written); Ray's import; Ray's start (`ray.init`, from the run's `ray_started` event), while the
-  MLflow run is created on a thread (what is left of that when Ray is up counts in the next row);
-- the worker group: Ray Train's controller, placement group and worker processes (from Ray being
-  up to rank 0 entering the training function);
+  MLflow run is created on a thread; what is left of that and of Ray Train's import when Ray is up
+  (until the run's `workers_requested` event);
+- the worker group: Ray Train's controller, placement group and worker processes (from the
+  driver's request to rank 0 entering the training function);
 - in rank 0 (from the run's `startup` event): imports, the torch process group (rendezvous of all
   ranks) and the layout's groups, model build (under ZeRO-3
   with DeepSpeed's import and comm init), `deepspeed.initialize`, data open and resume, tracking
@@ -49,6 +50,7 @@ ROWS = [
     ("cli", "CLI: imports, config, corpus check"),
     ("mlflow_run", "driver: Ray's import (the MLflow run is created from here)"),
     ("ray_init", "Ray start (ray.init)"),
+    ("after_ray", "driver: rest of the MLflow run, Ray Train's import"),
     ("worker_group", "worker group: controller, placement, worker processes"),
     ("imports", "  rank 0: imports"),
     ("process_group", "  rank 0: process groups (all ranks meet)"),
@@ -144,7 +146,7 @@ def run_once(config: str, corpus: Path, work: Path, name: str, steps: int, extra
     if proc.returncode != 0:
         raise SystemExit(f"pretrain train failed (exit {proc.returncode}):\n{''.join(output)[-5000:]}")
     events = read_events(run_dir)
-    ray_up, startup = events["ray_started"], events["startup"]
+    ray_up, requested, startup = events["ray_started"], events["workers_requested"], events["startup"]
     ray_begin = ray_up["time"] - ray_up["init_s"]
     config_written = (run_dir / "config.yaml").stat().st_mtime
     return {
@@ -152,7 +154,8 @@ def run_once(config: str, corpus: Path, work: Path, name: str, steps: int, extra
         "cli": config_written - t0,
         "mlflow_run": ray_begin - config_written,
         "ray_init": ray_up["init_s"],
-        "worker_group": startup["since"] - ray_up["time"],
+        "after_ray": requested["time"] - ray_up["time"],
+        "worker_group": startup["since"] - requested["time"],
         **startup["phases_s"],
         "first_batch_wait": startup["first_batch_wait_s"],
         "total": startup["time"] - t0,

@@ -412,6 +412,9 @@ def _fit(cfg: Config, run_dir: Path, mlflow_run_id: str, t0: float) -> dict:
     error = ""
     try:
         check_capacity(cfg, ray, use_gpu=use_gpu)
+        # From here Ray Train places and starts the workers: on a busy or autoscaling cluster the
+        # wait for nodes shows as the gap between this event and the workers' `start`.
+        EventLog(str(run_dir)).write("workers_requested", workers=cl.num_workers)
         try:
             result = trainer.fit()
         except TrainingFailedError as e:  # Ray's word for it, as the user's error and in run.json

@@ -57,7 +57,16 @@ def test_startup_benchmark_prints_the_breakdown(corpus, tmp_path):
     )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     (run,) = json.loads(out.read_text())
-    phases = ["cli", "mlflow_run", "ray_init", "worker_group", "imports", "process_group", "model"]
+    phases = [
+        "cli",
+        "mlflow_run",
+        "ray_init",
+        "after_ray",
+        "worker_group",
+        "imports",
+        "process_group",
+        "model",
+    ]
     phases += ["deepspeed_initialize", "data_and_resume", "tracking", "first_step"]
     assert all(run[k] >= 0 for k in phases), run
     # consecutive: none missed or counted twice

@@ -1,8 +1,8 @@
 """The run's event log: `<run_dir>/events.jsonl`, one JSON object per line, appended by rank 0
 (and by the driver, before the workers start).
 
-Starts (with the attempt number and the step resumed from), Ray's start and where each attempt's
-start-up went, committed checkpoints, preemption and the end of each attempt: what happened to a
+Starts (with the attempt number and the step resumed from), Ray's start, the driver's request for
+the worker group, where each attempt's start-up went, committed checkpoints, preemption and the end of each attempt: what happened to a
 run, in order, across restarts and resumes. The driver logs the file to MLflow as an artifact.
 """
 
