@@ -283,8 +283,8 @@ def test_embedded_head_listens_on_loopback_only():
     )
     assert p.returncode == 0, p.stderr[-3000:]
     socks, scripts = json.loads(p.stdout.strip().splitlines()[-1])
-    # nothing that serves HTTP or waits for an autoscaler: Ray's API server and the autoscaler's
-    # monitor are not started (each a second of CPU and ray.init waited for the first)
+    # Ray's API server and the autoscaler's monitor are not started (each a second of CPU, and
+    # ray.init waited for the first)
     assert "dashboard.py" not in scripts and "monitor.py" not in scripts, scripts
     assert "log_monitor.py" in scripts, scripts  # worker output still reaches the driver
     names = {name for _, _, name in socks}
