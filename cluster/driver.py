@@ -309,6 +309,7 @@ RESUMABLE_OVERRIDES = (
     "train.stop_at",
     "train.log_every",
     "train.torch_threads",
+    "train.gc_every",
     "checkpoint.",
     "cluster.address",
     "cluster.max_failures",

@@ -41,3 +41,53 @@ def test_same_seed_same_losses():
     assert a.losses == b.losses
     c = train(tiny_config(model={"vocab_size": V}, train={"steps": 8, "seed": 99}), batches=affine_stream(1))
     assert c.losses != a.losses
+
+
+def test_garbage_is_collected_at_the_scheduled_steps_only():
+    """With `train.gc_every: 3`, Python's collector runs at steps 3 and 6 (full collections, the
+    same steps on every rank) and nowhere else once the first step is done: a rank's automatic
+    collections would otherwise land mid-step, each rank at its own moment. Each one's pause is
+    logged as `gc_s` at its step; the process gets its collector back afterwards."""
+    import gc
+
+    from trainer.metrics import NullLogger
+
+    timeline: list[str] = []
+    logged: dict[int, dict] = {}
+
+    class Capture(NullLogger):
+        def log(self, metrics, step):
+            logged.setdefault(step, {}).update(metrics)
+
+    def batches():  # one micro batch per step (global batch 4 = micro batch 4, one rank)
+        for i, batch in enumerate(affine_stream(2), start=1):
+            timeline.append(f"step {i}")
+            yield batch
+
+    def on_gc(phase, info):
+        if phase == "stop":
+            timeline.append(f"gc gen{info['generation']}")
+
+    cfg = tiny_config(
+        model={"vocab_size": V}, parallel={"global_batch_size": 4}, train={"steps": 7, "gc_every": 3}
+    )
+    gc.callbacks.append(on_gc)
+    try:
+        result = train(cfg, batches=batches(), logger=Capture())
+    finally:
+        gc.callbacks.remove(on_gc)
+    after_first_step = timeline[timeline.index("step 2") :]
+    assert after_first_step == [
+        "step 2",
+        "step 3",
+        "gc gen2",
+        "step 4",
+        "step 5",
+        "step 6",
+        "gc gen2",
+        "step 7",
+    ], after_first_step
+    assert sorted(result.losses) == list(range(1, 8))
+    assert [s for s in sorted(logged) if "gc_s" in logged[s]] == [3, 6]
+    assert all(logged[s]["gc_s"] > 0 for s in (3, 6))
+    assert gc.isenabled() and gc.get_freeze_count() == 0

@@ -133,6 +133,10 @@ class TrainConfig:
     )
     torch_threads: int = _f(0, "intra-op CPU threads per worker; 0 = cores / workers on this node")
     peak_tflops: float = _f(0.0, "device peak dense TFLOP/s for MFU; 0 = detect (known GPUs), none on CPU")
+    gc_every: int = _f(
+        50,
+        "Python garbage collection every N steps, the same step on every rank (no stragglers); 0 = Python's own",
+    )
 
 
 @dataclass
@@ -381,7 +385,7 @@ def _validate(c: Config) -> None:
         "model": ("vocab_size", "n_kv_heads", "d_ff"),
         "optim": ("warmup_steps", "weight_decay", "grad_clip", "min_lr"),
         "checkpoint": ("every", "keep_every"),
-        "train": ("eval_every", "eval_batches", "torch_threads", "peak_tflops", "stop_at"),
+        "train": ("eval_every", "eval_batches", "torch_threads", "peak_tflops", "stop_at", "gc_every"),
         "cluster": ("max_failures",),
         "data": ("num_streams", "prefetch", "loader_workers"),
         "tracking": ("system_metrics_every_s",),
