@@ -128,22 +128,24 @@ class Preemption:
 class StepAlignedGC:
     """Python's garbage collection at the same step on every rank, every `every` steps.
 
-    Python's automatic collector runs when allocations cross a threshold, so at a different moment
-    on each rank; a full collection of a rank's heap (torch, DeepSpeed, MLflow: 200k+ objects) takes
-    a quarter of a second on a CPU core, and every other rank waits for it at the next collective.
-    Megatron-LM (`--manual-gc`) and torchtitan (`gc_freq`) schedule it for the same reason. Here
-    the automatic collector is off once the first step is done; at each `every`-th step every rank
-    makes a full collection, and the first one also freezes what survives (the model, engine,
-    modules: long-lived, never garbage) so that later collections walk only what is newer.
-    Objects are still freed by reference counting as usual; only cycles wait for the step.
-    `every` = 0 leaves Python's collector alone. `restore()` puts the process back as it was."""
+    Python's automatic collector runs when allocations cross a threshold: at its own moment on
+    each rank, mid-step, and every other rank waits for it at the next collective (a world of R
+    ranks can lose R times one rank's pauses). On rank 0 of the quick start, MLflow's import after
+    the first step alone sets off three full collections of ~300 ms each (benchmarks/gc_pauses.py).
+    Megatron-LM (`--manual-gc`) and torchtitan (`gc_freq`) schedule it for the same reason. Here,
+    once the first step is done, the automatic collector is off and what exists is frozen (the
+    model, the engine, the modules: long-lived, not garbage); at each `every`-th step every rank
+    makes a full collection, of what is newer only, and the first one freezes its survivors too.
+    Objects are still freed by reference counting at once; only reference cycles wait for the
+    step. `every` = 0 leaves Python's collector alone; `restore()` gives it back."""
 
     def __init__(self, every: int):
         self.every = every
         self._was_enabled = gc.isenabled()
-        self._frozen = False
+        self._first = True
         if every:
             gc.disable()
+            gc.freeze()
 
     def __call__(self, step: int) -> float | None:
         """After `step` (1-based) finished: the seconds a scheduled collection took, or None."""
@@ -151,16 +153,16 @@ class StepAlignedGC:
             return None
         t0 = time.perf_counter()
         gc.collect()
-        if not self._frozen:
+        if self._first:  # survivors of the first are long-lived too (rank 0: MLflow's modules)
             gc.freeze()
-            self._frozen = True
+            self._first = False
         return time.perf_counter() - t0
 
     def restore(self) -> None:
-        if self._frozen:
+        if self.every:
             gc.unfreeze()
-        if self.every and self._was_enabled:
-            gc.enable()
+            if self._was_enabled:
+                gc.enable()
 
 
 def memory_gb(device: torch.device) -> float:
