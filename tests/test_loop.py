@@ -58,6 +58,8 @@ def test_garbage_is_collected_at_the_scheduled_steps_only():
     class Capture(NullLogger):
         def log(self, metrics, step):
             logged.setdefault(step, {}).update(metrics)
+            if step == 7:
+                timeline.append("step 7 logged")  # the last step is over
 
     def batches():  # one micro batch per step (global batch 4 = micro batch 4, one rank)
         for i, batch in enumerate(affine_stream(2), start=1):
@@ -76,7 +78,7 @@ def test_garbage_is_collected_at_the_scheduled_steps_only():
         result = train(cfg, batches=batches(), logger=Capture())
     finally:
         gc.callbacks.remove(on_gc)
-    after_first_step = timeline[timeline.index("step 2") :]
+    after_first_step = timeline[timeline.index("step 2") : timeline.index("step 7 logged")]
     assert after_first_step == [
         "step 2",
         "step 3",
