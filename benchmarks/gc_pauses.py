@@ -24,7 +24,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,7 +107,7 @@ def measure(gc_every: int, steps: int, tracking_uri: str) -> dict:
         gc.callbacks.remove(on_gc)
     # From the second step's batch to the end of the last step.
     after_first = [(g, s) for t, g, s in pauses if marks[1] < t < marks[-1]]
-    by_gen: dict[int, list[float]] = defaultdict(list)
+    by_gen: list[list[float]] = [[], [], []]  # pauses of generations 0, 1, 2
     for g, s in after_first:
         by_gen[g].append(s)
     return {"wall": wall, "by_gen": by_gen, "total": sum(s for _, s in after_first)}
@@ -134,8 +133,8 @@ def main() -> None:
     print(f"Python GC pauses after the first step, {args.steps} steps, one rank (ZeRO-3, MLflow on SQLite)")
     print(f"{'':28}{'collections (gen0/1/2)':>24}{'total ms':>10}{'largest ms':>12}{'run s':>8}")
     for name, r in rows:
-        counts = "/".join(str(len(r["by_gen"].get(str(g), []))) for g in (0, 1, 2))
-        largest = max((s for ss in r["by_gen"].values() for s in ss), default=0.0)
+        counts = "/".join(str(len(pauses)) for pauses in r["by_gen"])
+        largest = max((s for pauses in r["by_gen"] for s in pauses), default=0.0)
         print(f"{name:28}{counts:>24}{r['total'] * 1e3:>10.0f}{largest * 1e3:>12.1f}{r['wall']:>8.1f}")
     auto, aligned = rows[0][1]["total"], rows[1][1]["total"]
     print(
