@@ -42,6 +42,8 @@ from trainer.data.storage import Retry, check_root, is_remote, join, read_shard,
 if TYPE_CHECKING:  # torch is imported where batches are made: the driver checks a corpus without it
     import torch
 
+    from trainer.config import Config
+
 # Default S candidates: highly composite, so dp of 1, 2, 3, 4, 6, 8, 12, 16, ... all divide.
 _STREAM_CHOICES = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 
@@ -361,6 +363,22 @@ class TokenStream:
                 arr = torch.from_numpy(np.stack(buf))  # (mb, T+1)
                 buf = []
                 yield arr[:, :-1].contiguous(), arr[:, 1:].contiguous()
+
+
+def train_stream(cfg: Config, manifest: Manifest, dp_rank: int, dp_size: int, workers: int = 0) -> TokenStream:
+    """The training stream of one DP rank for a run's config (the driver checks dp_rank 0 with it)."""
+    return TokenStream(
+        cfg.data.path,
+        manifest,
+        seq_len=cfg.data.seq_len,
+        micro_batch=cfg.parallel.micro_batch_size,
+        global_batch=cfg.parallel.global_batch_size,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+        seed=cfg.train.seed,
+        num_streams=cfg.data.num_streams,
+        workers=workers,
+    )
 
 
 def _put(q: queue.Queue, item, stop: threading.Event) -> bool:

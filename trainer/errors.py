@@ -1,0 +1,20 @@
+"""The one error type for expected failures: a message for the user, what it names, an exit code.
+
+Every failure a user can fix (a config field, a corpus file, storage, a CLI argument) raises a
+subclass; the CLI turns any of them into one message and exit code 2 (`launch/cli.py`).
+"""
+
+from __future__ import annotations
+
+
+class PretrainError(Exception):
+    """An expected failure. `field` is the config field or CLI option to change, `path` the file or
+    URL at fault (either may be empty); the message already names them for the user."""
+
+    exit_code = 2
+
+    def __init__(self, *args, field: str = "", path: str = "", exit_code: int | None = None):
+        super().__init__(*args)
+        self.field, self.path = field, path
+        if exit_code is not None:
+            self.exit_code = exit_code
