@@ -7,11 +7,17 @@
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+# The one address rank 0's rendezvous store listens on, set by a launcher whose ranks all reach it
+# there (cluster/backend.py: 127.0.0.1 for a worker group on one node). Unset: torch's env://
+# rendezvous, whose store listens on every interface, as under torchrun.
+STORE_BIND_ENV = "PRETRAIN_STORE_BIND"
 
 
 @dataclass
@@ -37,7 +43,15 @@ class Session:
         if "MASTER_ADDR" in os.environ and "RANK" in os.environ:  # torchrun, Ray (cluster/backend.py)
             # 30 minutes for a collective, not NCCL's default 10: ranks wait at a barrier while
             # rank 0 writes a large checkpoint or evaluates.
-            dist.init_process_group(backend, timeout=timedelta(minutes=30))
+            timeout = timedelta(minutes=30)
+            if os.environ.get(STORE_BIND_ENV):
+                rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+                store = rendezvous_store(os.environ[STORE_BIND_ENV], timeout)
+                dist.init_process_group(
+                    backend, store=store, rank=rank, world_size=world_size, timeout=timeout
+                )
+            else:
+                dist.init_process_group(backend, timeout=timeout)
             return
         if self.world_size != 1:
             raise RuntimeError("a multi-process session needs a process group from its launcher")
@@ -49,6 +63,29 @@ class Session:
 
     def report(self, metrics: dict) -> None:
         """Hand final metrics to the launcher (Ray Train's Result); nothing to do locally."""
+
+
+def rendezvous_store(bind: str, timeout: timedelta) -> dist.TCPStore:
+    """torch's env:// rendezvous store (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE), except that
+    rank 0's server listens on `bind` alone. Given a host, torch's TCPStore server still binds every
+    interface (torch 2.13: `*:port`); given a socket already bound (`master_listen_fd`, a public
+    argument), it listens on that socket."""
+    env = os.environ
+    rank, world_size, port = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["MASTER_PORT"])
+    listen_fd = None
+    if rank == 0:
+        sock = socket.socket(socket.AF_INET6 if ":" in bind else socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((bind, port))
+            sock.listen(max(world_size, 128))
+        except OSError:
+            sock.close()
+            raise
+        listen_fd = sock.detach()  # the store's server owns it now, and closes it
+    return dist.TCPStore(
+        env["MASTER_ADDR"], port, world_size, rank == 0, timeout=timeout, master_listen_fd=listen_fd
+    )
 
 
 def session_from_env() -> Session:
