@@ -14,7 +14,7 @@ from tests.conftest import tiny_config
 from tests.data_fixtures import aws_env, moto_s3_server
 from tests.test_checkpoint import fp32_master
 from trainer.checkpoint import COMMIT
-from trainer.checkpoint_s3 import S3Checkpoints
+from trainer.checkpoint.store import S3Store as S3Checkpoints
 from trainer.config import ConfigError
 from trainer.loop import train
 from trainer.session import Session

@@ -1,6 +1,6 @@
 """Resume on a different layout. A dp2 ZeRO-3 run on the real corpus commits step 3 and stops; copies
 of it continue to step 6 on dp1, dp4, tp2 x dp2 (ZeRO-3) and pp2 x dp2 (ZeRO-1), the checkpoint
-converted on the way (trainer/reshard.py). Global batch 8 throughout: the accumulation adapts.
+converted on the way (trainer/checkpoint/reshard.py). Global batch 8 throughout: the accumulation adapts.
 
 Each resumed layout's losses must equal the uninterrupted dp2 run's: step 4 within 1e-6 (the
 same weights on the same global batch; only the summation order differs), steps 5 and 6 within

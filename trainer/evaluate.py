@@ -14,7 +14,16 @@ import torch.distributed as dist
 
 
 class Evaluator:
-    def __init__(self, cfg, manifest, dp_rank: int, dp_size: int, accum: int, dp_group=None):
+    """The loop's evaluation component: validation loss every `train.eval_every` steps and at the
+    last step; disabled without a corpus or with `train.eval_batches: 0`."""
+
+    def __init__(self, cfg, manifest, dp_rank: int, dp_size: int, accum: int, dp_group=None, *, run=None):
+        self.every = cfg.train.eval_every
+        self.enabled = bool(cfg.train.eval_batches) and manifest is not None
+        self.run = run  # (engine, loss_fn, device, pipeline): what maybe_run evaluates
+        self.val_losses: dict[int, float] = {}  # evaluated step -> validation loss
+        if not self.enabled:
+            return
         from trainer.data.stream import ValStream
 
         self.stream = ValStream(
@@ -28,6 +37,15 @@ class Evaluator:
         self.n = cfg.train.eval_batches * accum  # this rank's micro batches per evaluation
         self.accum, self.dp_size, self.dp_group = accum, dp_size, dp_group
         self._batches = None  # read once, reused at every evaluation
+
+    def maybe_run(self, step: int, *, last: bool) -> dict[str, float]:
+        """Collective when due (the same steps on every rank): validation metrics after `step`
+        finished steps, else {}."""
+        if not self.enabled or not ((self.every and step % self.every == 0) or last):
+            return {}
+        metrics = self(*self.run)
+        self.val_losses[step] = metrics["val_loss"]
+        return metrics
 
     def __call__(self, engine, loss_fn, device: torch.device, pipeline: bool = False) -> dict[str, float]:
         if self._batches is None:

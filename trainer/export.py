@@ -8,24 +8,12 @@
         tokenizer_config.json, special_tokens_map.json   <|endoftext|> as bos/eos/unk
 
 Order of work: pick the committed step (newest, or the one asked for) -> verify every file it lists
-against the sha256 in its commit record (CheckpointManager's verification) -> only then unpickle
-DeepSpeed's files -> consolidate to one fp32 state dict with our model's names -> rename/permute to
-HF's names, written shard by shard -> load the directory with `transformers` and compare its logits
-with our `Transformer` on fixed prompts. Output is written to a temporary sibling of `out_dir` that is
-renamed into place only when the check passes: a failed export leaves nothing at `out_dir`.
-
-Consolidation (`load_weights`), per DeepSpeed model-parallel rank m (= pp_rank * tp + tp_rank, the
-same formula as our `ModelParallelUnit`):
-  * ZeRO-1/2/3: the fp32 master weights from the DP ranks' `*_optim_states.pt` partitions, through
-    DeepSpeed's own `zero_to_fp32` reconstruction (its per-file helpers: its top-level function
-    globs every mp rank's files together, which is wrong under TP/PP);
-  * ZeRO-0: the module weights of `mp_rank_XX_model_states.pt` (the engine's parameters: fp32 unless
-    the run trained in bf16 without ZeRO);
-  * pipeline stages name parameters `<layer index>.<stage module>...`; layer 0 is the embedding,
-    1..L the blocks, L+1 the head (`trainer/parallel/pipeline.py`). With ZeRO-0 the weights live in
-    `layer_XX-model_YY-model_states.pt`.
-Then the TP shards are concatenated along the dims of `TP_PLAN` (colwise and vocab: dim 0, rowwise:
-dim 1 of the weight, its bias replicated) and tied embeddings re-tied.
+against the sha256 in its commit record (`CheckpointManager.verify`) -> only then unpickle
+DeepSpeed's files -> consolidate to one fp32 state dict with our model's names
+(`trainer/checkpoint/deepspeed_format.py`) -> rename/permute to HF's names, written shard by shard
+-> load the directory with `transformers` and compare its logits with our `Transformer` on fixed
+prompts. Output is written to a temporary sibling of `out_dir` that is renamed into place only when
+the check passes: a failed export leaves nothing at `out_dir`.
 
 RoPE: our model rotates interleaved pairs (x[2i], x[2i+1]); HF Llama rotates halves (x[i],
 x[i + Dh/2]). The rows of wq and wk are permuted per head on export (HF's
@@ -34,9 +22,6 @@ x[i + Dh/2]). The rows of wq and wk are permuted per head on export (HF's
 
 from __future__ import annotations
 
-import contextlib
-import fnmatch
-import io
 import json
 import logging
 import os
@@ -48,19 +33,26 @@ from pathlib import Path
 
 import torch
 
-from trainer.checkpoint import COMMIT, CheckpointError, CheckpointManager, Committed
+from trainer.checkpoint import (
+    COMMIT,
+    RESUME_INVARIANT,
+    CheckpointError,
+    CheckpointManager,
+    Committed,
+    consolidate,
+)
 from trainer.config import Config, ModelConfig, from_dict, load_yaml
+from trainer.data.prepare import EOS_TOKEN
 from trainer.data.storage import is_remote
-from trainer.parallel.tensor import TP_PLAN
+from trainer.errors import PretrainError
 
 log = logging.getLogger("pretrain")
 
-EOS_TOKEN = "<|endoftext|>"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 FP32_TOL = 1e-4
 
 
-class ExportError(RuntimeError):
+class ExportError(PretrainError, RuntimeError):
     """The export cannot be done or did not check out; the message says why and what to change."""
 
 
@@ -88,42 +80,23 @@ def find_checkpoint(run_dir: Path, cfg: Config, step: int | None = None) -> Comm
     of its commit record. A checkpoint that fails the check is refused (not skipped for an older
     one): the message names the bad files and the other committed steps."""
     manager = CheckpointManager(run_dir, cfg.checkpoint, rank=0, world_size=1)
-    if manager.remote is not None:  # object storage: the manager downloads and verifies the newest
-        found = manager.latest()
-        if found is None:
-            raise ExportError(f"no committed checkpoint that checks out in {cfg.checkpoint.storage}")
-        if step is not None and found.step != step:
-            raise ExportError(
-                f"step {step} is not the newest committed checkpoint in {cfg.checkpoint.storage} "
-                f"(that is step {found.step}); only the newest can be exported from object storage"
-            )
-        return found
-    committed = {}
-    for s, path in manager._step_dirs():
-        if (path / COMMIT).is_file():
-            committed[s] = path
+    committed = manager.committed()
+    where = manager.store.where()
     if not committed:
-        raise ExportError(f"{manager.root} holds no committed checkpoint (no step_N/{COMMIT})")
+        raise ExportError(f"{where} holds no committed checkpoint (no step_N/{COMMIT})")
     if step is None:
-        step = max(committed)
+        step = committed[-1]
     elif step not in committed:
         raise ExportError(
-            f"no committed checkpoint for step {step} in {manager.root}; committed steps: "
-            f"{', '.join(map(str, sorted(committed)))}"
+            f"no committed checkpoint for step {step} in {where}; committed steps: "
+            f"{', '.join(map(str, committed))}"
         )
-    path = committed[step]
     try:
-        record = json.loads((path / COMMIT).read_text())
-        if not isinstance(record.get("files"), dict):
-            raise ValueError("no files table")
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path / COMMIT} is not a readable commit record ({e})") from None
-    problems = manager._problems(path, record)  # sizes + sha256 of every listed file
-    if problems:
-        others = sorted(s for s in committed if s != step)
+        return manager.verify(step)
+    except CheckpointError as e:
+        others = [s for s in committed if s != step]
         hint = f"; other committed steps: {', '.join(map(str, others))} (--step N)" if others else ""
-        raise CheckpointError(f"refusing checkpoint step {step}: {'; '.join(problems)}{hint}")
-    return Committed(step, path, record)
+        raise CheckpointError(f"{e}{hint}") from None
 
 
 def load_weights(run_dir: str | Path, step: int | None = None) -> RunWeights:
@@ -134,8 +107,6 @@ def load_weights(run_dir: str | Path, step: int | None = None) -> RunWeights:
     sd = consolidate(found.path, found.record, cfg.model)
     vocab = sd["embed.tok.weight"].shape[0]
     cfg = replace(cfg, model=replace(cfg.model, vocab_size=vocab))
-    from trainer.loop import RESUME_INVARIANT
-
     want = found.record.get("config_fingerprint")
     if want and want != cfg.fingerprint(RESUME_INVARIANT):
         raise ExportError(
@@ -144,241 +115,6 @@ def load_weights(run_dir: str | Path, step: int | None = None) -> RunWeights:
         )
     _check_names(sd, cfg.model, found.path)
     return RunWeights(cfg, found, sd)
-
-
-# ---------------------------------------------------------------------------------- consolidation
-
-
-def _natural(name: str) -> list:
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
-
-
-def _files(ckpt_dir: Path, pattern: str) -> list[Path]:
-    return sorted(ckpt_dir.glob(pattern), key=lambda p: _natural(p.name))
-
-
-def _torch_load(path: Path):
-    # DeepSpeed's files are pickles (weights_only=False runs code from the file). Only ever called
-    # after find_checkpoint verified the file against the sha256 in the run's commit record.
-    return torch.load(path, map_location="cpu", weights_only=False)
-
-
-def _layout(record: dict, ckpt_dir: Path) -> tuple[int, int, int]:
-    layout = record.get("layout")
-    if not isinstance(layout, dict):
-        raise ExportError(f"{ckpt_dir / COMMIT} records no layout (tp, pp, zero_stage); cannot consolidate")
-    return int(layout.get("tp", 1)), int(layout.get("pp", 1)), int(layout.get("zero_stage", 0))
-
-
-@contextlib.contextmanager
-def _quiet(z):
-    """zero_to_fp32 prints, and draws a progress bar for every step of a load: silence both."""
-    bar = z.tqdm
-    z.tqdm = lambda it, *a, **kw: it
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            yield
-    finally:
-        z.tqdm = bar
-
-
-def _zero_master_weights(
-    ckpt_dir: Path, mp: int, zero_stage: int, key: str | None = None
-) -> dict[str, torch.Tensor]:
-    """fp32 master weights of model-parallel rank `mp`, from its DP ranks' optimizer partitions,
-    through DeepSpeed's own zero_to_fp32 reconstruction. With `key` ("exp_avg", "exp_avg_sq"):
-    that optimizer state instead, which DeepSpeed partitions exactly like the master weights."""
-    from deepspeed.utils import zero_to_fp32 as z
-
-    optim = _files(ckpt_dir, f"*zero_pp_rank_*_mp_rank_{mp:02d}_optim_states.pt")
-    if zero_stage == 3:
-        model = _files(ckpt_dir, f"zero_pp_rank_*_mp_rank_{mp:02d}_model_states.pt")
-    else:
-        model = _files(ckpt_dir, f"mp_rank_{mp:02d}_model_states.pt")
-    if not optim or not model:
-        raise ExportError(
-            f"{ckpt_dir}: no ZeRO-{zero_stage} files for model-parallel rank {mp} "
-            f"(*_mp_rank_{mp:02d}_optim_states.pt / model_states.pt)"
-        )
-    try:
-        with _quiet(z):
-            states = [_model_state(z, p) for p in model]
-            stage, world, flat, paddings = z.parse_optim_states([str(p) for p in optim], str(ckpt_dir))
-            if key is not None:
-                flat = [_flat_optimizer_state(p, key) for p in optim]
-            if stage <= 2:
-                sd = z._get_fp32_state_dict_from_zero2_checkpoint(world, flat, states, False, paddings)
-            else:
-                sd = z._get_fp32_state_dict_from_zero3_checkpoint(world, flat, states, False)
-    except (ValueError, KeyError, AttributeError, TypeError) as e:
-        import deepspeed
-
-        raise ExportError(
-            f"{ckpt_dir}: DeepSpeed {deepspeed.__version__} could not reconstruct the fp32 "
-            f"{key or 'weights'} of model-parallel rank {mp}: {e}"
-        ) from None
-    return sd  # ZeRO-3: lazy GatheredTensors, materialised one by one by .contiguous()
-
-
-def _flat_states(path: Path) -> list[dict]:
-    """One DP rank's torch-optimizer states from a ZeRO `*_optim_states.pt`, one per flat group, in
-    the order of its fp32 flat groups (the base optimizer holds exactly one flat tensor per group)."""
-    osd = torch.load(path, map_location="cpu", mmap=True, weights_only=False)["optimizer_state_dict"]
-    base = osd.get("base_optimizer_state") or osd.get("optimizer_state_dict")  # ZeRO-1/2 | ZeRO-3
-    if isinstance(base, list):  # ZeRO-1/2 "elastic" form: one state dict per group
-        return base
-    return [base["state"][i] for i in sorted(base["state"])]
-
-
-def _flat_optimizer_state(path: Path, key: str) -> list[torch.Tensor]:
-    """One DP rank's flat partitions of optimizer state `key` ("exp_avg", ...), one per group."""
-    return [group[key] for group in _flat_states(path)]
-
-
-def optimizer_step_count(ckpt_dir: Path, record: dict) -> int:
-    """Adam's step counter in a checkpoint (bias correction depends on it)."""
-    _, _, zero_stage = _layout(record, ckpt_dir)
-    if zero_stage >= 1:
-        states = _flat_states(_files(ckpt_dir, "*zero_pp_rank_*_mp_rank_00_optim_states.pt")[0])
-    else:
-        opt = _torch_load(ckpt_dir / "mp_rank_00_model_states.pt").get("optimizer") or {}
-        states = list(opt.get("state", {}).values())
-    steps = {int(s["step"]) for s in states if "step" in s}
-    if len(steps) != 1:
-        raise ExportError(f"{ckpt_dir}: cannot tell the optimizer's step count (found {sorted(steps)})")
-    return steps.pop()
-
-
-def _stage_optimizer_state(ckpt_dir: Path, mp: int, key: str) -> dict[str, torch.Tensor]:
-    """ZeRO-0 without PP: optimizer state `key` of the engine's torch optimizer, by parameter name.
-    The optimizer's parameter order is `trainer.engine.param_groups` over the module's parameters
-    (matrices first, then vectors, each in module order); a tied weight is one parameter."""
-    sd = _torch_load(ckpt_dir / f"mp_rank_{mp:02d}_model_states.pt")
-    module, opt = sd["module"], sd.get("optimizer") or {}
-    names, seen = [], set()
-    for name, t in module.items():
-        if name in sd.get("buffer_names", []) or t.data_ptr() in seen:
-            continue
-        seen.add(t.data_ptr())
-        names.append(name)
-    order = [n for n in names if module[n].dim() >= 2] + [n for n in names if module[n].dim() < 2]
-    ids = [i for group in opt.get("param_groups", []) for i in group["params"]]
-    if len(ids) != len(order) or any(key not in opt["state"].get(i, {}) for i in ids):
-        raise ExportError(
-            f"{ckpt_dir / f'mp_rank_{mp:02d}_model_states.pt'}: its optimizer state does not match its "
-            f"{len(order)} parameters; cannot convert it"
-        )
-    return {name: opt["state"][i][key] for name, i in zip(order, ids, strict=True)}
-
-
-def _model_state(z, path: Path):
-    """zero_to_fp32's `parse_model_states` for one file, also for a pipeline stage's file, whose
-    `module` is None (its weights are in the layer files; its fp32 masters in the optimizer's)."""
-    sd = _torch_load(path)
-    module = sd.get("module") or {}
-    buffers = {
-        k: v.float() if v.is_floating_point() else v for k, v in module.items() if k in sd["buffer_names"]
-    }
-    return z.zero_model_state(
-        buffers=buffers,
-        param_shapes=sd["param_shapes"],
-        shared_params=list(sd.get("shared_params", {}).items()),
-        ds_version=sd.get("ds_version"),
-        frozen_param_shapes=sd.get("frozen_param_shapes"),
-        frozen_param_fragments=sd.get("frozen_param_fragments"),
-    )
-
-
-def _stage_weights(ckpt_dir: Path, mp: int) -> dict[str, torch.Tensor]:
-    """ZeRO-0 without PP: the engine's own parameters of model-parallel rank `mp`."""
-    path = ckpt_dir / f"mp_rank_{mp:02d}_model_states.pt"
-    if not path.is_file():
-        raise ExportError(f"{path} is missing (ZeRO-0 model states of model-parallel rank {mp})")
-    return dict(_torch_load(path)["module"])
-
-
-def _layer_weights(ckpt_dir: Path, tp_rank: int) -> dict[str, torch.Tensor]:
-    """ZeRO-0 under PP: the stage files hold no weights; every layer has its own file per TP rank.
-    Names as the PipelineModule's: `<layer idx>.<key>`."""
-    layers = _files(ckpt_dir, f"layer_*-model_{tp_rank:02d}-model_states.pt")
-    if not layers:
-        raise ExportError(f"{ckpt_dir}: no layer_XX-model_{tp_rank:02d}-model_states.pt pipeline files")
-    out: dict[str, torch.Tensor] = {}
-    for path in layers:
-        idx = int(path.name.split("-")[0].removeprefix("layer_"))
-        out.update({f"{idx}.{k}": v for k, v in _torch_load(path).items()})
-    return out
-
-
-def _from_pipeline_name(name: str, n_layers: int) -> str:
-    """`<layer idx>.<stage module path>` (PipelineModule) -> our model's name."""
-    idx, _, rest = name.partition(".")
-    i = int(idx)
-    if i == 0 or i == n_layers + 1:  # EmbedStage.embed / HeadStage.head: already our names
-        return rest
-    return f"blocks.{i - 1}.{rest.removeprefix('block.')}"
-
-
-def _tp_dims(name: str) -> int | None:
-    """The dim along which TP splits parameter `name` (None: replicated)."""
-    module, _, kind = name.rpartition(".")
-    style = next((s for pattern, s in TP_PLAN.items() if fnmatch.fnmatchcase(module, pattern)), None)
-    if style in ("vocab", "colwise", "vocab_colwise"):
-        return 0
-    if style == "rowwise":
-        return 1 if kind == "weight" else None  # the rowwise bias is added once, after the sum
-    return None
-
-
-def consolidate(
-    ckpt_dir: Path, record: dict, model_cfg: ModelConfig, key: str | None = None
-) -> dict[str, torch.Tensor]:
-    """One fp32 state dict with our model's names from a verified checkpoint of any layout; with
-    `key` ("exp_avg", "exp_avg_sq") the optimizer's state for each parameter instead."""
-    tp, pp, zero_stage = _layout(record, ckpt_dir)
-    if key is not None and zero_stage == 0 and (pp > 1 or _files(ckpt_dir, "*optim_states.pt")):
-        raise ExportError(
-            f"{ckpt_dir}: converting the optimizer state of a ZeRO-0 {'pipeline' if pp > 1 else 'bf16'} "
-            "checkpoint is not supported; resume it with its own layout, or train with zero_stage >= 1"
-        )
-    if pp > 1 and not _files(ckpt_dir, "layer_*-model_states.pt"):
-        raise ExportError(
-            f"{ckpt_dir}: layout pp={pp} but no layer_XX-model_states.pt pipeline files; "
-            "this checkpoint cannot be consolidated"
-        )
-    per_tp: list[dict[str, torch.Tensor]] = [{} for _ in range(tp)]
-    for mp in range(tp * pp):
-        stage, tp_rank = divmod(mp, tp)
-        if zero_stage >= 1:
-            part = _zero_master_weights(ckpt_dir, mp, zero_stage, key)
-        elif pp == 1:
-            part = _stage_weights(ckpt_dir, mp) if key is None else _stage_optimizer_state(ckpt_dir, mp, key)
-        elif stage == 0:
-            part = _layer_weights(ckpt_dir, tp_rank)  # every stage's layers of this TP rank
-        else:
-            continue
-        if pp > 1:
-            part = {_from_pipeline_name(k, model_cfg.n_layers): v for k, v in part.items()}
-        if model_cfg.tie_embeddings:  # DeepSpeed records the tie on some mp ranks only: re-tied below
-            part.pop("head.out.weight", None)
-        per_tp[tp_rank].update(part)
-
-    sd: dict[str, torch.Tensor] = {}
-    for name in list(per_tp[0]):
-        try:
-            shards = [part.pop(name) for part in per_tp]  # drop references as we go
-        except KeyError:
-            raise ExportError(
-                f"{ckpt_dir}: {name} is missing from some tensor-parallel rank's files"
-            ) from None
-        dim = _tp_dims(name) if tp > 1 else None
-        if dim is None:
-            sd[name] = shards[0].contiguous().float()
-        else:
-            sd[name] = torch.cat([s.contiguous().float() for s in shards], dim=dim)
-    if model_cfg.tie_embeddings and "embed.tok.weight" in sd:
-        sd["head.out.weight"] = sd["embed.tok.weight"]  # one tensor; DeepSpeed stored it once
-    return sd
 
 
 def _check_names(sd: dict, model_cfg: ModelConfig, where: Path) -> None:
@@ -664,17 +400,8 @@ def verify(out: Path, m: ModelConfig, sd: dict, dtype: str) -> dict:
 # ---------------------------------------------------------------------------------- export
 
 
-def export_run(
-    run_dir: str | Path,
-    out_dir: str | Path,
-    step: int | None = None,
-    dtype: str = "bf16",
-    max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
-    tokenizer: str | Path | None = None,
-) -> dict:
-    """Export a run's committed checkpoint (newest, or `step`) to a verified HF model directory.
-    Returns {out, step, arch, dtype, files, max_abs_diff, ...}. Raises ExportError or
-    CheckpointError (a file that does not match its commit record) with nothing left at out_dir."""
+def _check_request(out_dir: str | Path, dtype: str, max_shard_size: str | int) -> tuple[Path, int]:
+    """(the absolute output directory, the shard size in bytes), or ExportError before any work."""
     if dtype not in ("bf16", "fp32"):
         raise ExportError(f"--dtype {dtype}: choose bf16 or fp32")
     max_bytes = parse_size(max_shard_size)
@@ -686,10 +413,66 @@ def export_run(
     out = Path(out_dir).absolute()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"--out {out} exists and is not empty; give a new directory (nothing overwritten)")
+    return out, max_bytes
 
-    weights = load_weights(run_dir, step)
+
+def write_hf_dir(
+    out: Path, weights: RunWeights, tok_file: Path | None, dtype: str, max_bytes: int
+) -> list[str]:
+    """Tokenizer files (when there is a tokenizer), config, generation config and weights in
+    `out`; the file names written."""
+    import transformers
+
     cfg, m = weights.cfg, weights.cfg.model
-    tok_file = Path(tokenizer) if tokenizer else tokenizer_path(cfg)
+    eos_id = 0
+    files = []
+    if tok_file is not None:
+        eos_id = write_tokenizer(out, tok_file, m.max_seq_len)
+        files += ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+    else:
+        log.warning(
+            "no local tokenizer.json for data.path=%s: exported without tokenizer files "
+            "(give tokenizer= / --tokenizer to include one)",
+            cfg.data.path,
+        )
+    hf_config(m, dtype, eos_id).save_pretrained(str(out))
+    transformers.GenerationConfig(bos_token_id=eos_id, eos_token_id=eos_id).save_pretrained(str(out))
+    files += ["config.json", "generation_config.json"]
+    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    return files + write_weights(out, m, weights.state_dict, torch_dtype, max_bytes)
+
+
+def _verified(tmp: Path, weights: RunWeights, dtype: str, out: Path) -> dict:
+    """verify() of the written directory, reported; ExportError when it is out of tolerance."""
+    check = verify(tmp, weights.cfg.model, weights.state_dict, dtype)
+    rounding = check.get("bf16_rounding_max_abs_diff")
+    print(
+        f"export check: max abs logit diff, transformers vs our model = {check['max_abs_diff']:.3e} "
+        f"(tolerance {check['tolerance']:.0e})"
+        + (f"; bf16 rounding vs the fp32 weights: {rounding:.3e}" if rounding is not None else "")
+    )
+    if not check["max_abs_diff"] <= check["tolerance"]:
+        raise ExportError(
+            f"the exported model's logits differ from ours by {check['max_abs_diff']:.3e} "
+            f"(> {check['tolerance']:.0e}); nothing written to {out}"
+        )
+    return check
+
+
+def export_run(
+    run_dir: str | Path,
+    out_dir: str | Path,
+    step: int | None = None,
+    dtype: str = "bf16",
+    max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
+    tokenizer: str | Path | None = None,
+) -> dict:
+    """Export a run's committed checkpoint (newest, or `step`) to a verified HF model directory.
+    Returns {out, step, arch, dtype, files, max_abs_diff, ...}. Raises ExportError or
+    CheckpointError (a file that does not match its commit record) with nothing left at out_dir."""
+    out, max_bytes = _check_request(out_dir, dtype, max_shard_size)
+    weights = load_weights(run_dir, step)
+    tok_file = Path(tokenizer) if tokenizer else tokenizer_path(weights.cfg)
     if tokenizer and not tok_file.is_file():
         raise ExportError(f"--tokenizer {tok_file} does not exist")
 
@@ -697,41 +480,8 @@ def export_run(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        eos_id = 0
-        files = []
-        if tok_file is not None:
-            eos_id = write_tokenizer(tmp, tok_file, m.max_seq_len)
-            files += ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
-        else:
-            log.warning(
-                "no local tokenizer.json for data.path=%s: exported without tokenizer files "
-                "(give tokenizer= / --tokenizer to include one)",
-                cfg.data.path,
-            )
-        config = hf_config(m, dtype, eos_id)
-        config.save_pretrained(str(tmp))
-        import transformers
-
-        transformers.GenerationConfig(bos_token_id=eos_id, eos_token_id=eos_id).save_pretrained(str(tmp))
-        files += ["config.json", "generation_config.json"]
-        torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
-        files += write_weights(tmp, m, weights.state_dict, torch_dtype, max_bytes)
-
-        check = verify(tmp, m, weights.state_dict, dtype)
-        print(
-            f"export check: max abs logit diff, transformers vs our model = {check['max_abs_diff']:.3e} "
-            f"(tolerance {check['tolerance']:.0e})"
-            + (
-                f"; bf16 rounding vs the fp32 weights: {check['bf16_rounding_max_abs_diff']:.3e}"
-                if dtype == "bf16"
-                else ""
-            )
-        )
-        if not check["max_abs_diff"] <= check["tolerance"]:
-            raise ExportError(
-                f"the exported model's logits differ from ours by {check['max_abs_diff']:.3e} "
-                f"(> {check['tolerance']:.0e}); nothing written to {out}"
-            )
+        files = write_hf_dir(tmp, weights, tok_file, dtype, max_bytes)
+        check = _verified(tmp, weights, dtype, out)
         if out.exists():
             out.rmdir()  # empty (checked above)
         os.replace(tmp, out)
@@ -741,7 +491,7 @@ def export_run(
     return {
         "out": str(out),
         "step": weights.found.step,
-        "arch": m.arch,
+        "arch": weights.cfg.model.arch,
         "dtype": dtype,
         "files": sorted(files),
         **check,

@@ -1,10 +1,13 @@
-"""Atomic file writes: a reader sees the old file or the new one, never half of one."""
+"""Files written whole or not at all (a reader sees the old file or the new one, never half of one),
+and a file's sha256."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
+from pathlib import Path
 
 
 def write_bytes_atomic(path: str, data: bytes) -> None:
@@ -42,3 +45,12 @@ def fsync_dir(path: str) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    """The hex sha256 of a file's bytes, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from trainer.export import EOS_TOKEN, ExportError, build_model, load_weights, tokenizer_path
+from trainer.data.prepare import EOS_TOKEN
+from trainer.export import ExportError, build_model, load_weights, tokenizer_path
 
 
 @torch.no_grad()

@@ -1,5 +1,5 @@
 """How a failed S3 request reads, the same for the shard reader (trainer/data/storage.py) and the
-checkpoint store (trainer/checkpoint_s3.py); each decides for itself what to retry."""
+checkpoint store (trainer/checkpoint/store.py); each decides for itself what to retry."""
 
 from __future__ import annotations
 

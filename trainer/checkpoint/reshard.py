@@ -8,12 +8,12 @@ the checkpoint is converted once into a layout-free form, kept next to it:
         universal.json                         Adam's step count, the source layout, sha256 per file
 
 Rank 0 of the new world writes it (into a temporary directory renamed into place, so it exists
-whole or not at all; a later resume on yet another layout reuses it); with object storage, where
-every node downloads and verifies its own copy of the step, the first rank of each node does. Every rank then reads only
-the tensors it holds, memory-mapped and without unpickling (`weights_only`), slices its TP shard,
-and sets them in its engine: fp32 master weights and both Adam moments through DeepSpeed's
-`safe_set_full_*` API under ZeRO 1-3 (and the bf16 optimizer), the parameters and the torch
-optimizer's state directly under fp32 ZeRO-0. The optimizer state is created in full first, with
+whole or not at all; a later resume on yet another layout reuses it); where every node holds its
+own copy of the step (`Store.copy_per_node`: object storage), the first rank of each node does.
+Every rank then reads only the tensors it holds, memory-mapped and without unpickling
+(`weights_only`), slices its TP shard, and sets them in its engine: fp32 master weights and both
+Adam moments through DeepSpeed's `safe_set_full_*` API under ZeRO 1-3 (and the bf16 optimizer),
+the parameters and the torch optimizer's state directly under fp32 ZeRO-0. The optimizer state is created in full first, with
 the checkpoint's step count, so the first step after the resume is the step the old layout would
 have taken: same weights, same moments, same bias correction, same global batch.
 """
@@ -28,16 +28,21 @@ from pathlib import Path
 
 import torch
 
-from trainer.checkpoint import CheckpointError, Committed, sha256_file
+from trainer.checkpoint.deepspeed_format import (
+    consolidate,
+    model_param_name,
+    optimizer_step_count,
+    tp_split_dim,
+)
+from trainer.checkpoint.manager import CheckpointError, Committed
 from trainer.config import ModelConfig
+from trainer.fsutil import sha256_file
 
 log = logging.getLogger("pretrain")
 
 DIR = "universal"
 RECORD = "universal.json"
 KINDS = ("param", "exp_avg", "exp_avg_sq")
-
-
 LAYOUT = ("dp", "tp", "pp", "zero_stage")  # what DeepSpeed's files depend on (not the micro batch)
 
 
@@ -52,8 +57,6 @@ def describe(layout: dict) -> str:
 
 def convert(found: Committed, model_cfg: ModelConfig) -> Path:
     """The checkpoint's layout-free form, written now unless it already exists and checks out."""
-    from trainer.export import ExportError, consolidate, optimizer_step_count
-
     out = found.path / DIR
     if _check(out) is None:
         return out
@@ -83,7 +86,7 @@ def convert(found: Committed, model_cfg: ModelConfig) -> Path:
             if _check(out) is not None:
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
-    except ExportError as e:
+    except CheckpointError as e:  # DeepSpeed's files cannot be read as their layout says
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"cannot convert {found.path} to the new layout: {e}") from None
     except BaseException:
@@ -104,19 +107,8 @@ def _check(path: Path) -> str | None:
     return None if set(record.get("files", {})) == {f"{k}.pt" for k in KINDS} else f"{path} is incomplete"
 
 
-def canonical_name(name: str, pp: int, n_layers: int) -> str:
-    """An engine parameter name (a PipelineModule's `<layer idx>.<path>` under PP) -> our model's."""
-    if pp > 1:
-        from trainer.export import _from_pipeline_name
-
-        return _from_pipeline_name(name, n_layers)
-    return name
-
-
 def load(engine, universal: Path, model_cfg: ModelConfig, tp: int, tp_rank: int, pp: int) -> int:
     """Set this rank's share of a converted checkpoint into `engine`; Adam's step count."""
-    from trainer.export import _tp_dims
-
     problem = _check(universal)
     if problem:
         raise CheckpointError(f"cannot resume from the converted checkpoint: {problem}")
@@ -130,13 +122,13 @@ def load(engine, universal: Path, model_cfg: ModelConfig, tp: int, tp_rank: int,
     _create_optimizer_state(engine, adam_step)
 
     def shard(kind: str, name: str, shape) -> torch.Tensor:
-        key = canonical_name(name, pp, model_cfg.n_layers)
+        key = model_param_name(name, pp, model_cfg.n_layers)
         if model_cfg.tie_embeddings and key == "head.out.weight":
             key = "embed.tok.weight"
         if key not in full[kind]:
             raise CheckpointError(f"{universal / (kind + '.pt')} has no tensor {key} (parameter {name})")
         t = full[kind][key]
-        dim = _tp_dims(key) if tp > 1 else None
+        dim = tp_split_dim(key) if tp > 1 else None
         if dim is not None:
             t = t.chunk(tp, dim=dim)[tp_rank]
         if tuple(t.shape) != tuple(shape):

@@ -1,0 +1,52 @@
+"""Checkpoints: a checkpoint exists when its commit record exists and checks out.
+
+Where each step of a checkpoint's life lives:
+
+  decided     checkpointer.py       `Checkpointer.maybe_save(step)`: every N steps, at the end, or
+                                    when a stop was asked for (SIGTERM)
+  written     manager.py            `CheckpointManager.save`: every rank's DeepSpeed files and its
+                                    RNG states (rng.py) into `<run_dir>/checkpoints/step_<N>/`
+  committed   manager.py, store.py  each file hashed and stored, then `commit.json` last (sizes,
+                                    sha256, layout, data position, fingerprints); retention keeps
+                                    the last K; the `Store` is the run dir or S3
+  verified    manager.py            `CheckpointManager.latest`/`verify`: the stored sizes, then
+                                    every file's sha256, before anything is unpickled
+  read back   resume.py             `resume()`: the newest verified commit, checked against the
+                                    config and corpus, loaded as written (same layout) or
+              reshard.py            converted to a layout-free form and loaded (another layout),
+              deepspeed_format.py   which reads DeepSpeed's files (also for trainer/export.py)
+"""
+
+from trainer.checkpoint.checkpointer import Checkpointer
+from trainer.checkpoint.deepspeed_format import consolidate, optimizer_step_count
+from trainer.checkpoint.manager import CheckpointError, CheckpointManager, Committed
+from trainer.checkpoint.resume import RESUME_INVARIANT, resume
+from trainer.checkpoint.store import (
+    COMMIT,
+    LocalStore,
+    MissingObject,
+    ObjectStoreError,
+    S3Store,
+    Store,
+    open_store,
+)
+from trainer.fsutil import sha256_file
+
+__all__ = [
+    "COMMIT",
+    "RESUME_INVARIANT",
+    "CheckpointError",
+    "CheckpointManager",
+    "Checkpointer",
+    "Committed",
+    "LocalStore",
+    "MissingObject",
+    "ObjectStoreError",
+    "S3Store",
+    "Store",
+    "consolidate",
+    "open_store",
+    "optimizer_step_count",
+    "resume",
+    "sha256_file",
+]

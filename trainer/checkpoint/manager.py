@@ -1,0 +1,309 @@
+"""The commit protocol: a checkpoint exists when its commit record exists and checks out.
+
+A step, `step_<N>/` in the run's store (`store.py`):
+  - DeepSpeed's sharded files, written by every rank (`engine.save_checkpoint`, explicit tag, no
+    `latest` file: DeepSpeed's `latest` is never trusted);
+  - `trainer_state_rank<r>.json`: our per-rank state (RNG states, `rng.py`), JSON so nothing is
+    unpickled;
+  - `commit.json`, written last by rank 0 once every rank's files are stored, atomically (temp,
+    fsync, rename): step, layout, every file with its size and sha256, data position,
+    fingerprints, MLflow run id.
+
+Loading verifies sizes and hashes before anything is read (the hashing is spread over the ranks
+that share a copy), so a truncated or replaced file is caught before DeepSpeed's loader, which
+unpickles (`torch.load(weights_only=False)`), ever sees it; only files this run committed are loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch.distributed as dist
+
+from trainer.checkpoint.rng import rng_state, set_rng_state
+from trainer.checkpoint.store import COMMIT, MissingObject, ObjectStoreError, Store, discard, open_store
+from trainer.config import CheckpointConfig
+from trainer.errors import PretrainError
+from trainer.fsutil import sha256_file, write_json_atomic
+
+log = logging.getLogger("pretrain")
+
+
+class CheckpointError(PretrainError, RuntimeError):
+    """A checkpoint cannot be used; the message names the file and the reason."""
+
+
+@dataclass
+class Committed:
+    step: int
+    path: Path  # the local directory DeepSpeed reads
+    record: dict  # the commit record
+
+
+def _parallel(fn, items: list) -> list:
+    if len(items) <= 1:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1, len(items))) as pool:
+        return list(pool.map(fn, items))
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _gather(obj) -> list:
+    """Every rank's `obj`, on every rank (a list of one without a process group)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _mismatch(f: Path, info: dict, where: str) -> str | None:
+    """Why the local file `f` is not the one the commit record lists (named `where`), or None."""
+    if not f.is_file():
+        return f"{where} is missing"
+    size = f.stat().st_size
+    if size != info["size"]:
+        return f"{where} has {size} bytes, the commit record says {info['size']}"
+    if sha256_file(f) != info["sha256"]:
+        return f"{where} does not match its sha256 in the commit record"
+    return None
+
+
+class CheckpointManager:
+    """Saves, finds, verifies and loads the committed checkpoints of one run; keeps the last K.
+    Every public method is collective: all ranks call it."""
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        cfg: CheckpointConfig,
+        rank: int,
+        world_size: int,
+        store: Store | None = None,
+    ):
+        self.store = store or open_store(run_dir, cfg.storage)
+        self.root = self.store.root
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self._saved: set[int] = set()  # steps this manager committed
+
+    # ------------------------------------------------------------------ collectives
+    def on_all_ranks(self, fn) -> list:
+        """fn() on every rank; every rank's result, or CheckpointError on every rank when fn raised
+        on any (so no rank is left waiting in a collective for one that failed)."""
+        try:
+            out, err = fn(), None
+        except Exception as e:
+            out, err = None, f"rank {self.rank}: {e if isinstance(e, PretrainError) else repr(e)}"
+        parts = _gather((out, err))
+        errors = [e for _, e in parts if e]
+        if errors:
+            raise CheckpointError("; ".join(errors))
+        return [o for o, _ in parts]
+
+    def _from_rank0(self, fn):
+        """fn() run on rank 0 only; its result on every rank."""
+        return self.on_all_ranks(fn if self.rank == 0 else lambda: None)[0]
+
+    def copy_peers(self) -> list[int]:
+        """The ranks that share this rank's local copy of a step: every rank, or where each node
+        holds its own copy, the ranks of this node (same hostname: one disk)."""
+        if not self.store.copy_per_node:
+            return list(range(self.world_size))
+        hosts = _gather(socket.gethostname())
+        return [r for r, h in enumerate(hosts) if h == hosts[self.rank]]
+
+    # ------------------------------------------------------------------ save: written, committed
+    def save(self, engine, step: int, meta: dict) -> float:
+        """Every rank writes its shards, the files are hashed and stored, then rank 0 commits.
+        Returns the seconds taken."""
+        t0 = time.perf_counter()
+        if step in self._saved:  # the final step right after a periodic save of it
+            return 0.0
+        path = self.store.step_dir(step)
+        self.on_all_ranks(partial(self._clear, step))
+        engine.save_checkpoint(str(self.root), tag=path.name, client_state={}, save_latest=False)
+        write_json_atomic(
+            str(path / f"trainer_state_rank{self.rank}.json"), {"step": step, "rng": rng_state()}
+        )
+        _barrier()  # every rank's files are on its disk
+        files = self._store_files(step)
+        record = {**meta, "step": step, "files": files, "time": time.time(), "world_size": self.world_size}
+
+        def commit() -> None:  # after every rank's files are stored: commit.json goes last
+            if self.rank == 0:
+                write_json_atomic(str(path / COMMIT), record)
+                self.store.publish(step, COMMIT)
+
+        self.on_all_ranks(commit)
+        self._saved.add(step)
+        if self.rank == 0:
+            self._retain(step)
+        self.store.evict(step)
+        _barrier()
+        return time.perf_counter() - t0
+
+    def _clear(self, step: int) -> None:
+        """Before writing `step`: a commit of it from an earlier attempt (one a resume skipped as
+        bad) stops existing, and every rank removes a partial or stale local copy."""
+        if self.rank == 0:
+            self.store.uncommit(step)
+            self.root.mkdir(parents=True, exist_ok=True)
+        discard(self.store.step_dir(step))
+
+    def _store_files(self, step: int) -> dict:
+        """{name: {size, sha256}} of every file of the step, each hashed and stored by one of the
+        ranks that see it: on a shared disk the i % world split; with node-local disks a rank of
+        the node that wrote it."""
+        path = self.store.step_dir(step)
+        listings = _gather(sorted(p.name for p in path.iterdir() if p.is_file() and p.name != COMMIT))
+        mine = []
+        for i, name in enumerate(sorted(set().union(*listings))):
+            have = [r for r, names in enumerate(listings) if name in names]
+            if have[i % len(have)] == self.rank:
+                mine.append(name)
+
+        def one(name: str) -> tuple[str, dict]:
+            f = path / name
+            info = {"size": f.stat().st_size, "sha256": sha256_file(f)}
+            self.store.publish(step, name)
+            return name, info
+
+        return {n: info for part in self.on_all_ranks(lambda: _parallel(one, mine)) for n, info in part}
+
+    def _retain(self, newest: int) -> None:
+        """Keep the last `keep` committed steps (and the multiples of `keep_every`); delete older
+        ones, and the uncommitted leftovers older than the newest commit. A failure is retried at
+        the next save."""
+        try:
+            steps = self.store.steps()
+            committed = sorted(s for s, names in steps.items() if COMMIT in names)
+            drop = [
+                s
+                for s in committed[: -self.cfg.keep]
+                if s != newest and not (self.cfg.keep_every and s % self.cfg.keep_every == 0)
+            ]
+            drop += [s for s, names in steps.items() if COMMIT not in names and s < newest]
+            for s in sorted(drop):
+                self.store.delete(s, sorted(steps[s]))
+        except ObjectStoreError as e:
+            log.warning(
+                "checkpoint retention in %s failed (will retry at the next save): %s", self.store.where(), e
+            )
+
+    # ------------------------------------------------------------------ find: verified
+    def committed(self) -> list[int]:
+        """The steps whose commit record is in the store, oldest first (not verified yet)."""
+        return sorted(s for s, names in self._from_rank0(self.store.steps).items() if COMMIT in names)
+
+    def latest(self) -> Committed | None:
+        """The newest committed checkpoint whose files check out (the same on all ranks); a bad
+        one is skipped with a warning that names its bad files."""
+        steps = self._from_rank0(self.store.steps)
+        for step in sorted((s for s, names in steps.items() if COMMIT in names), reverse=True):
+            record, problems = self._check(step, steps[step])
+            if problems:
+                log.warning(
+                    "ignoring checkpoint step %d: %s; falling back to the previous one",
+                    step,
+                    "; ".join(problems),
+                )
+                continue
+            return Committed(step, self.store.step_dir(step), record)
+        return None
+
+    def verify(self, step: int) -> Committed:
+        """Committed step `step`, checked as `latest()` checks it; CheckpointError naming every
+        problem when it does not check out (it is refused, not skipped)."""
+        steps = self._from_rank0(self.store.steps)
+        if COMMIT not in steps.get(step, {}):
+            raise CheckpointError(
+                f"{self.store.where(step, COMMIT)} does not exist: step {step} is not committed"
+            )
+        record, problems = self._check(step, steps[step])
+        if problems:
+            raise CheckpointError(f"refusing checkpoint step {step}: {'; '.join(problems)}")
+        return Committed(step, self.store.step_dir(step), record)
+
+    def _read_commit(self, step: int) -> bytes | None:
+        try:
+            return self.store.read(step, COMMIT)
+        except MissingObject:
+            return None  # deleted since the listing (retention by another job of this run)
+
+    def _check(self, step: int, listed: dict[str, int]) -> tuple[dict, list[str]]:
+        """(the step's commit record, what is wrong with the step: nothing when it checks out).
+        The stored sizes are compared first, so a step that cannot be whole is not fetched."""
+        where = self.store.where(step, COMMIT)
+        raw = self._from_rank0(partial(self._read_commit, step))
+        if raw is None:
+            return {}, [f"{where} is missing"]
+        try:
+            record = json.loads(raw)
+            if not isinstance(record, dict) or not isinstance(record.get("files"), dict):
+                raise ValueError("no files table")
+        except ValueError as e:
+            return {}, [f"{where} is not a readable commit record ({e})"]
+        problems = []
+        for name, info in sorted(record["files"].items()):
+            size = listed.get(name)
+            if size is None:
+                problems.append(f"{self.store.where(step, name)} is missing")
+            elif size != info["size"]:
+                problems.append(
+                    f"{self.store.where(step, name)} has {size} bytes, the commit record says {info['size']}"
+                )
+        return record, problems or self._check_copy(step, record)
+
+    def _check_copy(self, step: int, record: dict) -> list[str]:
+        """Make this node's local copy of the step the committed one and hash it; the ranks that
+        share the copy split the files. A file that matches its sha256 is kept; any other is
+        fetched (where the store has another copy) and checked again. Problems on every rank."""
+        path = self.store.step_dir(step)
+        peers = self.copy_peers()
+        mine = [n for i, n in enumerate(sorted(record["files"])) if i % len(peers) == peers.index(self.rank)]
+
+        def one(name: str) -> str | None:
+            info, where = record["files"][name], self.store.where(step, name)
+            problem = _mismatch(path / name, info, where)
+            if problem is None:
+                return None
+            try:
+                if not self.store.fetch(step, name):
+                    return problem
+            except MissingObject:
+                return f"{where} is missing"
+            return _mismatch(path / name, info, where)
+
+        return [p for part in self.on_all_ranks(lambda: [p for p in _parallel(one, mine) if p]) for p in part]
+
+    # ------------------------------------------------------------------ load: read back
+    def load(self, engine, found: Committed) -> dict:
+        """Restore DeepSpeed's state and this rank's RNG from a verified checkpoint written by the
+        same layout (`resume.py` converts any other). Returns the commit record."""
+        load_path, _ = engine.load_checkpoint(
+            str(self.root), tag=found.path.name, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
+        if load_path is None:
+            raise CheckpointError(f"DeepSpeed could not load {found.path}")
+        state_file = found.path / f"trainer_state_rank{self.rank}.json"
+        if state_file.exists():  # absent when resuming on a different layout
+            try:
+                state = json.loads(state_file.read_text())
+            except ValueError as e:
+                raise CheckpointError(
+                    f"{state_file} is not our JSON state file ({e}); refusing to load it"
+                ) from None
+            set_rng_state(state["rng"])
+        return found.record
