@@ -17,15 +17,11 @@ import time
 import ray
 from ray.train.v2._internal.execution.callback import ControllerCallback
 
-from cluster.driver import RunError
+from cluster.errors import CapacityError
 from trainer.config import Config
 
 # How long an autoscaling cluster may take to add the nodes a run needs (cloud GPU nodes take minutes).
 DEFAULT_SCALE_UP_TIMEOUT_S = float(os.environ.get("PRETRAIN_SCALE_UP_TIMEOUT_S", "900"))
-
-
-class CapacityError(RunError):
-    """The cluster cannot hold the worker group the config asks for; the message has the numbers."""
 
 
 def worker_resources(cfg: Config, use_gpu: bool) -> dict[str, float]:

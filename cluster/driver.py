@@ -16,17 +16,24 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
-from cluster.tracking import check_reachable
+from cluster.errors import CapacityError, RunError, RunStopped
+from cluster.tracking import (
+    check_reachable,
+    create_mlflow_run,
+    delete_mlflow_run,
+    end_mlflow_run,
+    log_event_artifact,
+    log_run_artifacts,
+    ray_job_id,
+    reopen_mlflow_run,
+    tag_ray_job,
+)
 from trainer.config import Config, save_config
 from trainer.data.storage import check_root, is_remote
 from trainer.events import EventLog
 from trainer.fsutil import write_json_atomic
 
 log = logging.getLogger("pretrain")
-
-
-class RunError(RuntimeError):
-    """The run cannot start or did not finish; the message says why and where."""
 
 
 def absolutize(cfg: Config) -> Config:
@@ -47,7 +54,11 @@ def new_run_dir(cfg: Config) -> tuple[str, Path]:
     name = cfg.cluster.run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(cfg.cluster.storage_path) / name
     if run_dir.exists():
-        raise RunError(f"run {name} already exists at {run_dir}; pick another cluster.run_name")
+        raise RunError(
+            f"run {name} already exists at {run_dir}; pick another cluster.run_name",
+            field="cluster.run_name",
+            path=str(run_dir),
+        )
     return name, run_dir
 
 
@@ -123,17 +134,18 @@ def check_ray_address(address: str, field: str, timeout_s: float = 5.0) -> None:
     except OSError as e:
         raise RunError(
             f"{field} {address}: no Ray cluster answers there ({e.strerror or e}); start one "
-            "(`ray start --head`) or leave cluster.address empty to run on a local Ray"
+            "(`ray start --head`) or leave cluster.address empty to run on a local Ray",
+            field=field,
         ) from None
 
 
 @contextlib.contextmanager
 def _lean_head():
-    """Start an embedded head without two Python processes Ray starts on every head, each a second of
-    CPU on a laptop's few cores: the autoscaler's monitor (there is no autoscaler: the cluster is
-    this machine) and Ray's API server, which with `include_dashboard=False` loads only its
-    usage-stats module, yet `ray.init` waits for it to come up (1.5 s). Ray's own switch for the
-    first (`RayParams.no_monitor`, `ray start --no-monitor`) is not an argument of `ray.init`. A Ray
+    """Start an embedded head without two Python processes Ray starts on every head, each CPU time
+    on a laptop's few cores: the autoscaler's monitor (there is no autoscaler: the cluster is this
+    machine) and Ray's API server, which with `include_dashboard=False` loads only its usage-stats
+    module, yet `ray.init` waits for it to come up. Ray's own switch for the first
+    (`RayParams.no_monitor`, `ray start --no-monitor`) is not an argument of `ray.init`. A Ray
     without these methods starts its head as usual."""
     from ray._private.node import Node
 
@@ -190,10 +202,6 @@ def trainer_class():
     return Trainer
 
 
-class RunStopped(RunError):
-    """The driver was asked to stop (SIGTERM): the run can be continued with `pretrain resume`."""
-
-
 def _raise_stopped(signum, frame):
     raise RunStopped("stopped by SIGTERM; continue it with `pretrain resume RUN`")
 
@@ -207,24 +215,11 @@ def _main_thread() -> bool:
 def check_corpus(cfg: Config) -> None:
     """Fail here, before any run directory or Ray process exists, if the corpus cannot serve cfg."""
     from trainer.config import resolve_model_config
-    from trainer.data.stream import TokenStream, open_manifest
+    from trainer.data.stream import open_manifest, train_stream
 
     manifest = open_manifest(cfg.data.path)
-    try:
-        resolve_model_config(cfg, manifest)
-    except ValueError as e:
-        raise RunError(str(e)) from None
-    TokenStream(
-        cfg.data.path,
-        manifest,
-        seq_len=cfg.data.seq_len,
-        micro_batch=cfg.parallel.micro_batch_size,
-        global_batch=cfg.parallel.global_batch_size,
-        dp_rank=0,
-        dp_size=cfg.dp(),
-        seed=cfg.train.seed,
-        num_streams=cfg.data.num_streams,
-    )
+    resolve_model_config(cfg, manifest)
+    train_stream(cfg, manifest, dp_rank=0, dp_size=cfg.dp())
 
 
 def run_training(cfg: Config) -> dict:
@@ -242,8 +237,8 @@ def run_training(cfg: Config) -> dict:
     try:
         save_config(cfg, run_dir / "config.yaml")
         # The MLflow run is created, and Ray Train imported, while Ray starts: MLflow's import and
-        # store set-up and Ray Train's import (3-4 s of CPU) fill a core that Ray's start leaves
-        # waiting for its services.
+        # store set-up and Ray Train's import fill a core that Ray's start leaves waiting for its
+        # services.
         with ThreadPoolExecutor(1, thread_name_prefix="while-ray-starts") as pool:
             created = pool.submit(_create_mlflow_run, cfg, run_dir) if cfg.tracking.enabled else None
             pool.submit(_import_ray_train)
@@ -263,16 +258,12 @@ def run_training(cfg: Config) -> dict:
     except Exception:
         shutil.rmtree(run_dir, ignore_errors=True)  # never leave a half-made run behind
         if mlflow_run_id:  # created while Ray failed to start
-            from cluster.tracking import delete_mlflow_run
-
             delete_mlflow_run(cfg, mlflow_run_id)
         raise
     return _fit(cfg, run_dir, mlflow_run_id, t0)
 
 
 def _create_mlflow_run(cfg: Config, run_dir: Path) -> str:
-    from cluster.tracking import create_mlflow_run, log_run_artifacts
-
     mlflow_run_id = create_mlflow_run(cfg, run_dir)
     log_run_artifacts(cfg, mlflow_run_id)
     return mlflow_run_id
@@ -329,7 +320,8 @@ def find_run(run: str, storage_path: str = "runs") -> Path:
             return candidate.resolve()
     raise RunError(
         f"no run {run!r}: neither {run} nor {Path(storage_path) / run} holds a run "
-        "(config.yaml + run.json); give the run directory or --storage-path"
+        "(config.yaml + run.json); give the run directory or --storage-path",
+        path=run,
     )
 
 
@@ -345,7 +337,8 @@ def resume_training(run: str, overrides: list[str], storage_path: str = "runs") 
             raise ConfigError(
                 f"--set {key}: a resumed run keeps its model, data, batch and optimizer settings "
                 f"(changing them would not continue the same run); start a new run instead. "
-                f"Resume may change: {', '.join(RESUMABLE_OVERRIDES)}"
+                f"Resume may change: {', '.join(RESUMABLE_OVERRIDES)}",
+                field=key,
             )
     raw = load_yaml(run_dir / "config.yaml")
     raw.setdefault("train", {})["stop_at"] = 0  # a resume runs to train.steps unless told to stop again
@@ -355,8 +348,6 @@ def resume_training(run: str, overrides: list[str], storage_path: str = "runs") 
     record = json.loads((run_dir / "run.json").read_text())
     mlflow_run_id = record.get("mlflow_run_id", "")
     if cfg.tracking.enabled and mlflow_run_id:
-        from cluster.tracking import reopen_mlflow_run
-
         reopen_mlflow_run(cfg, mlflow_run_id)
     save_config(cfg, run_dir / "config.yaml")
     write_run_record(run_dir, {**record, "state": "running", "resumes": record.get("resumes", 0) + 1})
@@ -366,24 +357,70 @@ def resume_training(run: str, overrides: list[str], storage_path: str = "runs") 
 def _fit(cfg: Config, run_dir: Path, mlflow_run_id: str, t0: float) -> dict:
     """Run the worker group to the end; `t0` (perf_counter) is when this command began the run."""
     ray = start_ray_logged(cfg, run_dir)
-    from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
+    from ray.train import TrainingFailedError
 
-    from cluster.backend import TorchEnvConfig
-    from cluster.capacity import CapacityCheckBeforeStart, CapacityError, check_capacity
-    from cluster.ray_session import worker_main
+    from cluster.capacity import check_capacity
 
+    _record_ray_job(cfg, run_dir, mlflow_run_id)
+    cl = cfg.cluster
+    use_gpu = cl.use_gpu == "true" or (cl.use_gpu == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
+    trainer = _make_trainer(cfg, run_dir, mlflow_run_id, use_gpu)
+    state, error = "failed", ""
+    # `pretrain stop` / a scheduler ends the driver with SIGTERM: turn it into an exception so the
+    # run record and the MLflow run are closed below instead of staying "running".
+    previous = signal.signal(signal.SIGTERM, _raise_stopped) if _main_thread() else None
+    try:
+        check_capacity(cfg, ray, use_gpu=use_gpu)
+        # From here Ray Train places and starts the workers: on a busy or autoscaling cluster the
+        # wait for nodes shows as the gap between this event and the workers' `start`.
+        EventLog(str(run_dir)).write("workers_requested", workers=cl.num_workers)
+        try:
+            result = trainer.fit()
+        except TrainingFailedError as e:  # Ray's word for it, as the user's error and in run.json
+            failure = _training_failed(e, run_dir)
+            error = str(failure)
+            raise failure from None
+        if result.error:
+            raise RunError(
+                f"run {run_dir.name} failed: {result.error}; continue it with `pretrain resume {run_dir}`"
+            )
+        summary = json.loads((run_dir / "summary.json").read_text())
+        state = "succeeded" if summary["steps"] >= cfg.train.steps else "stopped"
+        return {
+            **summary,
+            "run_name": run_dir.name,
+            "run_dir": str(run_dir),
+            "wall_s": time.perf_counter() - t0,
+            "mlflow_run_id": mlflow_run_id,
+        }
+    except RunStopped:
+        state = "stopped"
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        _close_run(cfg, run_dir, mlflow_run_id, state, error)
+
+
+def _record_ray_job(cfg: Config, run_dir: Path, mlflow_run_id: str) -> None:
+    """The Ray job this driver runs in (if any), as an MLflow tag and in run.json."""
     if cfg.tracking.enabled and mlflow_run_id:
-        from cluster.tracking import tag_ray_job
-
         tag_ray_job(cfg, mlflow_run_id)
-    from cluster.tracking import ray_job_id
-
     job = ray_job_id()
     if job:
         write_run_record(run_dir, {**json.loads((run_dir / "run.json").read_text()), "ray_job_id": job})
-    cl, name = cfg.cluster, run_dir.name
-    use_gpu = cl.use_gpu == "true" or (cl.use_gpu == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
-    trainer = trainer_class()(
+
+
+def _make_trainer(cfg: Config, run_dir: Path, mlflow_run_id: str, use_gpu: bool):
+    """The Ray Train trainer of the run's worker group: placement, restarts, storage."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+
+    from cluster.backend import TorchEnvConfig
+    from cluster.capacity import CapacityCheckBeforeStart
+    from cluster.ray_session import worker_main
+
+    cl = cfg.cluster
+    return trainer_class()(
         worker_main,
         train_loop_config={
             "config": cfg.to_dict(),
@@ -406,51 +443,25 @@ def _fit(cfg: Config, run_dir: Path, mlflow_run_id: str, t0: float) -> dict:
         ),
         backend_config=TorchEnvConfig(),  # the loop creates the process group: nccl or gloo
     )
-    state = "failed"
-    # `pretrain stop` / a scheduler ends the driver with SIGTERM: turn it into an exception so the
-    # run record and the MLflow run are closed below instead of staying "running".
-    previous = signal.signal(signal.SIGTERM, _raise_stopped) if _main_thread() else None
-    error = ""
-    try:
-        check_capacity(cfg, ray, use_gpu=use_gpu)
-        # From here Ray Train places and starts the workers: on a busy or autoscaling cluster the
-        # wait for nodes shows as the gap between this event and the workers' `start`.
-        EventLog(str(run_dir)).write("workers_requested", workers=cl.num_workers)
-        try:
-            result = trainer.fit()
-        except TrainingFailedError as e:  # Ray's word for it, as the user's error and in run.json
-            resume = f"continue it with `pretrain resume {run_dir}`"
-            cause = getattr(e, "controller_failure", None)
-            if isinstance(cause, CapacityError):  # the controller's check before a restart: a node left
-                error = (
-                    f"run {name} failed and cannot restart its worker group: {cause}; once it can, {resume} "
-                    "(or now, on fewer workers: add `--set cluster.num_workers=N`, the checkpoint is converted)"
-                )
-                raise CapacityError(error) from None
-            error = f"run {name} failed: {e}; {resume}"
-            raise RunError(error) from None
-        if result.error:
-            raise RunError(f"run {name} failed: {result.error}; continue it with `pretrain resume {run_dir}`")
-        summary = json.loads((run_dir / "summary.json").read_text())
-        state = "succeeded" if summary["steps"] >= cfg.train.steps else "stopped"
-        return {
-            **summary,
-            "run_name": name,
-            "run_dir": str(run_dir),
-            "wall_s": time.perf_counter() - t0,
-            "mlflow_run_id": mlflow_run_id,
-        }
-    except RunStopped:
-        state = "stopped"
-        raise
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-        record = json.loads((run_dir / "run.json").read_text())
-        write_run_record(run_dir, {**record, "state": state, **({"error": error} if error else {})})
-        if cfg.tracking.enabled and mlflow_run_id:
-            from cluster.tracking import end_mlflow_run, log_event_artifact
 
-            if (run_dir / "events.jsonl").exists():
-                log_event_artifact(cfg, mlflow_run_id, run_dir / "events.jsonl")
-            end_mlflow_run(cfg, mlflow_run_id, "FINISHED" if state != "failed" else "FAILED")
+
+def _training_failed(e: Exception, run_dir: Path) -> RunError:
+    """The user's error for Ray Train's TrainingFailedError `e`, with the command to continue."""
+    resume = f"continue it with `pretrain resume {run_dir}`"
+    cause = getattr(e, "controller_failure", None)
+    if isinstance(cause, CapacityError):  # the controller's check before a restart: a node left
+        return CapacityError(
+            f"run {run_dir.name} failed and cannot restart its worker group: {cause}; once it can, {resume} "
+            "(or now, on fewer workers: add `--set cluster.num_workers=N`, the checkpoint is converted)"
+        )
+    return RunError(f"run {run_dir.name} failed: {e}; {resume}")
+
+
+def _close_run(cfg: Config, run_dir: Path, mlflow_run_id: str, state: str, error: str) -> None:
+    """The run's final state in run.json and in MLflow (with its events), however it ended."""
+    record = json.loads((run_dir / "run.json").read_text())
+    write_run_record(run_dir, {**record, "state": state, **({"error": error} if error else {})})
+    if cfg.tracking.enabled and mlflow_run_id:
+        if (run_dir / "events.jsonl").exists():
+            log_event_artifact(cfg, mlflow_run_id, run_dir / "events.jsonl")
+        end_mlflow_run(cfg, mlflow_run_id, "FINISHED" if state != "failed" else "FAILED")

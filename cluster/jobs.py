@@ -19,6 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from trainer.config import Config, save_config
+from trainer.errors import PretrainError
 from trainer.metrics import mask_uri_credentials
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +46,7 @@ TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
-class JobError(RuntimeError):
+class JobError(PretrainError, RuntimeError):
     """A job request that cannot be done (no cluster there, no such run, ...); the message says why."""
 
 
@@ -68,7 +69,10 @@ def auth_headers() -> dict[str, str]:
 def connect(address: str):
     """A JobSubmissionClient for the cluster's job API at `address` (http://HEAD:8265)."""
     if not address:
-        raise JobError("give the cluster's job API address: --address http://HEAD:8265 (or set RAY_ADDRESS)")
+        raise JobError(
+            "give the cluster's job API address: --address http://HEAD:8265 (or set RAY_ADDRESS)",
+            field="--address",
+        )
     if "://" not in address:
         address = "http://" + address
     from ray.job_submission import JobSubmissionClient
@@ -79,7 +83,8 @@ def connect(address: str):
         reason = mask_uri_credentials(str(e).splitlines()[0] if str(e) else type(e).__name__)
         raise JobError(
             f"no Ray job API answers at {mask_uri_credentials(address)}: {reason}; check the address "
-            "(the head's dashboard port, default 8265), that the head runs, and the Ray auth token"
+            "(the head's dashboard port, default 8265), that the head runs, and the Ray auth token",
+            field="--address",
         ) from None
 
 
@@ -114,7 +119,8 @@ def new_run_name(cfg: Config) -> str:
     if not _NAME.match(name):
         raise JobError(
             f"cluster.run_name={name!r}: a submitted run's name is its Ray job id; use letters, digits, "
-            "'.', '_' and '-' (at most 128)"
+            "'.', '_' and '-' (at most 128)",
+            field="cluster.run_name",
         )
     return name
 
@@ -129,7 +135,8 @@ def submit(cfg: Config, address: str, project_root: Path = PROJECT_ROOT) -> dict
     if name in existing:
         raise JobError(
             f"run {name} already exists on this cluster ({existing[name].status}); "
-            "pick another --set cluster.run_name=..."
+            "pick another --set cluster.run_name=...",
+            field="cluster.run_name",
         )
     staged = Path(project_root) / STAGING_DIR / f"{name}.yaml"
     staged.parent.mkdir(exist_ok=True)

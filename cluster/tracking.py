@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from trainer.config import Config
+from trainer.errors import PretrainError
 from trainer.metrics import mask_uri_credentials
 
 log = logging.getLogger("pretrain")
@@ -41,8 +42,8 @@ _SECRET_SEGMENTS = {
 _SEGMENT_SPLIT = re.compile(r"[._\-\s]+|(?<=[a-z0-9])(?=[A-Z])")
 
 
-class TrackingError(RuntimeError):
-    """The tracking store cannot take the run; the message says what to do."""
+class TrackingError(PretrainError, RuntimeError):
+    """The tracking store cannot take the run; the message says what to do (`field`: tracking.uri)."""
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, str]:
@@ -95,7 +96,8 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
         reason = mask_uri_credentials(str(e).splitlines()[0] if str(e) else type(e).__name__)
         raise TrackingError(
             f"tracking.uri {shown} does not answer: {reason}; start the server "
-            f"(e.g. `mlflow server --host 127.0.0.1 --port 5000`) or set tracking.enabled: false"
+            f"(e.g. `mlflow server --host 127.0.0.1 --port 5000`) or set tracking.enabled: false",
+            field="tracking.uri",
         ) from None
 
 
@@ -180,7 +182,8 @@ def create_mlflow_run(cfg: Config, run_dir: Path) -> str:
         reason = mask_uri_credentials(str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
         raise TrackingError(
             f"tracking.uri {mask_uri_credentials(cfg.tracking.uri)}: the MLflow store cannot be opened "
-            f"({type(e).__name__}: {reason}); fix tracking.uri or set tracking.enabled: false"
+            f"({type(e).__name__}: {reason}); fix tracking.uri or set tracking.enabled: false",
+            field="tracking.uri",
         ) from None
     exp_id = exp.experiment_id if exp else client.create_experiment(cfg.tracking.experiment)
     run = client.create_run(exp_id, run_name=cfg.cluster.run_name or None)

@@ -1,4 +1,4 @@
-"""Arguments every `pretrain` command that reads a config shares."""
+"""Arguments the `pretrain` commands share: a config and its overrides, or a run."""
 
 from __future__ import annotations
 
@@ -13,6 +13,14 @@ def add_set(p: argparse.ArgumentParser, example: str, over: str = "the YAML") ->
         default=[],
         metavar="KEY=VALUE",
         help=f"override a config field, e.g. --set {example} (repeatable; beats {over})",
+    )
+
+
+def add_run(p: argparse.ArgumentParser) -> None:
+    """The RUN argument: a run directory, or a run's name under `--storage-path`."""
+    p.add_argument("run", help="run directory, or run name under --storage-path")
+    p.add_argument(
+        "--storage-path", default="runs", help="where runs live (cluster.storage_path), default: runs"
     )
 
 

@@ -9,26 +9,15 @@ import logging
 import os
 import sys
 
-from launch.args import add_config, add_set
-
-EXIT_BAD_INPUT = 2
-
-
-def _fail(msg: str) -> int:
-    print(f"pretrain: error: {msg}", file=sys.stderr)
-    return EXIT_BAD_INPUT
+from launch.args import add_config, add_run, add_set
+from launch.errors import run_command
+from trainer.errors import PretrainError
 
 
 def _load(args: argparse.Namespace):
     from trainer.config import load_config
 
     return load_config(args.config, args.set)
-
-
-def cmd_prepare(args: argparse.Namespace) -> int:
-    from trainer.data import prepare
-
-    return prepare.run(args)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -63,7 +52,7 @@ def cmd_config(args: argparse.Namespace) -> int:
             print(f"{name:36s} {default:24s} {doc}")
         return 0
     if not args.config:
-        return _fail("give a CONFIG file, or --fields to list every field")
+        raise PretrainError("give a CONFIG file, or --fields to list every field", field="config")
     print(yaml.safe_dump(_load(args).to_dict(), sort_keys=False), end="")
     return 0
 
@@ -75,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    from trainer.data import prepare
+    from launch import prepare
 
     p = sub.add_parser(
         "prepare",
@@ -83,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train (or load) a tokenizer and write token shards and a manifest.",
     )
     prepare.add_arguments(p)
-    p.set_defaults(fn=cmd_prepare)
+    p.set_defaults(fn=prepare.run)
 
     p = sub.add_parser(
         "train",
@@ -100,10 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoint, with its own config and MLflow run. --set may extend train.steps or change where it runs; "
         "changes to the model, data or batch are refused.",
     )
-    p.add_argument("run", help="run directory, or run name under --storage-path")
-    p.add_argument(
-        "--storage-path", default="runs", help="where runs live (cluster.storage_path), default: runs"
-    )
+    add_run(p)
     add_set(p, "train.steps=2000", over="the run's config")
     p.set_defaults(fn=cmd_resume)
 
@@ -143,44 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("PRETRAIN_LOG_LEVEL", "INFO"), format="%(message)s")
     args = build_parser().parse_args(argv)
-    from trainer.config import ConfigError
-    from trainer.data.manifest import ManifestError
-
-    try:
-        return args.fn(args)
-    except (ConfigError, ManifestError) as e:
-        return _fail(str(e))
-    except Exception as e:  # known bad-input errors from the other layers
-        from cluster.driver import RunError
-        from cluster.jobs import JobError
-        from cluster.tracking import TrackingError
-        from trainer.checkpoint import CheckpointError
-        from trainer.data.prepare import PrepareError
-        from trainer.data.storage import StorageError
-        from trainer.data.stream import DataError
-        from trainer.export import ExportError
-
-        known = (
-            RunError,
-            JobError,
-            TrackingError,
-            CheckpointError,
-            ExportError,
-            PrepareError,
-            StorageError,
-            DataError,
-        )
-        if isinstance(e, known):
-            return _fail(str(e))
-        raise
+    return run_command(args.fn, args)
 
 
 def run() -> None:
     """The `pretrain` program: `main`, then a quick exit. By then the process holds every module
     a run imported (MLflow, SQLAlchemy, Ray, pandas, pyarrow), and the interpreter's collections
-    at shutdown would walk all of them: 2 s of CPU after a training run's last line. Frozen, they
-    are left to the OS; atexit handlers (Ray's shutdown, logging's flush) and thread joins still
-    run. Only the program does this: `main` called in-process leaves the caller's GC alone."""
+    at shutdown would walk all of them after the run's last line. Frozen, they are left to the OS;
+    atexit handlers (Ray's shutdown, logging's flush) and thread joins still run. Only the program
+    does this: `main` called in-process leaves the caller's GC alone."""
     try:
         code = main()
     finally:

@@ -9,16 +9,11 @@ logits check) prints one message and exits 2, leaving nothing at --out.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
+from pathlib import Path
 
-EXIT_BAD_INPUT = 2
+from launch.args import add_run
+
 DEFAULT_MAX_SHARD_SIZE = "5GB"  # trainer.export's default; not imported here so `--help` stays fast
-
-
-def _fail(msg: str) -> int:
-    print(f"pretrain: error: {msg}", file=sys.stderr)
-    return EXIT_BAD_INPUT
 
 
 def _quiet_progress_bars() -> None:
@@ -32,23 +27,8 @@ def _quiet_progress_bars() -> None:
         pass
 
 
-def _bad_input(fn, args: argparse.Namespace) -> int:
-    from cluster.driver import RunError
-    from trainer.checkpoint import CheckpointError
-    from trainer.config import ConfigError
-    from trainer.export import ExportError
-
-    try:
-        return fn(args)
-    except (ExportError, CheckpointError, RunError, ConfigError) as e:
-        return _fail(str(e))
-
-
 def _add_run_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run", help="run directory, or run name under --storage-path")
-    p.add_argument(
-        "--storage-path", default="runs", help="where runs live (cluster.storage_path), default: runs"
-    )
+    add_run(p)
     p.add_argument("--step", type=int, default=None, help="committed step to read (default: the newest)")
     p.add_argument(
         "--tokenizer",
@@ -57,13 +37,19 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _export(args: argparse.Namespace) -> int:
+def _run_dir(args: argparse.Namespace) -> Path:
+    """The run directory RUN names, with transformers' progress bars off for what reads it."""
     _quiet_progress_bars()
     from cluster.driver import find_run
+
+    return find_run(args.run, args.storage_path)
+
+
+def run_export(args: argparse.Namespace) -> int:
     from trainer.export import export_run
 
     result = export_run(
-        find_run(args.run, args.storage_path),
+        _run_dir(args),
         args.out,
         step=args.step,
         dtype=args.dtype,
@@ -77,13 +63,11 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _generate(args: argparse.Namespace) -> int:
-    _quiet_progress_bars()
-    from cluster.driver import find_run
+def run_generate(args: argparse.Namespace) -> int:
     from trainer.generate import generate
 
     text = generate(
-        find_run(args.run, args.storage_path),
+        _run_dir(args),
         args.prompt,
         max_tokens=args.max_tokens,
         temperature=args.temperature,
@@ -94,14 +78,6 @@ def _generate(args: argparse.Namespace) -> int:
     )
     print(text)
     return 0
-
-
-def run_export(args: argparse.Namespace) -> int:
-    return _bad_input(_export, args)
-
-
-def run_generate(args: argparse.Namespace) -> int:
-    return _bad_input(_generate, args)
 
 
 def register(sub) -> None:
@@ -140,18 +116,3 @@ def register(sub) -> None:
     p.add_argument("--top-k", type=int, default=50, help="sample from the k likeliest tokens; 0 = all")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.set_defaults(fn=run_generate)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m launch.export export|generate ...`: the same commands without `launch/cli.py`."""
-    import logging
-
-    logging.basicConfig(level=os.environ.get("PRETRAIN_LOG_LEVEL", "INFO"), format="%(message)s")
-    parser = argparse.ArgumentParser(prog="pretrain")
-    register(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
-    args = parser.parse_args(argv)
-    return args.fn(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

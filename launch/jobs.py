@@ -11,13 +11,6 @@ import time
 
 from launch.args import add_config
 
-EXIT_BAD_INPUT = 2
-
-
-def _fail(msg: str) -> int:
-    print(f"pretrain: error: {msg}", file=sys.stderr)
-    return EXIT_BAD_INPUT
-
 
 def _add_address(p: argparse.ArgumentParser) -> None:
     p.add_argument(
@@ -144,22 +137,3 @@ def run_list(args: argparse.Namespace) -> int:
             continue  # a driver that connected on its own (no job API submission)
         print(_row(jobs.describe(job)))
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m launch.jobs COMMAND ...`: the same commands before they are wired into `pretrain`."""
-    from cluster.driver import RunError
-    from cluster.jobs import JobError
-    from trainer.config import ConfigError
-
-    parser = argparse.ArgumentParser(prog="pretrain")
-    register(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.fn(args)
-    except (JobError, ConfigError, RunError) as e:
-        return _fail(str(e))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

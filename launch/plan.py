@@ -9,18 +9,11 @@ Starts no process group and touches no device. An invalid layout exits 2 with th
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import replace
 
 from launch.args import add_config
 
-EXIT_BAD_INPUT = 2
 MAX_GROUPS_SHOWN = 8
-
-
-def _fail(msg: str) -> int:
-    print(f"pretrain: error: {msg}", file=sys.stderr)
-    return EXIT_BAD_INPUT
 
 
 def _groups(groups: list[list[int]]) -> str:
@@ -114,13 +107,9 @@ def describe_plan(cfg) -> list[str]:
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    from trainer.config import ConfigError, load_config
+    from trainer.config import load_config
 
-    try:
-        cfg = load_config(args.config, args.set)
-        print("\n".join(describe_plan(cfg)))
-    except ConfigError as e:
-        return _fail(str(e))
+    print("\n".join(describe_plan(load_config(args.config, args.set))))
     return 0
 
 
@@ -134,15 +123,3 @@ def register(sub) -> None:
     )
     add_config(p, "configs/llama-1b.yaml", "parallel.tp=2")
     p.set_defaults(fn=run_plan)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m launch.plan plan CONFIG ...`: the same command without `launch/cli.py`."""
-    parser = argparse.ArgumentParser(prog="pretrain")
-    register(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
-    args = parser.parse_args(argv)
-    return args.fn(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

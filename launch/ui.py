@@ -18,8 +18,8 @@ import threading
 from pathlib import Path
 
 from launch.args import add_set
-
-EXIT_BAD_INPUT = 2
+from launch.errors import run_command
+from trainer.errors import PretrainError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -44,11 +44,20 @@ def tracking_uri(args: argparse.Namespace) -> str:
     if args.config and Path(args.config).is_dir():
         record = Path(args.config) / "run.json"
         if record.is_file():
-            return json.loads(record.read_text())["tracking_uri"]
+            return _recorded_uri(record)
         args = argparse.Namespace(**{**vars(args), "config": str(Path(args.config) / "config.yaml")})
     if args.config:
         return load_config(args.config, args.set).tracking.uri
     return from_dict(apply_overrides({}, args.set)).tracking.uri
+
+
+def _recorded_uri(record: Path) -> str:
+    try:
+        return json.loads(record.read_text())["tracking_uri"]
+    except (OSError, KeyError, TypeError, ValueError) as e:
+        raise PretrainError(
+            f"{record}: no tracking URI to read ({type(e).__name__}: {e})", path=str(record)
+        ) from None
 
 
 def port_free(host: str, port: int) -> bool:
@@ -82,23 +91,16 @@ def _interrupt(signum, frame) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from trainer.config import ConfigError
     from trainer.metrics import mask_uri_credentials
 
-    try:
-        uri = tracking_uri(args)
-    except (ConfigError, OSError, KeyError, ValueError) as e:
-        print(f"pretrain ui: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    uri = tracking_uri(args)
     if uri.startswith(("http://", "https://")):
         print(f"tracking.uri is a server already; open {mask_uri_credentials(uri)}", flush=True)
         return 0
     if not port_free(args.host, args.port):
-        print(
-            f"pretrain ui: error: port {args.port} on {args.host} is in use; pick another with --port",
-            file=sys.stderr,
+        raise PretrainError(
+            f"port {args.port} on {args.host} is in use; pick another with --port", field="--port"
         )
-        return EXIT_BAD_INPUT
     shown_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     print(f"MLflow UI for {uri} at http://{shown_host}:{args.port} (Ctrl-C stops it)", flush=True)
     proc = subprocess.Popen(server_command(uri, args.host, args.port), start_new_session=True)
@@ -122,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pretrain ui", description=__doc__.splitlines()[0])
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return run_command(run, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -160,3 +160,77 @@ def test_a_cluster_address_nothing_answers_at_fails_fast_and_leaves_nothing(pret
     exp = client.get_experiment_by_name("pretrain")
     runs = client.search_runs([exp.experiment_id], run_view_type=3) if exp else []  # 3: all
     assert runs and all(r.info.lifecycle_stage == "deleted" for r in runs)
+
+
+def test_every_expected_failure_is_one_error_type():
+    """Each layer's expected failures derive from PretrainError (what the CLI reports) and keep
+    their other base, so `except ValueError` / `except OSError` still catch them."""
+    import pickle
+
+    from cluster.errors import CapacityError, RunError, RunStopped
+    from cluster.jobs import JobError
+    from cluster.tracking import TrackingError
+    from trainer.config import ConfigError
+    from trainer.data.manifest import ManifestError
+    from trainer.data.prepare import PrepareError
+    from trainer.data.storage import StorageError
+    from trainer.data.stream import DataError
+    from trainer.errors import PretrainError
+
+    bases = {
+        ConfigError: ValueError,
+        ManifestError: ValueError,
+        PrepareError: ValueError,
+        DataError: ValueError,
+        StorageError: OSError,
+        RunError: RuntimeError,
+        RunStopped: RunError,
+        CapacityError: RunError,
+        JobError: RuntimeError,
+        TrackingError: RuntimeError,
+    }
+    for cls, other in bases.items():
+        assert issubclass(cls, PretrainError) and issubclass(cls, other), cls
+        e = cls("the message", field="a.b", path="/some/file")
+        assert (str(e), e.field, e.path, e.exit_code) == ("the message", "a.b", "/some/file", 2)
+        # Ray ships a worker's or the controller's error to the driver pickled.
+        back = pickle.loads(pickle.dumps(e))
+        assert (type(back), str(back), back.field, back.path) == (cls, "the message", "a.b", "/some/file")
+    # OSError's own constructor still works for a StorageError.
+    e = StorageError(2, "No such file or directory", "shard.tar")
+    assert (e.errno, e.filename, e.path) == (2, "shard.tar", "")
+
+
+def test_an_expected_failure_is_one_message_printed_last_with_its_exit_code(capsys):
+    from launch.errors import run_command
+    from trainer.errors import PretrainError
+
+    def command(args):
+        print("some output first")
+        raise PretrainError("parallel.tp=3 does not divide 4 workers", field="parallel.tp", exit_code=3)
+
+    assert run_command(command, None) == 3
+    out = capsys.readouterr()
+    assert out.out == "some output first\n"
+    assert out.err.splitlines()[-1] == "pretrain: error: parallel.tp=3 does not divide 4 workers"
+
+    def bug(args):
+        raise KeyError("not an expected failure")
+
+    with pytest.raises(KeyError):  # a bug keeps its traceback
+        run_command(bug, None)
+
+
+def test_config_without_a_file_names_what_to_give(capsys):
+    from launch import cli
+
+    assert cli.main(["config"]) == 2
+    assert "give a CONFIG file, or --fields" in capsys.readouterr().err
+
+
+def test_prepare_bad_input_exits_2_naming_it(pretrain_cli, tmp_path):
+    p = pretrain_cli("prepare", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.splitlines()[-1].startswith("pretrain: error: input ")
+    assert "nope.txt does not exist" in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "out").exists()

@@ -96,3 +96,40 @@ def test_error_names_the_file(tmp_path):
     p.write_text("train:\n  steps: -3\n")
     with pytest.raises(ConfigError, match=r"mine\.yaml: train\.steps"):
         load_config(p)
+
+
+@pytest.mark.parametrize(
+    "raw, field",
+    [
+        ({"model": {"d_modle": 64}}, "model.d_modle"),
+        ({"train": {"steps": "many"}}, "train.steps"),
+        ({"optim": {"lr": -1.0}}, "optim.lr"),
+        ({"optim": {"beta2": 1.0}}, "optim.beta2"),
+        ({"model": {"n_kv_heads": 3}}, "model.n_kv_heads"),
+        ({"cluster": {"num_workers": 2}, "parallel": {"pp": 2, "zero_stage": 3}}, "parallel.zero_stage"),
+        (
+            {"cluster": {"num_workers": 2}, "parallel": {"tp": 2}, "model": {"vocab_size": 301}},
+            "model.vocab_size",
+        ),
+        ({"checkpoint": {"storage": "/tmp/x"}}, "checkpoint.storage"),
+    ],
+)
+def test_the_error_carries_the_field_to_change(raw, field):
+    """A ConfigError is the one expected-failure type (exit 2), with the field it names."""
+    from trainer.errors import PretrainError
+
+    with pytest.raises(ConfigError) as e:
+        from_dict(raw)
+    assert isinstance(e.value, PretrainError) and isinstance(e.value, ValueError)
+    assert e.value.field == field and e.value.exit_code == 2
+
+
+def test_a_file_error_carries_the_path_and_the_field(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(tmp_path / "nope.yaml")
+    assert e.value.path == str(tmp_path / "nope.yaml")
+    p = tmp_path / "mine.yaml"
+    p.write_text("train:\n  steps: -3\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert (e.value.path, e.value.field) == (str(p), "train.steps")

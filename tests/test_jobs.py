@@ -109,10 +109,8 @@ def head():
 
 def _jobs(head, *args, timeout=120):
     """`pretrain submit|status|logs|stop|list` as a user would type it."""
-    wired = "jobs.register" in (ROOT / "launch/cli.py").read_text()
-    module = "launch.cli" if wired else "launch.jobs"
     return subprocess.run(
-        [sys.executable, "-m", module, *args],
+        [sys.executable, "-m", "launch.cli", *args],
         cwd=ROOT,
         env=head["env"],
         capture_output=True,

@@ -29,14 +29,10 @@ LLAMA_7B_PARAMS = 6_738_415_616  # the LLaMA paper's 6.7B, closed form
 
 
 def _plan(capsys, *args: str) -> tuple[int, str, str]:
-    """Run `pretrain plan ...` in this process: through launch/cli.py once it registers the command,
-    else through launch/plan.py's own entry point (the same parser)."""
+    """Run `pretrain plan ...` in this process."""
     from launch import cli
-    from launch import plan as plan_cmd
 
-    parser = cli.build_parser()
-    commands = next(a for a in parser._actions if a.dest == "command").choices
-    rc = cli.main(["plan", *args]) if "plan" in commands else plan_cmd.main(["plan", *args])
+    rc = cli.main(["plan", *args])
     out = capsys.readouterr()
     return rc, out.out, out.err
 

@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
+from launch.prepare import add_arguments, run
 from trainer.data import prepare as prepare_mod
 from trainer.data.manifest import Manifest, ManifestError, load_manifest
-from trainer.data.prepare import EOS_TOKEN, PrepareError, add_arguments, prepare, run
+from trainer.data.prepare import EOS_TOKEN, PrepareError, prepare
 
 BLOCK_LEN = 33
 VOCAB = 300

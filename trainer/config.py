@@ -18,9 +18,11 @@ from typing import Any, Literal
 
 import yaml
 
+from trainer.errors import PretrainError
 
-class ConfigError(ValueError):
-    """A config problem; the message names the file or field and the fix."""
+
+class ConfigError(PretrainError, ValueError):
+    """A config problem; the message names the file or field and the fix, `field` the field."""
 
 
 def _f(default: Any, doc: str, **kw: Any) -> Any:
@@ -111,7 +113,8 @@ class OptimConfig:
     eps: float = _f(1e-8, "AdamW epsilon")
     grad_clip: float = _f(1.0, "clip the global gradient norm to this; 0 disables clipping")
     fused: bool = _f(
-        False, "torch's fused AdamW kernel, GPU or CPU (3-5x faster step on CPU); off = torch's default"
+        False,
+        "torch's fused AdamW kernel, GPU or CPU (a faster optimizer step, on CPU too); off = torch's default",
     )
 
 
@@ -230,7 +233,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if origin is Literal:
         if value not in typing.get_args(tp):
-            raise ConfigError(f"{where}: {value!r} is not {_type_name(tp)}")
+            raise ConfigError(f"{where}: {value!r} is not {_type_name(tp)}", field=where)
         return value
     if origin in (typing.Union, types.UnionType):
         for arg in typing.get_args(tp):
@@ -238,14 +241,14 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, arg, where)
             except ConfigError:
                 pass
-        raise ConfigError(f"{where}: {value!r} has the wrong type")
+        raise ConfigError(f"{where}: {value!r} has the wrong type", field=where)
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+            raise ConfigError(f"{where}: expected true/false, got {value!r}", field=where)
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            raise ConfigError(f"{where}: expected an integer, got {value!r}", field=where)
         return value
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads `3e-4` (no dot) as a string
@@ -254,22 +257,22 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
+            raise ConfigError(f"{where}: expected a number, got {value!r}", field=where)
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
+            raise ConfigError(f"{where}: expected a string, got {value!r}", field=where)
         return value
     if tp is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}", field=where)
         return dict(value)
-    raise ConfigError(f"{where}: unsupported field type {tp}")
+    raise ConfigError(f"{where}: unsupported field type {tp}", field=where)
 
 
 def _build(cls: type, raw: Any, where: str) -> Any:
     if not isinstance(raw, dict):
-        raise ConfigError(f"{where or 'config'}: expected a mapping, got {raw!r}")
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {raw!r}", field=where)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
@@ -277,7 +280,7 @@ def _build(cls: type, raw: Any, where: str) -> Any:
         path = f"{where}.{key}" if where else str(key)
         if key not in fields:
             known = ", ".join(sorted(fields))
-            raise ConfigError(f"{path}: unknown key (known keys here: {known})")
+            raise ConfigError(f"{path}: unknown key (known keys here: {known})", field=path)
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value if value is not None else {}, path)
@@ -289,7 +292,7 @@ def _build(cls: type, raw: Any, where: str) -> Any:
 def parse_override(item: str) -> tuple[list[str], Any]:
     """`a.b=c` -> (["a", "b"], parsed c). Values are parsed as YAML scalars."""
     if "=" not in item:
-        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.steps=100")
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.steps=100", field="--set")
     key, _, text = item.partition("=")
     try:
         value = yaml.safe_load(text) if text != "" else ""
@@ -306,7 +309,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             if node.get(k) is None:
                 node[k] = {}
             if not isinstance(node[k], dict):
-                raise ConfigError(f"--set {item}: {k} is not a section")
+                raise ConfigError(f"--set {item}: {k} is not a section", field="--set")
             node = node[k]
         node[keys[-1]] = value
     return raw
@@ -315,15 +318,17 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 def load_yaml(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"config file {p} does not exist")
+        raise ConfigError(f"config file {p} does not exist", path=str(p))
     try:
         raw = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        raise ConfigError(f"config file {p} is not valid YAML: {e}", path=str(p)) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {p} cannot be read: {e}", path=str(p)) from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"config file {p}: top level must be a mapping of sections")
+        raise ConfigError(f"config file {p}: top level must be a mapping of sections", path=str(p))
     raw.setdefault("name", p.stem)
     return raw
 
@@ -339,7 +344,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     try:
         return from_dict(raw)
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+        raise ConfigError(f"{path}: {e}", field=e.field, path=str(path)) from None
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
@@ -348,15 +353,20 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 def resolve_model_config(cfg: Config, manifest: Any) -> Config:
     """Fill model.vocab_size from the corpus manifest (a `Manifest`, or None) when the config
-    leaves it 0; refuse a vocabulary smaller than the tokenizer's."""
+    leaves it 0; refuse a vocabulary smaller than the tokenizer's (ConfigError, a ValueError)."""
     if cfg.model.vocab_size == 0:
         if manifest is None:
-            raise ValueError("model.vocab_size is 0 and there is no corpus manifest to take it from")
+            raise ConfigError(
+                "model.vocab_size is 0 and there is no corpus manifest to take it from",
+                field="model.vocab_size",
+            )
         return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=manifest.vocab_size))
     if manifest is not None and cfg.model.vocab_size < manifest.vocab_size:
-        raise ValueError(
+        raise ConfigError(
             f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's "
-            f"({manifest.vocab_size}) in {cfg.data.path}; set model.vocab_size: 0 to take it from the corpus"
+            f"({manifest.vocab_size}) in {cfg.data.path}; set model.vocab_size: 0 to take it from the corpus",
+            field="model.vocab_size",
+            path=cfg.data.path,
         )
     return cfg
 
@@ -365,108 +375,170 @@ def resolve_model_config(cfg: Config, manifest: Any) -> Config:
 
 
 def _validate(c: Config) -> None:
-    m, p, o, _t, k, cl = c.model, c.parallel, c.optim, c.train, c.checkpoint, c.cluster
+    """Every rule a config must keep, in a fixed order: the first broken one is reported."""
+    _check_ranges(c)
+    _check_optim(c.optim)
+    _check_model(c.model, c.data)
+    _check_layout(c)
+    _check_run(c)
 
-    def need(ok: bool, msg: str) -> None:
-        if not ok:
-            raise ConfigError(msg)
 
-    for sec, names in {
-        "model": ("d_model", "n_layers", "n_heads", "max_seq_len"),
-        "data": ("seq_len",),
-        "parallel": ("tp", "pp", "micro_batch_size", "global_batch_size"),
-        "train": ("steps", "log_every"),
-        "cluster": ("num_workers",),
-    }.items():
-        for n in names:
-            v = getattr(getattr(c, sec), n)
-            need(v > 0, f"{sec}.{n} must be > 0, got {v}")
-    for sec, names in {
-        "model": ("vocab_size", "n_kv_heads", "d_ff"),
-        "optim": ("warmup_steps", "weight_decay", "grad_clip", "min_lr"),
-        "checkpoint": ("every", "keep_every"),
-        "train": ("eval_every", "eval_batches", "torch_threads", "peak_tflops", "stop_at", "gc_every"),
-        "cluster": ("max_failures",),
-        "data": ("num_streams", "prefetch", "loader_workers"),
-        "tracking": ("system_metrics_every_s",),
-    }.items():
-        for n in names:
-            v = getattr(getattr(c, sec), n)
-            need(v >= 0, f"{sec}.{n} must be >= 0, got {v}")
+def _need(ok: bool, field: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg, field=field)
 
-    need(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
-    need(o.min_lr <= o.lr, f"optim.min_lr ({o.min_lr}) must be <= optim.lr ({o.lr})")
-    need(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1 and optim.beta2 must be in [0, 1)")
-    need(o.eps > 0, f"optim.eps must be > 0, got {o.eps}")
-    need(m.norm_eps > 0 and m.init_std > 0, "model.norm_eps and model.init_std must be > 0")
-    need(
+
+# Fields that must be > 0, and fields that must be >= 0 (0 means "off" or "derive it").
+_POSITIVE = {
+    "model": ("d_model", "n_layers", "n_heads", "max_seq_len"),
+    "data": ("seq_len",),
+    "parallel": ("tp", "pp", "micro_batch_size", "global_batch_size"),
+    "train": ("steps", "log_every"),
+    "cluster": ("num_workers",),
+}
+_NON_NEGATIVE = {
+    "model": ("vocab_size", "n_kv_heads", "d_ff"),
+    "optim": ("warmup_steps", "weight_decay", "grad_clip", "min_lr"),
+    "checkpoint": ("every", "keep_every"),
+    "train": ("eval_every", "eval_batches", "torch_threads", "peak_tflops", "stop_at", "gc_every"),
+    "cluster": ("max_failures",),
+    "data": ("num_streams", "prefetch", "loader_workers"),
+    "tracking": ("system_metrics_every_s",),
+}
+
+
+def _check_ranges(c: Config) -> None:
+    for sections, ok, bound in (
+        (_POSITIVE, lambda v: v > 0, "> 0"),
+        (_NON_NEGATIVE, lambda v: v >= 0, ">= 0"),
+    ):
+        for sec, names in sections.items():
+            for n in names:
+                v = getattr(getattr(c, sec), n)
+                _need(ok(v), f"{sec}.{n}", f"{sec}.{n} must be {bound}, got {v}")
+
+
+def _check_optim(o: OptimConfig) -> None:
+    _need(o.lr > 0, "optim.lr", f"optim.lr must be > 0, got {o.lr}")
+    _need(o.min_lr <= o.lr, "optim.min_lr", f"optim.min_lr ({o.min_lr}) must be <= optim.lr ({o.lr})")
+    _need(
+        0 <= o.beta1 < 1 and 0 <= o.beta2 < 1,
+        "optim.beta2" if 0 <= o.beta1 < 1 else "optim.beta1",
+        "optim.beta1 and optim.beta2 must be in [0, 1)",
+    )
+    _need(o.eps > 0, "optim.eps", f"optim.eps must be > 0, got {o.eps}")
+
+
+def _check_model(m: ModelConfig, data: DataConfig) -> None:
+    _need(
+        m.norm_eps > 0 and m.init_std > 0,
+        "model.init_std" if m.norm_eps > 0 else "model.norm_eps",
+        "model.norm_eps and model.init_std must be > 0",
+    )
+    _need(
         m.d_model % m.n_heads == 0,
+        "model.d_model",
         f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads})",
     )
-    need(
+    _need(
         m.arch == "gpt2" or m.head_dim % 2 == 0,
+        "model.d_model",
         f"model.d_model / model.n_heads = {m.head_dim} must be even for rotary embeddings",
     )
-    need(
+    _need(
         m.n_heads % m.kv_heads == 0,
+        "model.n_kv_heads",
         f"model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads ({m.kv_heads})",
     )
-    need(
+    _need(
         m.arch == "llama" or m.n_kv_heads in (0, m.n_heads),
+        "model.n_kv_heads",
         "model.n_kv_heads: the gpt2 arch has no GQA; set 0",
     )
-    need(
-        c.data.seq_len <= m.max_seq_len,
-        f"data.seq_len ({c.data.seq_len}) must be <= model.max_seq_len ({m.max_seq_len})",
+    _need(
+        data.seq_len <= m.max_seq_len,
+        "data.seq_len",
+        f"data.seq_len ({data.seq_len}) must be <= model.max_seq_len ({m.max_seq_len})",
     )
-    need(p.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage must be 0, 1, 2 or 3, got {p.zero_stage}")
-    need(
+
+
+def _check_layout(c: Config) -> None:
+    """The parallel layout against DeepSpeed's limits, the world size and the model's shapes."""
+    m, p, world = c.model, c.parallel, c.cluster.num_workers
+    _need(
+        p.zero_stage in (0, 1, 2, 3),
+        "parallel.zero_stage",
+        f"parallel.zero_stage must be 0, 1, 2 or 3, got {p.zero_stage}",
+    )
+    _need(
         p.pp == 1 or p.zero_stage <= 1,
+        "parallel.zero_stage",
         f"parallel.pp={p.pp} needs parallel.zero_stage<=1 (DeepSpeed forbids ZeRO-2/3 with pipeline "
         "parallelism); set zero_stage: 1 or pp: 1",
     )
-    world = cl.num_workers
-    need(
+    _need(
         world % (p.tp * p.pp) == 0,
+        "cluster.num_workers",
         f"cluster.num_workers ({world}) must be divisible by parallel.tp*parallel.pp ({p.tp * p.pp})",
     )
     dp = c.dp()
-    need(
+    _need(
         p.global_batch_size % (p.micro_batch_size * dp) == 0,
+        "parallel.global_batch_size",
         f"parallel.global_batch_size ({p.global_batch_size}) must be divisible by "
         f"parallel.micro_batch_size*dp ({p.micro_batch_size}*{dp})",
     )
-    for n in ("n_heads", "kv_heads", "ff_dim"):
+    for n, field_name in (("n_heads", "n_heads"), ("kv_heads", "n_kv_heads"), ("ff_dim", "d_ff")):
         v = getattr(m, n)
-        need(
+        _need(
             v % p.tp == 0,
-            f"model.{n.replace('kv_heads', 'n_kv_heads').replace('ff_dim', 'd_ff')} ({v}) "
-            f"must be divisible by parallel.tp ({p.tp})",
+            f"model.{field_name}",
+            f"model.{field_name} ({v}) must be divisible by parallel.tp ({p.tp})",
         )
-    need(
+    _need(
         m.vocab_size == 0 or m.vocab_size % p.tp == 0,
+        "model.vocab_size",
         f"model.vocab_size ({m.vocab_size}) must be divisible by parallel.tp ({p.tp}) (each TP rank holds "
         "vocab_size/tp rows of the embedding and the output head); round it up to a multiple of tp",
     )
-    need(p.pp <= m.n_layers, f"parallel.pp ({p.pp}) must be <= model.n_layers ({m.n_layers})")
-    need(
+    _need(p.pp <= m.n_layers, "parallel.pp", f"parallel.pp ({p.pp}) must be <= model.n_layers ({m.n_layers})")
+    _need(
         p.pp == 1 or not m.tie_embeddings,
+        "model.tie_embeddings",
         f"model.tie_embeddings is not supported with parallel.pp={p.pp} (the shared matrix would live on "
         "the first and the last stage); set tie_embeddings: false or pp: 1",
     )
-    need(k.keep >= 2, f"checkpoint.keep must be >= 2 (the newest may be mid-write), got {k.keep}")
-    need(
+
+
+def _check_run(c: Config) -> None:
+    """Where the run keeps its checkpoints, where it runs, and what it reads."""
+    k, cl = c.checkpoint, c.cluster
+    _need(
+        k.keep >= 2,
+        "checkpoint.keep",
+        f"checkpoint.keep must be >= 2 (the newest may be mid-write), got {k.keep}",
+    )
+    _need(
         k.storage == "" or (k.storage.startswith("s3://") and k.storage[len("s3://") :].strip("/") != ""),
+        "checkpoint.storage",
         f"checkpoint.storage ({k.storage!r}) must be empty (<run_dir>/checkpoints) or an s3://bucket/prefix",
     )
-    need(cl.cpus_per_worker > 0, f"cluster.cpus_per_worker must be > 0, got {cl.cpus_per_worker}")
-    need(
+    _need(
+        cl.cpus_per_worker > 0,
+        "cluster.cpus_per_worker",
+        f"cluster.cpus_per_worker must be > 0, got {cl.cpus_per_worker}",
+    )
+    _need(
         c.train.attention in ("auto", "math") or c.train.device != "cpu",
+        "train.attention",
         f"train.attention={c.train.attention} is a CUDA kernel; set train.attention: auto or math on CPU",
     )
-    for name in ("storage_path",):
-        need(getattr(cl, name) != "", f"cluster.{name} must not be empty")
-    need(c.data.path != "", "data.path must name the prepared corpus (run `pretrain prepare` first)")
+    _need(cl.storage_path != "", "cluster.storage_path", "cluster.storage_path must not be empty")
+    _need(
+        c.data.path != "",
+        "data.path",
+        "data.path must name the prepared corpus (run `pretrain prepare` first)",
+    )
 
 
 def describe_fields(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from trainer.config import Config, OptimConfig
-from trainer.parallel.zero_init import full_shape
+from trainer.parallel.zero_params import full_shape
 
 
 def precision(cfg: Config, device: torch.device) -> str:
@@ -74,9 +74,9 @@ _ADAM_STEP = getattr(torch.optim.AdamW.step, "__wrapped__", None)
 
 
 class AdamW(torch.optim.AdamW):
-    """torch's AdamW, whose first step does not import `torch._dynamo` (1.5-2.5 s of CPU per rank
-    at start-up; see trainer/lazy_dynamo.py). Same update, same hooks: only the grad mode is set
-    here instead of in torch's wrapper."""
+    """torch's AdamW, whose first step does not import `torch._dynamo` (CPU-seconds on every rank at
+    start-up; see trainer/lazy_dynamo.py). Same update, same hooks: only the grad mode is set here
+    instead of in torch's wrapper."""
 
     if _ADAM_STEP is not None:
 
@@ -113,10 +113,10 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 # Two imports on DeepSpeed's start path cost each rank CPU-seconds for features training here never
-# uses (on 2 cores shared by 2 ranks, a start-up's worth of them: `python benchmarks/startup.py`).
+# uses (measured by `python benchmarks/startup.py`).
 @contextlib.contextmanager
 def _without_mlflow():
-    """`import deepspeed` imports MLflow (1.3 s) for its autotuner to log tuning trials to; every
+    """`import deepspeed` imports MLflow for its autotuner to log tuning trials to; every
     rank pays, though only rank 0 logs, through our own tracking. Within this block MLflow cannot
     be imported (the autotuner, which we never run, sees it as not installed); after it, MLflow
     imports as usual. A no-op once MLflow is imported."""
@@ -135,7 +135,7 @@ def _import_deferring_compile(name: str) -> None:
     """Import module `name` with each `torch.compile` it applies as it loads deferred to the
     compiled function's first call. DeepSpeed imports its Muon optimizer module in every optimizer
     set-up, only to check `isinstance(optimizer, MuonWithAuxAdam)`, and that module wraps three
-    kernels in `torch.compile` at import, which imports all of inductor (1.5 s). Compilation itself
+    kernels in `torch.compile` at import, which imports all of inductor. Compilation itself
     already waits for the first call; this moves only the wrapping, so nothing else changes."""
     if name in sys.modules:
         return
@@ -186,8 +186,8 @@ def setup_deepspeed(device: torch.device, local_rank: int = 0):
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     if device.type == "cpu":
         # DeepSpeed's CPU comm backend JIT-compiles its shared-memory all-reduce when it starts
-        # (40-70 s on 2 cores, and again whenever another DeepSpeed install on the machine rebuilt
-        # the shared torch extensions cache). Only its inference all-reduce uses that op; training
+        # (a C++ build, repeated whenever another DeepSpeed install on the machine rebuilt the
+        # shared torch extensions cache). Only its inference all-reduce uses that op; training
         # collectives go through torch.distributed (gloo) either way. The table is set, not read:
         # reading it first probes every op DeepSpeed has, which compiles and links a C program
         # (its async-io check) on every rank of every run.
@@ -217,23 +217,25 @@ def initialize(
         dist_init_required=False,
     )
     if cfg.parallel.zero_stage == 0 and not hasattr(engine, "grid"):
-        record_grad_norm(engine)
+        # DeepSpeed's fp32 ZeRO-0 path clips without keeping the norm: `get_global_grad_norm()`
+        # would return nothing.
+        clip_fp32_gradients_over(engine, engine.mpu)
         if engine.dp_world_size == 1:
             # One data-parallel rank: nothing to average, yet DeepSpeed would flatten every gradient
-            # into buckets, all-reduce them over a group of one and copy them back each step (2% of
-            # a CPU step on the tiny model, two passes over the gradients on a GPU).
+            # into buckets, all-reduce them over a group of one and copy them back each step (two
+            # extra passes over the gradients).
             engine.enable_backward_allreduce = False
     return engine, optimizer
 
 
-def record_grad_norm(engine) -> None:
-    """DeepSpeed's fp32 ZeRO-0 path clips without keeping the norm, so `get_global_grad_norm()`
-    returns nothing there; clip with the same function and keep the norm it returns."""
+def clip_fp32_gradients_over(engine, mpu) -> None:
+    """Replace the engine's fp32 gradient clip (DeepSpeed's private `clip_fp32_gradients`) by
+    DeepSpeed's own `clip_grad_norm_` over `mpu`, keeping the norm for `get_global_grad_norm()`."""
     from deepspeed.runtime.utils import clip_grad_norm_
 
     def clip_fp32_gradients() -> None:
         engine._global_grad_norm = float(
-            clip_grad_norm_(engine.module.parameters(), max_norm=engine.gradient_clipping(), mpu=engine.mpu)
+            clip_grad_norm_(engine.module.parameters(), max_norm=engine.gradient_clipping(), mpu=mpu)
         )
 
     engine.clip_fp32_gradients = clip_fp32_gradients

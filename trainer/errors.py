@@ -1,7 +1,8 @@
 """The one error type for expected failures: a message for the user, what it names, an exit code.
 
 Every failure a user can fix (a config field, a corpus file, storage, a CLI argument) raises a
-subclass; the CLI turns any of them into one message and exit code 2 (`launch/cli.py`).
+subclass, which keeps its other base (`ValueError`, `OSError`, `RuntimeError`) for callers that catch
+that; the CLI turns any of them into one message and its exit code (`launch/errors.py`).
 """
 
 from __future__ import annotations

@@ -198,8 +198,8 @@ class MlflowLogger(NullLogger):
         self.close_timeout_s = close_timeout_s
         self.max_backoff_s = max_backoff_s
         # Opened by the thread on its first send (the first step's metrics): MLflow's import and a
-        # store's set-up (about 2 s of CPU on SQLite) then overlap the next steps instead of
-        # preceding the first; a checkpoint's flush waits for them.
+        # store's set-up (CPU-seconds) then overlap the next steps instead of preceding the first;
+        # a checkpoint's flush waits for them.
         self._store: _TrackingStore | None = None
         self._tracking_uri = tracking_uri
         self._request_timeout_s = request_timeout_s

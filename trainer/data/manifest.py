@@ -26,6 +26,7 @@ import os
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from trainer.errors import PretrainError
 from trainer.fsutil import write_bytes_atomic
 
 MANIFEST_NAME = "manifest.json"
@@ -36,8 +37,9 @@ SPLITS = ("train", "val")
 _UNFINGERPRINTED = ("fingerprint", "created")
 
 
-class ManifestError(ValueError):
-    """A manifest is missing, malformed, inconsistent or was modified after it was written."""
+class ManifestError(PretrainError, ValueError):
+    """A manifest is missing, malformed, inconsistent or was modified after it was written; `path`
+    is the manifest file."""
 
 
 @dataclass
@@ -95,22 +97,30 @@ class Manifest:
     def from_json(cls, text: str, where: str) -> Manifest:
         """Parse and validate manifest JSON; `where` names its origin in error messages."""
         try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ManifestError(f"{where}: not valid JSON ({e})") from e
-        manifest = _parse_manifest(raw, where)
-        expected = manifest.compute_fingerprint()
-        if manifest.fingerprint != expected:
-            raise ManifestError(
-                f"{where}: fingerprint mismatch (recorded {manifest.fingerprint}, contents give "
-                f"{expected}): the manifest was modified after `pretrain prepare` wrote it; "
-                "re-run `pretrain prepare` instead of editing it"
-            )
-        _check_consistency(manifest, where)
-        return manifest
+            return _parse_checked(text, where)
+        except ManifestError as e:
+            e.path = e.path or where  # the parse helpers name a field; the error names the file too
+            raise
 
     def _as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _parse_checked(text: str, where: str) -> Manifest:
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ManifestError(f"{where}: not valid JSON ({e})") from e
+    manifest = _parse_manifest(raw, where)
+    expected = manifest.compute_fingerprint()
+    if manifest.fingerprint != expected:
+        raise ManifestError(
+            f"{where}: fingerprint mismatch (recorded {manifest.fingerprint}, contents give "
+            f"{expected}): the manifest was modified after `pretrain prepare` wrote it; "
+            "re-run `pretrain prepare` instead of editing it"
+        )
+    _check_consistency(manifest, where)
+    return manifest
 
 
 def load_manifest(root: str) -> Manifest:
@@ -122,10 +132,11 @@ def load_manifest(root: str) -> Manifest:
     except FileNotFoundError:
         raise ManifestError(
             f"{path} not found: run `pretrain prepare` first to create the dataset in {root} "
-            "(a directory without a manifest is an incomplete or interrupted prepare)"
+            "(a directory without a manifest is an incomplete or interrupted prepare)",
+            path=path,
         ) from None
     except OSError as e:
-        raise ManifestError(f"{path}: cannot read ({e})") from e
+        raise ManifestError(f"{path}: cannot read ({e})", path=path) from e
     return Manifest.from_json(text, path)
 
 

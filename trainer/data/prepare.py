@@ -1,6 +1,7 @@
-"""`pretrain prepare`: raw text -> tokenizer -> fixed-length token blocks -> WebDataset shards.
+"""`prepare()`, behind `pretrain prepare` (launch/prepare.py): raw text -> tokenizer -> fixed-length
+token blocks -> WebDataset shards.
 
-Output directory (`--out`):
+Output directory (`out`):
 
     tokenizer.json           HF `tokenizers` file (byte-level BPE, <|endoftext|> = EOS)
     train-000000.tar ...     WebDataset shards; sample key = global block index (9 digits),
@@ -10,7 +11,7 @@ Output directory (`--out`):
 Documents are tokenized in input order, each followed by EOS, concatenated into one stream and cut
 into blocks of exactly `block_len` tokens (the tail that does not fill a block is dropped). The last
 `val_blocks` blocks form the "val" split. Everything is built in a temporary directory next to
-`--out` and moved in at the end, so an interrupted run leaves no manifest that lies.
+`out` and moved in at the end, so an interrupted run leaves no manifest that lies.
 
 When the tokenizer is trained here, the inputs are read twice (train, then tokenize) rather than
 held in memory; URLs are therefore fetched twice.
@@ -18,9 +19,7 @@ held in memory; URLs are therefore fetched twice.
 
 from __future__ import annotations
 
-import argparse
 import gzip
-import hashlib
 import io
 import json
 import multiprocessing as mp
@@ -34,6 +33,7 @@ import urllib.parse
 import urllib.request
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import IO, Any
 
@@ -41,7 +41,8 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from trainer.data.manifest import MANIFEST_NAME, Manifest, ShardInfo, SplitInfo, write_manifest
-from trainer.fsutil import fsync_dir
+from trainer.errors import PretrainError
+from trainer.fsutil import fsync_dir, sha256_file
 
 EOS_TOKEN = "<|endoftext|>"
 TOKENIZER_NAME = "tokenizer.json"
@@ -56,87 +57,27 @@ _BATCH_CHARS = 1 << 20
 _URL_TIMEOUT_S = 60
 
 
-class PrepareError(ValueError):
-    """Bad input or option for `pretrain prepare`; the message names the file or option."""
+class PrepareError(PretrainError, ValueError):
+    """Bad input or option for `pretrain prepare`; the message names the file or option (`path`,
+    `field`)."""
 
 
-# ---- entry points -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Options:
+    """What `prepare` was asked for, passed whole to its stages."""
+
+    tokenizer: str | None
+    vocab_size: int
+    block_len: int
+    samples_per_shard: int
+    val_blocks: int | None
+    text_field: str
+    workers: int | None  # None: every CPU core
+    max_docs: int | None
+    tokenizer_sample_docs: int | None
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the `pretrain prepare` arguments to `parser`."""
-    parser.add_argument(
-        "inputs",
-        nargs="+",
-        help="text sources: files, directories (recursive: .txt .md .py .rst .jsonl .jsonl.gz "
-        ".jsonl.zst .parquet), globs, or http(s) URLs; read in the given order, files sorted",
-    )
-    parser.add_argument(
-        "--out", required=True, help="output directory for shards, tokenizer.json, manifest.json"
-    )
-    parser.add_argument(
-        "--tokenizer",
-        metavar="PATH",
-        default=None,
-        help="reuse this tokenizer.json (must contain <|endoftext|>) instead of training a byte-level BPE",
-    )
-    parser.add_argument(
-        "--vocab-size", type=int, default=8192, help="vocabulary size of the trained tokenizer (default 8192)"
-    )
-    parser.add_argument(
-        "--block-len",
-        type=int,
-        default=2049,
-        help="tokens per sample; use the model's seq_len + 1 so inputs and shifted targets fit (default 2049)",
-    )
-    parser.add_argument(
-        "--samples-per-shard", type=int, default=256, help="blocks per tar shard (default 256)"
-    )
-    parser.add_argument(
-        "--val-blocks",
-        type=int,
-        default=None,
-        help="blocks at the end of the stream held out as the val split (default: max(1, 0.5%% of blocks))",
-    )
-    parser.add_argument(
-        "--text-field", default="text", help="JSON Lines / Parquet field holding the text (default 'text')"
-    )
-    parser.add_argument(
-        "--workers", type=int, default=None, help="tokenizer processes (default: all CPU cores)"
-    )
-    parser.add_argument("--max-docs", type=int, default=None, help="stop after this many documents")
-    parser.add_argument(
-        "--tokenizer-sample-docs",
-        type=int,
-        default=None,
-        help="train the tokenizer on only the first N documents (default: all)",
-    )
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace the shards (*.tar), manifest.json and tokenizer.json in a non-empty --out",
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    """Run `pretrain prepare` from parsed arguments; prepare() prints progress and the summary."""
-    prepare(
-        args.inputs,
-        args.out,
-        tokenizer=args.tokenizer,
-        vocab_size=args.vocab_size,
-        block_len=args.block_len,
-        samples_per_shard=args.samples_per_shard,
-        val_blocks=args.val_blocks,
-        text_field=args.text_field,
-        workers=args.workers,
-        max_docs=args.max_docs,
-        tokenizer_sample_docs=args.tokenizer_sample_docs,
-        overwrite=args.overwrite,
-    )
-    # stdout gets only the manifest path, so scripts can capture it.
-    print(os.path.join(args.out, MANIFEST_NAME))
-    return 0
+# ---- entry point ------------------------------------------------------------------------------
 
 
 def prepare(
@@ -156,16 +97,18 @@ def prepare(
 ) -> Manifest:
     """Tokenize `inputs` into WebDataset shards under `out`; returns the manifest written last."""
     start = time.monotonic()
-    _check_options(
+    opts = _Options(
+        tokenizer=tokenizer,
+        vocab_size=vocab_size,
         block_len=block_len,
         samples_per_shard=samples_per_shard,
         val_blocks=val_blocks,
+        text_field=text_field,
         workers=workers,
         max_docs=max_docs,
         tokenizer_sample_docs=tokenizer_sample_docs,
-        vocab_size=None if tokenizer else vocab_size,
     )
-    workers = workers or os.cpu_count() or 1
+    _check_options(opts)
     out = os.path.abspath(out)
     _check_out_dir(out, overwrite)
     sources = resolve_inputs(inputs)
@@ -176,84 +119,107 @@ def prepare(
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.prepare-", dir=parent)
     progress = _Progress()
     try:
-        tok_path = os.path.join(tmp, TOKENIZER_NAME)
-        if tokenizer:
-            tok = _load_tokenizer(tokenizer, tok_path)
-            tokenizer_source: dict[str, Any] = {"file": tokenizer}
-        else:
-            sample = (
-                tokenizer_sample_docs
-                if max_docs is None
-                else min(max_docs, tokenizer_sample_docs or max_docs)
-            )
-            tok = _train_tokenizer(iter_documents(sources, text_field, sample), vocab_size, progress)
-            tok.save(tok_path)
-            tokenizer_source = {"trained": {"vocab_size": vocab_size, "sample_docs": tokenizer_sample_docs}}
-        eos_id = tok.token_to_id(EOS_TOKEN)
-        vocab = tok.get_vocab_size(with_added_tokens=True)
-        dtype = "uint16" if vocab <= 1 << 16 else "uint32"
-
-        tokens_path = os.path.join(tmp, "tokens.bin")
-        n_docs, n_tokens = _tokenize_to_file(
-            iter_documents(sources, text_field, max_docs), tok, eos_id, dtype, workers, tokens_path, progress
-        )
-        if n_docs == 0:
-            raise PrepareError(
-                f"inputs {list(inputs)} contain no documents (empty files or no {text_field!r} values)"
-            )
-        n_blocks = n_tokens // block_len
-        n_val = val_blocks if val_blocks is not None else max(1, n_blocks // 200)
-        if n_blocks < n_val + 1:
-            raise PrepareError(
-                f"too little text: {n_docs} documents gave {n_tokens} tokens = {n_blocks} block(s) of "
-                f"--block-len {block_len}, but one train block + --val-blocks {n_val} are needed; "
-                "add input or lower --block-len"
-            )
-        n_train = n_blocks - n_val
-
-        blocks = np.memmap(tokens_path, dtype=_np_dtype(dtype), mode="r", shape=(n_blocks, block_len))
-        splits = {
-            "train": _write_split(tmp, "train", blocks, 0, n_train, samples_per_shard, progress),
-            "val": _write_split(tmp, "val", blocks, n_train, n_blocks, samples_per_shard, progress),
-        }
-        del blocks  # release the mapping before the temp dir goes
-        progress.done()
-
-        manifest = Manifest(
-            version=1,
-            dtype=dtype,
-            block_len=block_len,
-            vocab_size=vocab,
-            eos_id=eos_id,
-            tokenizer_file=TOKENIZER_NAME,
-            tokenizer_sha256=_sha256_file(tok_path),
-            splits=splits,
-            source={
-                "inputs": list(inputs),
-                "documents": n_docs,
-                "tokens": n_tokens,
-                "dropped_tail_tokens": n_tokens - n_blocks * block_len,
-                "text_field": text_field,
-                "max_docs": max_docs,
-                "tokenizer": tokenizer_source,
-                "tool_version": _tool_version(),
-            },
-            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        ).seal()
-        names = [s.name for split in splits.values() for s in split.shards] + [TOKENIZER_NAME]
+        manifest = _build_dataset(tmp, list(inputs), sources, opts, progress)
+        names = [s.name for split in manifest.splits.values() for s in split.shards] + [TOKENIZER_NAME]
         _commit(tmp, out, names, manifest)
     finally:
         progress.done()
         shutil.rmtree(tmp, ignore_errors=True)
+    _print_summary(manifest, out, time.monotonic() - start)
+    return manifest
 
+
+def _build_dataset(
+    tmp: str, inputs: list[str], sources: list[str], opts: _Options, progress: _Progress
+) -> Manifest:
+    """Tokenizer, token stream, shards and the sealed manifest, all in `tmp`."""
+    tok_path = os.path.join(tmp, TOKENIZER_NAME)
+    tok, tokenizer_source = _make_tokenizer(sources, tok_path, opts, progress)
+    eos_id = tok.token_to_id(EOS_TOKEN)
+    vocab = tok.get_vocab_size(with_added_tokens=True)
+    dtype = "uint16" if vocab <= 1 << 16 else "uint32"
+
+    tokens_path = os.path.join(tmp, "tokens.bin")
+    docs = iter_documents(sources, opts.text_field, opts.max_docs)
+    workers = opts.workers or os.cpu_count() or 1
+    n_docs, n_tokens = _tokenize_to_file(docs, tok, eos_id, dtype, workers, tokens_path, progress)
+    n_blocks, n_val = _count_blocks(inputs, n_docs, n_tokens, opts)
+    n_train = n_blocks - n_val
+
+    blocks = np.memmap(tokens_path, dtype=_np_dtype(dtype), mode="r", shape=(n_blocks, opts.block_len))
+    splits = {
+        "train": _write_split(tmp, "train", blocks, 0, n_train, opts.samples_per_shard, progress),
+        "val": _write_split(tmp, "val", blocks, n_train, n_blocks, opts.samples_per_shard, progress),
+    }
+    del blocks  # release the mapping before the temp dir goes
+    progress.done()
+
+    return Manifest(
+        version=1,
+        dtype=dtype,
+        block_len=opts.block_len,
+        vocab_size=vocab,
+        eos_id=eos_id,
+        tokenizer_file=TOKENIZER_NAME,
+        tokenizer_sha256=sha256_file(tok_path),
+        splits=splits,
+        source={
+            "inputs": inputs,
+            "documents": n_docs,
+            "tokens": n_tokens,
+            "dropped_tail_tokens": n_tokens - n_blocks * opts.block_len,
+            "text_field": opts.text_field,
+            "max_docs": opts.max_docs,
+            "tokenizer": tokenizer_source,
+            "tool_version": _tool_version(),
+        },
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    ).seal()
+
+
+def _make_tokenizer(
+    sources: list[str], tok_path: str, opts: _Options, progress: _Progress
+) -> tuple[Tokenizer, dict[str, Any]]:
+    """The given tokenizer (copied to `tok_path`) or one trained on the inputs; and how it was made."""
+    if opts.tokenizer:
+        return _load_tokenizer(opts.tokenizer, tok_path), {"file": opts.tokenizer}
+    sample = opts.tokenizer_sample_docs
+    if opts.max_docs is not None:
+        sample = min(opts.max_docs, sample or opts.max_docs)
+    tok = _train_tokenizer(iter_documents(sources, opts.text_field, sample), opts.vocab_size, progress)
+    tok.save(tok_path)
+    return tok, {"trained": {"vocab_size": opts.vocab_size, "sample_docs": opts.tokenizer_sample_docs}}
+
+
+def _count_blocks(inputs: list[str], n_docs: int, n_tokens: int, opts: _Options) -> tuple[int, int]:
+    """(blocks, of which val) the token stream gives; refused when it gives no train block."""
+    if n_docs == 0:
+        raise PrepareError(
+            f"inputs {inputs} contain no documents (empty files or no {opts.text_field!r} values)",
+            field="inputs",
+        )
+    n_blocks = n_tokens // opts.block_len
+    n_val = opts.val_blocks if opts.val_blocks is not None else max(1, n_blocks // 200)
+    if n_blocks < n_val + 1:
+        raise PrepareError(
+            f"too little text: {n_docs} documents gave {n_tokens} tokens = {n_blocks} block(s) of "
+            f"--block-len {opts.block_len}, but one train block + --val-blocks {n_val} are needed; "
+            "add input or lower --block-len",
+            field="--block-len",
+        )
+    return n_blocks, n_val
+
+
+def _print_summary(manifest: Manifest, out: str, seconds: float) -> None:
+    train, val = manifest.splits["train"], manifest.splits["val"]
     n_shards = sum(len(s.shards) for s in manifest.splits.values())
     print(
-        f"[prepare] done: {n_docs:,} documents, {n_tokens:,} tokens, {n_train:,} train + {n_val:,} val "
-        f"blocks of {block_len}, {n_shards} shards, {time.monotonic() - start:.1f}s -> {out}",
+        f"[prepare] done: {manifest.source['documents']:,} documents, {manifest.source['tokens']:,} tokens, "
+        f"{train.samples:,} train + {val.samples:,} val blocks of {manifest.block_len}, {n_shards} shards, "
+        f"{seconds:.1f}s -> {out}",
         file=sys.stderr,
         flush=True,
     )
-    return manifest
 
 
 # ---- inputs -----------------------------------------------------------------------------------
@@ -262,7 +228,7 @@ def prepare(
 def resolve_inputs(inputs: Sequence[str]) -> list[str]:
     """Expand inputs to an ordered list of files and URLs (each directory/glob sorted, no duplicates)."""
     if not inputs:
-        raise PrepareError("no inputs given: pass files, directories, globs or http(s) URLs")
+        raise PrepareError("no inputs given: pass files, directories, globs or http(s) URLs", field="inputs")
     resolved: list[str] = []
     seen: set[str] = set()
     for item in inputs:
@@ -271,7 +237,7 @@ def resolve_inputs(inputs: Sequence[str]) -> list[str]:
         elif os.path.isdir(item):
             found = _walk(item)
             if not found:
-                raise PrepareError(f"input directory {item} has no {_known_extensions()} files")
+                raise PrepareError(f"input directory {item} has no {_known_extensions()} files", path=item)
         elif os.path.isfile(item):
             found = [item]
         elif any(c in item for c in "*?["):
@@ -281,9 +247,11 @@ def resolve_inputs(inputs: Sequence[str]) -> list[str]:
             for match in sorted(glob.glob(item, recursive=True)):
                 found.extend(_walk(match) if os.path.isdir(match) else [match])
             if not found:
-                raise PrepareError(f"input glob {item} matched no files")
+                raise PrepareError(f"input glob {item} matched no files", path=item)
         else:
-            raise PrepareError(f"input {item} does not exist (not a file, directory, glob or http(s) URL)")
+            raise PrepareError(
+                f"input {item} does not exist (not a file, directory, glob or http(s) URL)", path=item
+            )
         for f in found:
             key = f if _is_url(f) else os.path.realpath(f)
             if key not in seen:
@@ -356,7 +324,7 @@ def _read_source(location: str, text_field: str) -> Iterator[str]:
         raise
     except (OSError, EOFError, UnicodeError, ValueError) as e:
         # gzip/zstd/http errors surface here mid-stream; name the file, not a library internals line.
-        raise PrepareError(f"cannot read input {location}: {e}") from e
+        raise PrepareError(f"cannot read input {location}: {e}", path=location) from e
 
 
 def _open_binary(location: str) -> IO[bytes]:
@@ -364,11 +332,11 @@ def _open_binary(location: str) -> IO[bytes]:
         try:
             return urllib.request.urlopen(location, timeout=_URL_TIMEOUT_S)
         except (urllib.error.URLError, OSError, ValueError) as e:
-            raise PrepareError(f"cannot fetch input {location}: {e}") from e
+            raise PrepareError(f"cannot fetch input {location}: {e}", path=location) from e
     try:
         return open(location, "rb")
     except OSError as e:
-        raise PrepareError(f"cannot read input file {location}: {e.strerror or e}") from e
+        raise PrepareError(f"cannot read input file {location}: {e.strerror or e}", path=location) from e
 
 
 def _read_jsonl(location: str, raw: IO[bytes], text_field: str) -> Iterator[str]:
@@ -381,7 +349,8 @@ def _read_jsonl(location: str, raw: IO[bytes], text_field: str) -> Iterator[str]
             import zstandard
         except ImportError:
             raise PrepareError(
-                f"input {location} is zstd-compressed: install `zstandard` (pip install zstandard) to read it"
+                f"input {location} is zstd-compressed: install `zstandard` (pip install zstandard) to read it",
+                path=location,
             ) from None
         stream = zstandard.ZstdDecompressor().stream_reader(raw)
     else:
@@ -392,17 +361,16 @@ def _read_jsonl(location: str, raw: IO[bytes], text_field: str) -> Iterator[str]
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise PrepareError(f"{location}:{lineno}: invalid JSON ({e.msg})") from None
+            raise PrepareError(f"{location}:{lineno}: invalid JSON ({e.msg})", path=location) from None
         if not isinstance(record, dict) or text_field not in record:
-            raise PrepareError(f"{location}:{lineno}: no {text_field!r} field (set --text-field)")
-        text = record[text_field]
-        if text is None:
-            continue
-        if not isinstance(text, str):
             raise PrepareError(
-                f"{location}:{lineno}: field {text_field!r} is {type(text).__name__}, not a string"
+                f"{location}:{lineno}: no {text_field!r} field (set --text-field)",
+                field="--text-field",
+                path=location,
             )
-        yield text
+        text = record[text_field]
+        if _is_text(text, location, f"{location}:{lineno}: field {text_field!r}"):
+            yield text
 
 
 def _read_parquet(location: str, raw: IO[bytes], text_field: str) -> Iterator[str]:
@@ -410,23 +378,30 @@ def _read_parquet(location: str, raw: IO[bytes], text_field: str) -> Iterator[st
         import pyarrow.parquet as pq
     except ImportError:
         raise PrepareError(
-            f"input {location} is Parquet: install `pyarrow` (pip install pyarrow) to read it"
+            f"input {location} is Parquet: install `pyarrow` (pip install pyarrow) to read it",
+            path=location,
         ) from None
     # Parquet needs random access; a URL's body is buffered in memory.
     parquet = pq.ParquetFile(raw if raw.seekable() else io.BytesIO(raw.read()))
     if text_field not in parquet.schema_arrow.names:
         raise PrepareError(
-            f"{location}: no column {text_field!r} (columns: {parquet.schema_arrow.names}; set --text-field)"
+            f"{location}: no column {text_field!r} (columns: {parquet.schema_arrow.names}; set --text-field)",
+            field="--text-field",
+            path=location,
         )
     for batch in parquet.iter_batches(columns=[text_field], batch_size=1024):
         for text in batch.column(0).to_pylist():
-            if text is None:
-                continue
-            if not isinstance(text, str):
-                raise PrepareError(
-                    f"{location}: column {text_field!r} holds {type(text).__name__}, not strings"
-                )
-            yield text
+            if _is_text(text, location, f"{location}: column {text_field!r}"):
+                yield text
+
+
+def _is_text(value: Any, location: str, what: str) -> bool:
+    """True for a document's text, False for a missing one (None); anything else is refused."""
+    if value is None:
+        return False
+    if not isinstance(value, str):
+        raise PrepareError(f"{what} is {type(value).__name__}, not a string", path=location)
+    return True
 
 
 # ---- tokenizer --------------------------------------------------------------------------------
@@ -460,10 +435,14 @@ def _load_tokenizer(path: str, copy_to: str) -> Tokenizer:
     try:
         tok = Tokenizer.from_file(path)
     except Exception as e:  # tokenizers raises a bare Exception for unreadable/invalid files
-        raise PrepareError(f"--tokenizer {path}: cannot load as a tokenizers JSON file ({e})") from e
+        raise PrepareError(
+            f"--tokenizer {path}: cannot load as a tokenizers JSON file ({e})", field="--tokenizer", path=path
+        ) from e
     if tok.token_to_id(EOS_TOKEN) is None:
         raise PrepareError(
-            f"--tokenizer {path}: has no {EOS_TOKEN} token, which prepare uses as the document separator (EOS)"
+            f"--tokenizer {path}: has no {EOS_TOKEN} token, which prepare uses as the document separator (EOS)",
+            field="--tokenizer",
+            path=path,
         )
     shutil.copyfile(path, copy_to)
     return tok
@@ -549,7 +528,9 @@ def _tokenize_to_file(
     with open(path, "wb") as f:
         for n, ids in _ordered_map(_encode_docs, _batches(docs), workers, (tok.to_str(), eos_id)):
             if ids.size and int(ids.max()) > limit:
-                raise PrepareError(f"tokenizer produced id {int(ids.max())}, which does not fit {dtype}")
+                raise PrepareError(
+                    f"tokenizer produced id {int(ids.max())}, which does not fit {dtype}", field="--tokenizer"
+                )
             f.write(ids.astype(np_dtype).tobytes())
             n_docs += n
             n_tokens += ids.size
@@ -597,7 +578,7 @@ def _write_split(
                 samples=samples,
                 tokens=samples * block_len,
                 bytes=os.path.getsize(fname),
-                sha256=_sha256_file(fname),
+                sha256=sha256_file(fname),
             )
         )
         progress.update("writing shards", shards=1)
@@ -643,56 +624,49 @@ def _commit(tmp: str, out: str, names: list[str], manifest: Manifest) -> None:
 # ---- small pieces -----------------------------------------------------------------------------
 
 
-def _check_options(
-    *,
-    block_len: int,
-    samples_per_shard: int,
-    val_blocks: int | None,
-    workers: int | None,
-    max_docs: int | None,
-    tokenizer_sample_docs: int | None,
-    vocab_size: int | None,
-) -> None:
-    if block_len < 2:
-        raise PrepareError(f"--block-len must be >= 2 (inputs + shifted targets), got {block_len}")
-    if samples_per_shard < 1:
-        raise PrepareError(f"--samples-per-shard must be >= 1, got {samples_per_shard}")
-    if val_blocks is not None and val_blocks < 1:
-        raise PrepareError(f"--val-blocks must be >= 1 (the val split cannot be empty), got {val_blocks}")
+def _check_options(o: _Options) -> None:
+    if o.block_len < 2:
+        raise PrepareError(
+            f"--block-len must be >= 2 (inputs + shifted targets), got {o.block_len}", field="--block-len"
+        )
+    if o.samples_per_shard < 1:
+        raise PrepareError(
+            f"--samples-per-shard must be >= 1, got {o.samples_per_shard}", field="--samples-per-shard"
+        )
+    if o.val_blocks is not None and o.val_blocks < 1:
+        raise PrepareError(
+            f"--val-blocks must be >= 1 (the val split cannot be empty), got {o.val_blocks}",
+            field="--val-blocks",
+        )
     for option, value in (
-        ("--workers", workers),
-        ("--max-docs", max_docs),
-        ("--tokenizer-sample-docs", tokenizer_sample_docs),
+        ("--workers", o.workers),
+        ("--max-docs", o.max_docs),
+        ("--tokenizer-sample-docs", o.tokenizer_sample_docs),
     ):
         if value is not None and value < 1:
-            raise PrepareError(f"{option} must be >= 1, got {value}")
-    if vocab_size is not None and vocab_size < MIN_VOCAB_SIZE:
+            raise PrepareError(f"{option} must be >= 1, got {value}", field=option)
+    if not o.tokenizer and o.vocab_size < MIN_VOCAB_SIZE:  # a given tokenizer brings its own vocabulary
         raise PrepareError(
-            f"--vocab-size {vocab_size} is too small: a byte-level BPE needs at least {MIN_VOCAB_SIZE} "
-            f"(256 bytes + {EOS_TOKEN})"
+            f"--vocab-size {o.vocab_size} is too small: a byte-level BPE needs at least {MIN_VOCAB_SIZE} "
+            f"(256 bytes + {EOS_TOKEN})",
+            field="--vocab-size",
         )
 
 
 def _check_out_dir(out: str, overwrite: bool) -> None:
     if os.path.exists(out) and not os.path.isdir(out):
-        raise PrepareError(f"--out {out} exists and is not a directory")
+        raise PrepareError(f"--out {out} exists and is not a directory", field="--out", path=out)
     if os.path.isdir(out) and os.listdir(out) and not overwrite:
         raise PrepareError(
             f"--out {out} is not empty; pass --overwrite to replace its shards (*.tar), manifest.json "
-            "and tokenizer.json (other files are kept)"
+            "and tokenizer.json (other files are kept)",
+            field="--overwrite",
+            path=out,
         )
 
 
 def _np_dtype(dtype: str) -> np.dtype:
     return np.dtype("<u2" if dtype == "uint16" else "<u4")
-
-
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _tool_version() -> str:

@@ -33,6 +33,7 @@ from contextlib import closing
 from dataclasses import dataclass
 from typing import IO, TypeVar
 
+from trainer.errors import PretrainError
 from trainer.s3 import NO_CREDENTIALS, client_error
 
 T = TypeVar("T")
@@ -44,8 +45,8 @@ _ZERO_BLOCK = bytes(_TAR_BLOCK)
 _READ_CHUNK = 1 << 18
 
 
-class StorageError(OSError):
-    """A shard or manifest cannot be read; the message names the location."""
+class StorageError(PretrainError, OSError):
+    """A shard or manifest cannot be read; the message names the location, `path` too."""
 
 
 class _Transient(Exception):
@@ -92,12 +93,16 @@ def check_root(root: str) -> None:
     if scheme == "pipe":
         raise StorageError(
             f"data root {root!r} is refused: `pipe:` URLs run shell commands, which the loader never "
-            "does; give a local directory, an http(s):// URL or an s3://bucket/prefix"
+            "does; give a local directory, an http(s):// URL or an s3://bucket/prefix",
+            field="data.path",
+            path=root,
         )
     if "://" in root:
         raise StorageError(
             f"data root {root!r}: unsupported scheme {scheme}://; give a local directory, an http(s):// "
-            "URL or an s3://bucket/prefix"
+            "URL or an s3://bucket/prefix",
+            field="data.path",
+            path=root,
         )
 
 
@@ -119,7 +124,9 @@ def _with_retries(where: str, retry: Retry, attempt: Callable[[], T]) -> T:
             return attempt()
         except _Transient as e:
             if k + 1 == retry.tries:
-                raise StorageError(f"cannot read {where} after {retry.tries} tries: {e}") from None
+                raise StorageError(
+                    f"cannot read {where} after {retry.tries} tries: {e}", path=where
+                ) from None
             time.sleep(retry.backoff_s * 2**k)
     raise AssertionError("unreachable")
 
@@ -135,7 +142,7 @@ def _open_once(root: str, name: str, timeout_s: float) -> IO[bytes]:
         except urllib.error.HTTPError as e:
             if e.code >= 500 or e.code == 429:
                 raise _Transient(f"HTTP {e.code} {e.reason}") from None
-            raise StorageError(f"cannot read {where}: HTTP {e.code} {e.reason}") from None
+            raise StorageError(f"cannot read {where}: HTTP {e.code} {e.reason}", path=where) from None
         except urllib.error.URLError as e:
             raise _Transient(f"{e.reason}") from None
         except (OSError, http.client.HTTPException) as e:  # timeouts, resets
@@ -143,7 +150,7 @@ def _open_once(root: str, name: str, timeout_s: float) -> IO[bytes]:
     try:
         return open(where, "rb")
     except OSError as e:
-        raise StorageError(f"cannot read {where}: {e.strerror or e}") from None
+        raise StorageError(f"cannot read {where}: {e.strerror or e}", path=where) from None
 
 
 def open_stream(root: str, name: str, retry: Retry | None = None) -> IO[bytes]:
@@ -235,12 +242,12 @@ def _s3_open(url: str, timeout_s: float) -> IO[bytes]:
     try:
         return client.get_object(Bucket=bucket, Key=key)["Body"]
     except NoCredentialsError:
-        raise StorageError(f"cannot read {url}: {NO_CREDENTIALS}") from None
+        raise StorageError(f"cannot read {url}: {NO_CREDENTIALS}", path=url) from None
     except ClientError as e:
         code, status, line = client_error(e)
         if status >= 500 or code in ("SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable"):
             raise _Transient(f"S3 {code} (HTTP {status})") from None
-        raise StorageError(f"cannot read {url}: {line}") from None
+        raise StorageError(f"cannot read {url}: {line}", path=url) from None
     except BotoCoreError as e:  # endpoint unreachable, timeouts, dropped connections
         raise _Transient(f"{type(e).__name__}: {e}") from None
 
@@ -379,22 +386,27 @@ def _read_shard_once(
             after = f", after key {samples[-1].key}" if samples else ""
             raise StorageError(
                 f"{where}: truncated or corrupt shard at sample {n}{after}: {e} "
-                f"(read {r.nbytes} bytes{f' of {size}' if size is not None else ''})"
+                f"(read {r.nbytes} bytes{f' of {size}' if size is not None else ''})",
+                path=where,
             ) from None
         except Exception as e:
             if is_remote(root):
                 _raise_read_error(where, e)
-            raise StorageError(f"{where}: read failed after {len(samples)} samples: {e}") from None
+            raise StorageError(
+                f"{where}: read failed after {len(samples)} samples: {e}", path=where
+            ) from None
     if size is not None and r.nbytes != size:
         raise StorageError(
             f"{where}: {r.nbytes} bytes, the manifest says {size}: the shard was truncated, extended "
-            "or replaced after `pretrain prepare`; restore it or re-run prepare"
+            "or replaced after `pretrain prepare`; restore it or re-run prepare",
+            path=where,
         )
     if sha256 is not None and r.sha.hexdigest() != sha256:
         raise StorageError(
             f"{where}: sha256 {r.sha.hexdigest()} does not match the manifest ({sha256}): the shard is "
             "corrupt or was replaced after `pretrain prepare`; restore it or re-run prepare "
-            "(none of its samples were used)"
+            "(none of its samples were used)",
+            path=where,
         )
     return samples
 

@@ -38,6 +38,7 @@ import numpy as np
 
 from trainer.data.manifest import MANIFEST_NAME, Manifest, ShardInfo, load_manifest
 from trainer.data.storage import Retry, check_root, is_remote, join, read_shard, read_text
+from trainer.errors import PretrainError
 
 if TYPE_CHECKING:  # torch is imported where batches are made: the driver checks a corpus without it
     import torch
@@ -48,7 +49,7 @@ if TYPE_CHECKING:  # torch is imported where batches are made: the driver checks
 _STREAM_CHOICES = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 
 
-class DataError(ValueError):
+class DataError(PretrainError, ValueError):
     """The corpus cannot serve this run (too small, wrong block length, bad layout)."""
 
 
@@ -66,14 +67,15 @@ def read_blocks(root: str, info: ShardInfo, manifest: Manifest, retry: Retry | N
     samples = read_shard(root, info.name, sha256=info.sha256, size=info.bytes, retry=retry)
     tokens = [s for s in samples if s.ext == "tokens"]
     if len(tokens) != info.samples:
-        raise DataError(f"{where}: has {len(tokens)} samples, manifest says {info.samples}")
+        raise DataError(f"{where}: has {len(tokens)} samples, manifest says {info.samples}", path=where)
     dtype = np.dtype(manifest.dtype).newbyteorder("<")
     want = manifest.block_len * dtype.itemsize
     for i, s in enumerate(tokens):
         if len(s.data) != want:
             raise DataError(
                 f"{where}: sample {i} (key {s.key}) has {len(s.data)} bytes, expected {want} "
-                f"({manifest.block_len} x {manifest.dtype})"
+                f"({manifest.block_len} x {manifest.dtype})",
+                path=where,
             )
     blocks = np.frombuffer(b"".join(s.data for s in tokens), dtype=dtype)
     return blocks.reshape(info.samples, manifest.block_len)
@@ -169,24 +171,32 @@ class TokenStream:
         self.dtype = np.dtype(manifest.dtype).newbyteorder("<")
         self.num_streams = num_streams or default_num_streams(len(self.shards))
         if workers < 0:
-            raise DataError(f"data loader workers must be >= 0, got {workers}")
+            raise DataError(f"data loader workers must be >= 0, got {workers}", field="data.loader_workers")
         if seq_len + 1 > manifest.block_len:
             raise DataError(
                 f"data.seq_len ({seq_len}) needs blocks of seq_len+1 tokens, but the corpus at {root} "
                 f"stores blocks of {manifest.block_len}; lower data.seq_len or re-run `pretrain prepare` "
-                f"with --block-len {seq_len + 1}"
+                f"with --block-len {seq_len + 1}",
+                field="data.seq_len",
+                path=root,
             )
         if self.num_streams > len(self.shards):
             raise DataError(
-                f"data.num_streams ({self.num_streams}) exceeds the {len(self.shards)} train shards in {root}"
+                f"data.num_streams ({self.num_streams}) exceeds the {len(self.shards)} train shards in {root}",
+                field="data.num_streams",
+                path=root,
             )
         if self.num_streams % dp_size:
             raise DataError(
                 f"data.num_streams ({self.num_streams}) must be a multiple of the data-parallel size "
-                f"({dp_size}); set data.num_streams to a multiple of {dp_size}"
+                f"({dp_size}); set data.num_streams to a multiple of {dp_size}",
+                field="data.num_streams",
             )
         if global_batch % (micro_batch * dp_size):
-            raise DataError(f"global batch {global_batch} is not a multiple of micro_batch*dp")
+            raise DataError(
+                f"global batch {global_batch} is not a multiple of micro_batch*dp",
+                field="parallel.global_batch_size",
+            )
         self._counts = [s.samples for s in self.shards]
         # This rank's streams, and the worker (if any) that reads each.
         self.owned_streams = list(range(dp_rank, self.num_streams, dp_size))
@@ -194,7 +204,9 @@ class TokenStream:
         if self._plan(0).steps < 1:
             raise DataError(
                 f"the corpus at {root} has too few samples for one global batch of {global_batch} "
-                f"over {self.num_streams} streams; prepare more data or lower parallel.global_batch_size"
+                f"over {self.num_streams} streams; prepare more data or lower parallel.global_batch_size",
+                field="parallel.global_batch_size",
+                path=root,
             )
 
     def _plan(self, epoch: int) -> EpochPlan:
@@ -246,7 +258,9 @@ class TokenStream:
                 f"({'; '.join(diffs)}). A different manifest fingerprint means the corpus was "
                 "re-prepared or another corpus is configured; point data.path back at the original "
                 "corpus and restore the other settings, or force the resume to accept a different "
-                "sample order (samples may repeat or be skipped)"
+                "sample order (samples may repeat or be skipped)",
+                field="data.path",
+                path=self.root,
             )
         pos = (state.get("epoch"), state.get("step_in_epoch"))
         if not diffs and pos != (mine["epoch"], mine["step_in_epoch"]):
@@ -365,7 +379,9 @@ class TokenStream:
                 yield arr[:, :-1].contiguous(), arr[:, 1:].contiguous()
 
 
-def train_stream(cfg: Config, manifest: Manifest, dp_rank: int, dp_size: int, workers: int = 0) -> TokenStream:
+def train_stream(
+    cfg: Config, manifest: Manifest, dp_rank: int, dp_size: int, workers: int = 0
+) -> TokenStream:
     """The training stream of one DP rank for a run's config (the driver checks dp_rank 0 with it)."""
     return TokenStream(
         cfg.data.path,
@@ -442,7 +458,7 @@ class ValStream:
         total = sum(s.samples for s in self.shards)
         need = n * self.mb * self.dp
         if total == 0:
-            raise DataError(f"the corpus at {self.root} has no validation split")
+            raise DataError(f"the corpus at {self.root} has no validation split", path=self.root)
         import torch
 
         out, buf, g = [], [], 0

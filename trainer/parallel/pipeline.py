@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from trainer.config import Config, ConfigError
-from trainer.engine import initialize, setup_deepspeed
+from trainer.engine import clip_fp32_gradients_over, initialize, setup_deepspeed
 from trainer.model import Transformer
 from trainer.parallel.topology import Topology
 
@@ -93,7 +93,10 @@ def build_pipeline_engine(
     from trainer.model import cross_entropy
 
     if model.cfg.tie_embeddings:
-        raise ConfigError("model.tie_embeddings is not supported with parallel.pp > 1; set it to false")
+        raise ConfigError(
+            "model.tie_embeddings is not supported with parallel.pp > 1; set it to false",
+            field="model.tie_embeddings",
+        )
     setup_deepspeed(device, local_rank)  # PipelineModule makes DeepSpeed process groups
     from deepspeed.pipe import PipelineModule
 
@@ -108,7 +111,8 @@ def build_pipeline_engine(
     if any(parts[s + 1] <= parts[s] for s in range(topo.pp)):
         raise ConfigError(
             f"parallel.pp={topo.pp} leaves a pipeline stage without layers (partition {parts} of "
-            f"{parts[-1]} layers by parameter count); lower parallel.pp or add model.n_layers"
+            f"{parts[-1]} layers by parameter count); lower parallel.pp or add model.n_layers",
+            field="parallel.pp",
         )
     engine, optimizer = initialize(cfg, pipe, topo.world_size, device, local_rank)
     _count_every_stage_in_the_clip_norm(engine)
@@ -136,16 +140,7 @@ def _count_every_stage_in_the_clip_norm(engine) -> None:
     in the stage x TP group, so only stage 0's parameters enter the norm and later stages are clipped
     by the wrong coefficient. (ZeRO-1 and bf16 ask for the TP rank and are right.) The grid's own
     answer must stay as it is: it also numbers the per-stage checkpoint files."""
-    from deepspeed.runtime.utils import clip_grad_norm_
-
-    ranks = _TensorParallelRanks(engine.grid)
-
-    def clip_fp32_gradients() -> None:
-        engine._global_grad_norm = clip_grad_norm_(
-            engine.module.parameters(), max_norm=engine.gradient_clipping(), mpu=ranks
-        )
-
-    engine.clip_fp32_gradients = clip_fp32_gradients
+    clip_fp32_gradients_over(engine, _TensorParallelRanks(engine.grid))
 
 
 def pipeline_step(engine, batches: Iterable, accum: int) -> torch.Tensor:

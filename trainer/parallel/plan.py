@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from trainer.config import Config
+from trainer.config import Config, ConfigError
 from trainer.model import Transformer
 from trainer.parallel.tensor import apply_tensor_parallel
 from trainer.parallel.topology import Topology
@@ -40,13 +40,12 @@ def apply_plan(model: Transformer, cfg: Config, topo: Topology | None = None) ->
 
 def check_device_switches(cfg: Config, device: torch.device) -> None:
     """GPU-only switches are refused on CPU with the field to change, never silently ignored."""
-    from trainer.config import ConfigError
-
     if device.type != "cuda":
         if cfg.train.attention not in ("auto", "math"):
             raise ConfigError(
                 f"train.attention={cfg.train.attention} is a CUDA kernel and this rank has no GPU; "
-                "set train.attention: auto"
+                "set train.attention: auto",
+                field="train.attention",
             )
 
 

@@ -32,8 +32,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from trainer.config import ConfigError
 from trainer.parallel.topology import Topology
-from trainer.parallel.zero_init import full_shape, gathered
+from trainer.parallel.zero_params import full_shape, gathered
 
 # Module-name pattern -> style. Patterns that match nothing (gpt2 has no mlp.w3) are skipped.
 TP_PLAN: dict[str, str] = {
@@ -243,11 +244,10 @@ def apply_tensor_parallel(model: nn.Module, topo: Topology, plan: dict[str, str]
         raise RuntimeError("apply_tensor_parallel needs Topology.init_groups() first")
     vocab = getattr(getattr(model, "cfg", None), "vocab_size", 0)
     if vocab % topo.tp:
-        from trainer.config import ConfigError
-
         raise ConfigError(
             f"model.vocab_size ({vocab}, taken from the corpus when the config says 0) must be divisible "
-            f"by parallel.tp ({topo.tp}); set model.vocab_size to a multiple of {topo.tp} that is >= {vocab}"
+            f"by parallel.tp ({topo.tp}); set model.vocab_size to a multiple of {topo.tp} that is >= {vocab}",
+            field="model.vocab_size",
         )
     plan = TP_PLAN if plan is None else plan
     shards: dict[int, nn.Parameter] = {}

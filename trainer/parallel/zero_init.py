@@ -24,26 +24,23 @@ gathered at a time. The weights are bitwise the ones the whole build gives with 
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from trainer.config import Config
+from trainer.engine import deepspeed_config, precision, setup_deepspeed
 from trainer.model import Transformer, init_parameter
+from trainer.parallel.plan import apply_plan
 from trainer.parallel.topology import Topology
+from trainer.parallel.zero_params import gathered
 
 
 def build_model(cfg: Config, topo: Topology, device: torch.device, local_rank: int = 0) -> Transformer:
     """The model this rank trains, plan applied; partitioned under ZeRO-3. Seed torch first: every
     rank must draw the same initial weights."""
-    from trainer.parallel.plan import apply_plan  # plan -> tensor -> this module
-
     if not cfg.parallel.partitioned_build:
         return apply_plan(Transformer(cfg.model), cfg, topo)
-    from trainer.engine import deepspeed_config, precision, setup_deepspeed
-
     deepspeed = setup_deepspeed(device, local_rank)
     # No tensor overrides: layers draw their default init on the CPU in fp32, as the whole build
     # does (DeepSpeed's would create them on the device, in the training dtype). The mpu only lets
@@ -90,19 +87,3 @@ def _move_to_group(model: nn.Module, group, convert) -> None:
                     fresh[id(p)] = nn.Parameter(p.data.clone(), requires_grad=p.requires_grad)
             setattr(module, n, fresh[id(p)])
         convert(module)
-
-
-def full_shape(p: torch.Tensor) -> torch.Size:
-    """A parameter's shape, also while ZeRO-3 holds only a partition of it (then `p.shape` is (0,))."""
-    return getattr(p, "ds_shape", p.shape)
-
-
-def gathered(params):
-    """A block inside which ZeRO-3-partitioned `params` are whole (to read, not to modify); a no-op
-    for parameters that are not partitioned."""
-    params = list(params)
-    if not any(hasattr(p, "ds_id") for p in params):
-        return nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(params)
