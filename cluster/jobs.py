@@ -97,6 +97,22 @@ def _call(fn, *args):
         raise JobError(mask_uri_credentials(str(e).splitlines()[0] if str(e) else type(e).__name__)) from None
 
 
+# A head that has just started answers job submissions with this until its job agent is up.
+_AGENT_NOT_READY = "No available agent to submit job"
+
+
+def _submit_when_agent_ready(submit, wait_s: float = 60.0):
+    """submit(), retried for up to `wait_s` while the head says its job agent is not up yet."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return submit()
+        except Exception as e:
+            if _AGENT_NOT_READY not in str(e) or time.monotonic() > deadline:
+                raise
+        time.sleep(1.0)
+
+
 def list_jobs(client) -> list:
     """Every job on the cluster, oldest first."""
     return sorted(_call(client.list_jobs), key=lambda j: j.start_time or 0)
@@ -143,12 +159,13 @@ def submit(cfg: Config, address: str, project_root: Path = PROJECT_ROOT) -> dict
     save_config(cfg, staged)
     try:
         job_id = _call(
+            _submit_when_agent_ready,
             lambda: client.submit_job(
                 entrypoint=f"python -m launch.cli train {STAGING_DIR}/{name}.yaml",
                 submission_id=name,
                 runtime_env={"working_dir": str(project_root), "excludes": EXCLUDES},
                 metadata={RUN_METADATA_KEY: name, "pretrain_config": cfg.name},
-            )
+            ),
         )
     finally:
         staged.unlink(missing_ok=True)

@@ -289,3 +289,23 @@ def test_embedded_head_listens_on_loopback_only():
     assert {"gcs_server", "raylet"} <= names and len(socks) >= 5, socks
     loopback = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
     assert all(ip in loopback for ip, _, _ in socks), [s for s in socks if s[0] not in loopback]
+
+
+def test_submit_waits_for_a_head_whose_job_agent_is_still_starting():
+    """Right after `ray start --head` the job API answers "No available agent to submit job, please
+    try again later" for a few seconds: submit retries that (and only that) instead of failing."""
+    from cluster.jobs import _submit_when_agent_ready
+
+    answers = iter(
+        [RuntimeError("Request failed with status code 500: No available agent to submit job")] * 2
+    )
+
+    def submit():
+        err = next(answers, None)
+        if err:
+            raise err
+        return "job-1"
+
+    assert _submit_when_agent_ready(submit, wait_s=10) == "job-1"
+    with pytest.raises(RuntimeError, match="quota"):
+        _submit_when_agent_ready(lambda: (_ for _ in ()).throw(RuntimeError("quota exceeded")), wait_s=10)
