@@ -21,7 +21,6 @@ import os
 import socket
 
 from ray.train.backend import Backend, BackendConfig
-from ray.train.v2._internal.execution.scaling_policy.fixed import FixedScalingPolicy
 
 STORE_BIND_ENV = "PRETRAIN_STORE_BIND"  # trainer.session.STORE_BIND_ENV (that module imports torch)
 
@@ -38,11 +37,18 @@ class TorchEnvBackend(Backend):
     share_cuda_visible_devices = True
 
     def on_start(self, worker_group, backend_config: BackendConfig) -> None:
-        from ray.train._internal.utils import get_address_and_port
-
-        addr, port = worker_group.execute_single(0, get_address_and_port)  # rank 0's node, a free port
+        addr, port = worker_group.execute_single(0, _address_and_free_port)  # on rank 0's node
         one_node = len(set(worker_group.execute(_node_id))) == 1
         worker_group.execute(_set_rendezvous_env, addr=addr, port=port, one_node=one_node)
+
+
+def _address_and_free_port() -> tuple[str, int]:
+    """This node's address and a port free on it now (for rank 0's rendezvous store)."""
+    import ray
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return ray.util.get_node_ip_address(), s.getsockname()[1]
 
 
 def _node_id() -> str:
@@ -87,18 +93,3 @@ def loopback_interface() -> str:
         if any(a.family == socket.AF_INET and a.address.startswith("127.") for a in addrs):
             return name
     return "lo"
-
-
-class ClusterSizedScalingPolicy(FixedScalingPolicy):
-    """Ray Train's fixed-size policy without its requests to the AutoscalingCoordinator, a detached
-    actor (one more process, 2 CPU-seconds, started before the workers) through which Ray Data and
-    Ray Train share an autoscaling cluster. An embedded cluster has no autoscaler and no Ray Data."""
-
-    def after_controller_start(self, train_run_context) -> None:
-        pass
-
-    def _maybe_send_resource_request(self) -> None:
-        pass
-
-    def _send_resource_request(self) -> None:
-        pass

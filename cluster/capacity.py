@@ -15,9 +15,9 @@ import os
 import time
 
 import ray
-from ray.train.v2._internal.execution.callback import ControllerCallback
 
 from cluster.errors import CapacityError
+from cluster.library_internals import ControllerCallback, max_autoscaled_resources
 from trainer.config import Config
 
 # How long an autoscaling cluster may take to add the nodes a run needs (cloud GPU nodes take minutes).
@@ -80,17 +80,6 @@ def _largest(nodes: list[dict[str, float]], need: dict[str, float]) -> str:
 
 def _alive_nodes(ray) -> list[dict[str, float]]:
     return [dict(nd.get("Resources", {})) for nd in ray.nodes() if nd.get("Alive")]
-
-
-def max_autoscaled_resources() -> dict[str, float] | None:
-    """The most an autoscaling cluster can grow to, per resource; None for a static cluster
-    (the same source Ray Train's own check reads)."""
-    try:
-        from ray._private.state import state
-
-        return state.get_max_resources_from_cluster_config()
-    except Exception:
-        return None
 
 
 def check_capacity(

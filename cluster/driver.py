@@ -4,7 +4,6 @@ storage), with its run directory and its MLflow run created once, here, before w
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -88,38 +87,24 @@ def start_ray(cfg: Config):
     # `pretrain submit` goes to a cluster's own), idle workers prestarted for the driver (Ray
     # Train's actors run in a runtime env of their own and never use them), and Ray Train's
     # node-drain watcher and Prometheus metrics (read here, passed on to its controller). Ray
-    # Train's placement group cleaner goes too (`trainer_class`), and so do the autoscaler's
-    # monitor and Ray's API server (`_lean_head`).
+    # Train's placement group cleaner goes too, and so do the autoscaler's monitor and Ray's API
+    # server (cluster/library_internals.py). Its sockets stay on 127.0.0.1 (single-machine mode).
     global _embedded
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
-    # On Linux Ray turns a 127.0.0.1 node address into the machine's own IP, so gcs, raylet,
-    # workers and agents would listen on every interface; Ray's single-machine mode (its default
-    # on macOS/Windows) keeps the node address, and so every one of those sockets, on 127.0.0.1.
-    # The processes started by ray.init inherit the switch; it is undone for this process after.
-    from ray._private import ray_constants
+    from cluster import library_internals as internals
 
-    saved = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"), ray_constants.ENABLE_RAY_CLUSTER
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
-        with _lean_head():
-            ray.init(
-                address="local",  # a new cluster: never the latest `ray start` one on this machine
-                _node_ip_address="127.0.0.1",
-                include_dashboard=False,
-                dashboard_host="127.0.0.1",
-                log_to_driver=True,
-                configure_logging=False,
-                _system_config={"prestart_worker_first_driver": False},
-            )
-        _embedded = True
-    finally:
-        if saved[0] is None:
-            os.environ.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
-        else:
-            os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = saved[0]
-        ray_constants.ENABLE_RAY_CLUSTER = saved[1]
+    with internals.single_machine_mode(), internals.lean_head():
+        ray.init(
+            address="local",  # a new cluster: never the latest `ray start` one on this machine
+            _node_ip_address="127.0.0.1",
+            include_dashboard=False,
+            dashboard_host="127.0.0.1",
+            log_to_driver=True,
+            configure_logging=False,
+            _system_config=internals.EMBEDDED_SYSTEM_CONFIG,
+        )
+    _embedded = True
     return ray
 
 
@@ -139,67 +124,14 @@ def check_ray_address(address: str, field: str, timeout_s: float = 5.0) -> None:
         ) from None
 
 
-@contextlib.contextmanager
-def _lean_head():
-    """Start an embedded head without two Python processes Ray starts on every head, each CPU time
-    on a laptop's few cores: the autoscaler's monitor (there is no autoscaler: the cluster is this
-    machine) and Ray's API server, which with `include_dashboard=False` loads only its usage-stats
-    module, yet `ray.init` waits for it to come up. Ray's own switch for the first
-    (`RayParams.no_monitor`, `ray start --no-monitor`) is not an argument of `ray.init`. A Ray
-    without these methods starts its head as usual."""
-    from ray._private.node import Node
-
-    saved = {name: Node.__dict__.get(name) for name in ("start_monitor", "start_api_server")}
-    if None in saved.values():
-        yield
-        return
-    Node.start_monitor = lambda self: None
-    Node.start_api_server = lambda self, **kwargs: None
-    try:
-        yield
-    finally:
-        for name, fn in saved.items():
-            setattr(Node, name, fn)
-
-
 _embedded = False  # whether this process's Ray is the embedded cluster start_ray started
 
 
 def trainer_class():
-    """Ray Train's DataParallelTrainer, for our torch-free backend (cluster/backend.py), less what
-    would only cost start-up here:
+    """Ray Train's trainer for this process's Ray (cluster/library_internals.py says what it drops)."""
+    from cluster.library_internals import trainer_class as lean_trainer_class
 
-    - Ray Datasets' default callback (unless given datasets, which we never are): it starts a
-      DatasetManager actor, one more process before the workers may begin;
-    - on the embedded cluster, the placement group cleaner. That detached actor removes the worker
-      group's placement group if the controller dies while the cluster lives on, which an embedded
-      cluster, ending with this process, never does. It finds the controller through the state API
-      of whichever Ray it detects on the machine: without a dashboard it dies with a traceback, and
-      with someone's `ray start` cluster on the machine it asks that one, hears that our controller
-      is gone, and removes the running workers' placement group;
-    - on the embedded cluster, the fixed scaling policy's requests to the autoscaling coordinator
-      (`ClusterSizedScalingPolicy`).
-
-    Callbacks and policies are matched by class name: on a Ray that names them otherwise, nothing
-    is dropped."""
-    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
-
-    from cluster.backend import ClusterSizedScalingPolicy
-
-    embedded = _embedded
-    dropped = {"PlacementGroupCleanerCallback"} if embedded else set()
-
-    class Trainer(DataParallelTrainer):
-        def _create_default_callbacks(self):
-            skip = dropped if self.datasets else dropped | {"DatasetsCallback"}
-            return [cb for cb in super()._create_default_callbacks() if type(cb).__name__ not in skip]
-
-        def _initialize_and_run_controller(self, **kwargs):
-            if embedded and type(kwargs.get("scaling_policy")).__name__ == "FixedScalingPolicy":
-                kwargs["scaling_policy"] = ClusterSizedScalingPolicy(self.scaling_config)
-            return super()._initialize_and_run_controller(**kwargs)
-
-    return Trainer
+    return lean_trainer_class(_embedded)
 
 
 def _raise_stopped(signum, frame):

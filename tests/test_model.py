@@ -80,7 +80,8 @@ def test_our_adamw_updates_exactly_as_torchs():
     leaves bit-identical weights to torch.optim.AdamW over steps with decay groups, and steps
     under grad mode as torch's does (in-place updates of leaves that require grad)."""
     from trainer.config import OptimConfig
-    from trainer.engine import AdamW, make_optimizer, param_groups
+    from trainer.engine import make_optimizer, param_groups
+    from trainer.library_internals import AdamW
 
     cfg = SHAPES["llama-gqa"]
     o = OptimConfig(lr=1e-2, weight_decay=0.1)

@@ -34,7 +34,8 @@ def test_the_driver_never_imports_torch(corpus, tmp_path):
         import sys
         from launch import cli
         from cluster import driver
-        from cluster.backend import ClusterSizedScalingPolicy, TorchEnvConfig
+        from cluster.backend import TorchEnvConfig
+        from cluster.library_internals import ClusterSizedScalingPolicy
         from trainer.config import load_config
         cfg = driver.absolutize(load_config("configs/tiny-cpu.yaml", ["data.path={corpus}", "data.seq_len=32", "model.max_seq_len=32"]))
         driver.check_corpus(cfg)
@@ -85,14 +86,14 @@ def test_deepspeed_starts_without_mlflow_or_inductor(tmp_path):
 
 
 def test_a_module_imported_with_compile_deferred_compiles_on_first_call(tmp_path, monkeypatch):
-    from trainer.engine import _import_deferring_compile
+    from trainer.library_internals import import_deferring_compile
 
     (tmp_path / "kernels_for_test.py").write_text(
         "import torch\n\n@torch.compile(backend='eager')\ndef double(x):\n    return x * 2\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     real = torch.compile
-    _import_deferring_compile("kernels_for_test")
+    import_deferring_compile("kernels_for_test")
     assert torch.compile is real
     import kernels_for_test
 
@@ -103,7 +104,7 @@ def test_a_module_imported_with_compile_deferred_compiles_on_first_call(tmp_path
 def test_a_run_that_compiles_nothing_never_imports_dynamo(corpus, tmp_path):
     """A rank with `train.compile` off trains ZeRO-3, evaluates, checkpoints and resumes without
     importing `torch._dynamo` (1.5-2.5 s per rank): torch's and DeepSpeed's "never compile this"
-    markers no longer import it (trainer/lazy_dynamo.py), nor does the optimizer's step."""
+    markers no longer import it (trainer/library_internals.py), nor does the optimizer's step."""
     (tmp_path / "run").mkdir()
     out = run_python(
         f"""
@@ -125,7 +126,7 @@ def test_a_run_that_compiles_nothing_never_imports_dynamo(corpus, tmp_path):
 
 
 def test_deferred_markers_still_keep_compile_out_once_dynamo_is_imported(tmp_path):
-    """After `lazy_dynamo.defer()`, a function marked with `torch.compiler.disable` or torch's own
+    """After `library_internals.defer_dynamo()`, a function marked with `torch.compiler.disable` or torch's own
     `_disable_dynamo` runs plainly while dynamo is not imported; once something imports it and
     compiles a caller, the marked function is still left out of the graph (only the caller's own
     `+ 1` is compiled), whether or not it ran before."""
@@ -133,9 +134,9 @@ def test_deferred_markers_still_keep_compile_out_once_dynamo_is_imported(tmp_pat
         """
         import sys
         import torch
-        from trainer import lazy_dynamo
+        from trainer import library_internals
 
-        print(lazy_dynamo.defer() > 100)  # torch's own markers (optimizers, ...) seeded
+        print(library_internals.defer_dynamo() > 100)  # torch's own markers (optimizers, ...) seeded
         marked = [torch.compiler.disable(lambda x: x.sin().cos().exp()),
                   torch._disable_dynamo(lambda x: x.sin().cos().exp()),
                   torch.compiler.disable(lambda x: x.sin().cos().exp())]

@@ -17,7 +17,7 @@ from functools import partial
 
 import torch
 
-from trainer import lazy_dynamo
+from trainer import library_internals
 from trainer.checkpoint import RESUME_INVARIANT, Checkpointer, CheckpointManager
 from trainer.config import Config, resolve_model_config
 from trainer.data.manifest import Manifest
@@ -256,7 +256,7 @@ def build(
 def _setup_process(cfg: Config, session: Session) -> tuple[torch.device, Topology]:
     """This process's device, threads, process group and parallel layout."""
     if not cfg.train.compile:
-        lazy_dynamo.defer()  # nothing here compiles: don't import dynamo to mark what mustn't
+        library_internals.defer_dynamo()  # nothing here compiles: don't import dynamo to mark what mustn't
     device = session.device(cfg.train.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)

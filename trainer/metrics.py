@@ -132,8 +132,7 @@ class _TrackingStore:
         if self.http:
             run = self._request("GET", "/api/2.0/mlflow/runs/get", params={"run_id": run_id})["run"]
             return {m["key"]: int(m.get("step", 0)) for m in run.get("data", {}).get("metrics", [])}
-        data = self.client.get_run(run_id).data
-        return {m.key: m.step for m in getattr(data, "_metric_objs", [])}
+        return {m.key: m.step for m in self.client.get_run(run_id).data.to_proto().metrics}
 
     def log_batch(self, run_id: str, batch: list[tuple[str, float, int, int]]) -> None:
         from mlflow.entities import Metric

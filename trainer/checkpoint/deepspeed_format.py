@@ -19,14 +19,13 @@ dim 1 of the weight, its bias replicated) and tied embeddings re-tied.
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
-import io
 import re
 from pathlib import Path
 
 import torch
 
+from trainer import library_internals
 from trainer.checkpoint.manager import CheckpointError
 from trainer.checkpoint.store import COMMIT
 from trainer.config import ModelConfig
@@ -56,18 +55,6 @@ def _layout(record: dict, ckpt_dir: Path) -> tuple[int, int, int]:
     return int(layout.get("tp", 1)), int(layout.get("pp", 1)), int(layout.get("zero_stage", 0))
 
 
-@contextlib.contextmanager
-def _quiet(z):
-    """zero_to_fp32 prints, and draws a progress bar for every step of a load: silence both."""
-    bar = z.tqdm
-    z.tqdm = lambda it, *a, **kw: it
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            yield
-    finally:
-        z.tqdm = bar
-
-
 def _zero_master_weights(
     ckpt_dir: Path, mp: int, zero_stage: int, key: str | None = None
 ) -> dict[str, torch.Tensor]:
@@ -86,18 +73,14 @@ def _zero_master_weights(
             f"{ckpt_dir}: no ZeRO-{zero_stage} files for model-parallel rank {mp} "
             f"(*_mp_rank_{mp:02d}_optim_states.pt / model_states.pt)"
         )
-    # zero_to_fp32's per-file helpers are private (checked on deepspeed 0.19.8): a change to them
-    # fails loudly below, naming the DeepSpeed version, and in tests/test_export.py and test_reshard.py.
+    # A change to zero_to_fp32's private helpers fails loudly here, naming the DeepSpeed version.
     try:
-        with _quiet(z):
+        with library_internals.quiet():
             states = [_model_state(z, p) for p in model]
             stage, world, flat, paddings = z.parse_optim_states([str(p) for p in optim], str(ckpt_dir))
             if key is not None:
                 flat = [_flat_optimizer_state(p, key) for p in optim]
-            if stage <= 2:
-                sd = z._get_fp32_state_dict_from_zero2_checkpoint(world, flat, states, False, paddings)
-            else:
-                sd = z._get_fp32_state_dict_from_zero3_checkpoint(world, flat, states, False)
+            sd = library_internals.fp32_state_dict_from_zero(z, stage, world, flat, states, paddings)
     except (ValueError, KeyError, AttributeError, TypeError) as e:
         import deepspeed
 

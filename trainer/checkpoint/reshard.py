@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from trainer import library_internals
 from trainer.checkpoint.deepspeed_format import (
     consolidate,
     model_param_name,
@@ -181,7 +182,4 @@ def _create_optimizer_state(engine, step: int) -> None:
             "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
             "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
         }
-    link = getattr(opt, "_lazy_init_hp_params_optimizer_state", None)
-    if link is not None:
-        opt._hp_optimizer_states_linked = False
-        link()
+    library_internals.link_hp_optimizer_state(opt)

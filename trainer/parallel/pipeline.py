@@ -26,8 +26,9 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from trainer import library_internals as internals
 from trainer.config import Config, ConfigError
-from trainer.engine import clip_fp32_gradients_over, initialize, setup_deepspeed
+from trainer.engine import initialize, setup_deepspeed
 from trainer.model import Transformer
 from trainer.parallel.topology import Topology
 
@@ -140,7 +141,7 @@ def _count_every_stage_in_the_clip_norm(engine) -> None:
     in the stage x TP group, so only stage 0's parameters enter the norm and later stages are clipped
     by the wrong coefficient. (ZeRO-1 and bf16 ask for the TP rank and are right.) The grid's own
     answer must stay as it is: it also numbers the per-stage checkpoint files."""
-    clip_fp32_gradients_over(engine, _TensorParallelRanks(engine.grid))
+    internals.keep_fp32_grad_norm(engine, _TensorParallelRanks(engine.grid))
 
 
 def pipeline_step(engine, batches: Iterable, accum: int) -> torch.Tensor:

@@ -1,0 +1,157 @@
+"""Every private part of torch, DeepSpeed and Ray we touch (trainer/library_internals.py,
+cluster/library_internals.py) is still there and still shaped as we use it.
+
+A library that changes one of them would otherwise leave a run that only starts slower (the
+start-up patches fall back to the library's own path) or a wrong number (the grad-norm record):
+these fail loudly, naming what moved. tests/test_startup.py checks the outcomes (what a rank
+imports and starts); tests/test_jobs.py and tests/test_security.py what the embedded head starts
+and where it listens."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+def test_torch_still_has_what_the_dynamo_deferral_replaces():
+    import torch._compile
+
+    from trainer import library_internals
+
+    # defer_dynamo() recognises torch's marker by its closure; AdamW steps through __wrapped__.
+    marker = torch._compile._disable_dynamo(lambda: None)
+    assert marker.__code__.co_freevars == ("fn", "recursive"), marker.__code__.co_freevars
+    assert library_internals._ADAM_STEP is not None, "torch.optim.AdamW.step lost __wrapped__"
+    assert callable(torch.compiler.disable) and hasattr(torch, "_disable_dynamo")
+
+
+def test_deepspeed_still_has_what_we_touch():
+    code = """
+    import sys
+    import torch
+    from trainer import library_internals
+    from trainer.engine import setup_deepspeed
+    from trainer.session import Session
+
+    Session().ensure_process_group("gloo")
+    setup_deepspeed(torch.device("cpu"))  # imports DeepSpeed the way a rank does
+    import deepspeed
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+    from deepspeed.runtime.zero.utils import ZERO_SUPPORTED_OPTIMIZERS
+    from deepspeed.utils import groups, zero_to_fp32
+    missing = [name for owner, name in [
+        (DeepSpeedEngine, "clip_fp32_gradients"),            # keep_fp32_grad_norm replaces it
+        (DeepSpeedEngine, "get_global_grad_norm"),
+        (DeepSpeedZeroOptimizer, "_lazy_init_hp_params_optimizer_state"),  # link_hp_optimizer_state
+        (zero_to_fp32, "_get_fp32_state_dict_from_zero2_checkpoint"),     # fp32_state_dict_from_zero
+        (zero_to_fp32, "_get_fp32_state_dict_from_zero3_checkpoint"),
+        (zero_to_fp32, "parse_optim_states"),
+        (groups, "mpu"),                                        # reset_stale_mpu
+    ] if not hasattr(owner, name)]
+    print(missing)
+    print(library_internals.AdamW in ZERO_SUPPORTED_OPTIMIZERS)
+    # without_mlflow: the autotuner saw MLflow as not installed, and MLflow still imports after
+    from deepspeed.autotuning import autotuner
+    print(autotuner.has_mlflow, "mlflow" in sys.modules)
+    # skip_shm_comm_build: the CPU comm backend found the op marked unbuildable, built nothing
+    print(deepspeed.ops.__compatible_ops__.get("deepspeed_shm_comm"))
+    """
+    out = _python(code)
+    assert out == ["[]", "True", "False False", "False"], out
+
+
+def test_a_stale_mpu_is_not_inherited_by_the_next_engine():
+    """DeepSpeed keeps the last engine's mpu in a module global: an engine built without one after
+    an engine with one must not see the old process groups."""
+    out = _python(
+        """
+        import torch
+        from deepspeed.utils import groups
+        from trainer.config import from_dict
+        from trainer.engine import initialize
+        from trainer.model import Transformer
+        from trainer.session import Session
+
+        class Mpu:  # a one-rank model-parallel grid, as Topology.mpu gives
+            def get_model_parallel_rank(self): return 0
+            def get_model_parallel_world_size(self): return 1
+            def get_model_parallel_group(self): return torch.distributed.group.WORLD
+            def get_data_parallel_rank(self): return 0
+            def get_data_parallel_world_size(self): return 1
+            def get_data_parallel_group(self): return torch.distributed.group.WORLD
+
+        cfg = from_dict({"model": {"vocab_size": 64, "d_model": 32, "n_layers": 1, "n_heads": 2,
+                                   "max_seq_len": 16}, "data": {"seq_len": 16},
+                         "parallel": {"micro_batch_size": 2, "global_batch_size": 2},
+                         "train": {"precision": "fp32"}, "cluster": {"num_workers": 1}})
+        Session().ensure_process_group("gloo")
+        initialize(cfg, Transformer(cfg.model), 1, torch.device("cpu"), mpu=Mpu())
+        print(groups.mpu is not None)
+        initialize(cfg, Transformer(cfg.model), 1, torch.device("cpu"))
+        print(groups.mpu is None)
+        """
+    )
+    assert out == ["True", "True"], out
+
+
+def test_ray_still_has_what_the_embedded_head_and_trainer_override():
+    from ray._private import ray_constants
+    from ray._private.node import Node
+    from ray._private.state import state
+    from ray.train.v2._internal.execution.scaling_policy.fixed import FixedScalingPolicy
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    from cluster import library_internals
+
+    assert hasattr(ray_constants, "ENABLE_RAY_CLUSTER")  # single_machine_mode
+    assert {"start_monitor", "start_api_server"} <= set(vars(Node))  # lean_head
+    assert hasattr(state, "get_max_resources_from_cluster_config")  # max_autoscaled_resources
+    for name in ("_create_default_callbacks", "_initialize_and_run_controller"):  # trainer_class
+        assert hasattr(DataParallelTrainer, name), name
+    for name in ("after_controller_start", "_maybe_send_resource_request", "_send_resource_request"):
+        assert hasattr(FixedScalingPolicy, name), name  # ClusterSizedScalingPolicy
+    # The default callbacks trainer_class drops, by the names it matches.
+    from ray.train.v2._internal.callbacks import DatasetsCallback
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    assert DatasetsCallback.__name__ == library_internals.DATASETS_CALLBACK
+    assert PlacementGroupCleanerCallback.__name__ == library_internals.PLACEMENT_GROUP_CLEANER
+
+
+@pytest.mark.slow
+def test_the_embedded_trainer_drops_exactly_the_named_callbacks():
+    """On a real embedded Ray: Ray Train's default callbacks, less the datasets callback and the
+    placement group cleaner; the fixed scaling policy becomes the cluster-sized one."""
+    out = _python(
+        """
+        from cluster.driver import start_ray, trainer_class
+        from tests.conftest import tiny_config
+        ray = start_ray(tiny_config())
+        from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+        from ray.train import ScalingConfig
+        def noop(config): pass
+        plain = DataParallelTrainer(noop, scaling_config=ScalingConfig(num_workers=1))
+        ours = trainer_class()(noop, scaling_config=ScalingConfig(num_workers=1))
+        names = lambda t: sorted(type(cb).__name__ for cb in t._create_default_callbacks())
+        print(sorted(set(names(plain)) - set(names(ours))))
+        ray.shutdown()
+        """
+    )
+    assert out[-1] == "['DatasetsCallback', 'PlacementGroupCleanerCallback']", out
+
+
+def _python(code: str) -> list[str]:
+    p = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PATH": "/usr/bin:/bin", "HOME": "/tmp", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)},
+    )
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p.stdout.strip().splitlines()

@@ -1,0 +1,225 @@
+"""Every place trainer/ reaches into a private part of torch or DeepSpeed, and why.
+
+Each one is kept because it saves start-up seconds on every rank of the quick start or is needed
+for correctness (the measurement of each is in docs/benchmarks.md, "Library internals"). Each
+names the version it was checked on, and tests/test_library_internals.py fails loudly when the
+library changes the thing touched (a run would otherwise only get slower, or silently wrong).
+Start-up savings below are what a rank would otherwise spend importing code it never runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import gc
+import importlib
+import io
+import sys
+import types
+
+import torch
+import torch._compile
+
+# ------------------------------------------------------------------ torch._dynamo stays unimported
+# torch 2.13.0. A rank that compiles nothing imports dynamo only to mark functions "never compile
+# this": torch's optimizers wrap `add_param_group`, `zero_grad` and `state_dict` in
+# `torch._disable_dynamo`, which imports dynamo at the first call to resolve the marker; DeepSpeed
+# marks its ZeRO-3 hooks and collectives with `torch.compiler.disable`, which imports dynamo when
+# it decorates. While dynamo is not imported nothing can be compiling, so such a function may
+# simply run: after `defer_dynamo()` each marker calls the function directly until dynamo is
+# imported (by anyone), then resolves to dynamo's real disabled function, as torch would have at
+# the first call. The three pieces (this, `AdamW`, `import_deferring_compile`) only pay off
+# together: any one missing imports dynamo anyway.
+
+_ATTR = "__dynamo_disable"  # where torch's `_disable_dynamo` wrapper caches its resolved function
+_installed = False
+
+
+class _Deferred:
+    """Seeded into `fn.__dynamo_disable`: torch's wrapper calls it instead of importing dynamo."""
+
+    __slots__ = ("fn", "recursive")
+
+    def __init__(self, fn, recursive: bool):
+        self.fn, self.recursive = fn, recursive
+
+    def __call__(self, *args, **kwargs):
+        if "torch._dynamo" not in sys.modules:
+            return self.fn(*args, **kwargs)
+        import torch._dynamo
+
+        real = torch._dynamo.disable(self.fn, self.recursive, wrapping=False)
+        setattr(self.fn, _ATTR, real)  # what torch's wrapper would have cached
+        return real(*args, **kwargs)
+
+
+def _seed(fn, recursive: bool) -> None:
+    if getattr(fn, _ATTR, None) is None:
+        try:
+            setattr(fn, _ATTR, _Deferred(fn, recursive))
+        except (AttributeError, TypeError):  # a builtin or a slotted callable: torch's way
+            pass
+
+
+def defer_dynamo() -> int:
+    """Install the deferral for this process (idempotent); the number of existing markers seeded.
+    A no-op once dynamo is imported, or on a torch whose `_disable_dynamo` looks different (its
+    closure is `fn`, `recursive` on torch 2.13.0)."""
+    global _installed
+    if "torch._dynamo" in sys.modules or _installed:
+        return 0
+    real_lazy = torch._compile._disable_dynamo
+    code = real_lazy(lambda: None).__code__
+    if code.co_freevars != ("fn", "recursive"):
+        return 0
+
+    seeded = 0  # the markers made when torch (and anything else) was imported
+    for obj in gc.get_objects():
+        if type(obj) is types.FunctionType and obj.__code__ is code:
+            fn, recursive = (cell.cell_contents for cell in obj.__closure__)
+            _seed(fn, recursive)
+            seeded += 1
+
+    def lazy_disable(fn=None, recursive=True):
+        if fn is None:
+            return functools.partial(lazy_disable, recursive=recursive)
+        wrapped = real_lazy(fn, recursive)
+        if "torch._dynamo" not in sys.modules:
+            _seed(fn, recursive)
+        return wrapped
+
+    real_disable = torch.compiler.disable
+
+    @functools.wraps(real_disable)
+    def disable(fn=None, recursive=True, *, reason=None):
+        if "torch._dynamo" in sys.modules:
+            return real_disable(fn, recursive, reason=reason)
+        return lazy_disable(fn, recursive)
+
+    torch._compile._disable_dynamo = lazy_disable
+    torch._disable_dynamo = lazy_disable
+    torch.compiler.disable = disable
+    _installed = True
+    return seeded
+
+
+# torch 2.13.0: `Adam.step` as written, without `_use_grad_for_differentiable` (None on a torch that
+# changed it): that wrapper sets grad mode and imports `torch._dynamo` for a `graph_break()` that
+# only matters when the step is compiled, and ours never is.
+_ADAM_STEP = getattr(torch.optim.AdamW.step, "__wrapped__", None)
+
+
+class AdamW(torch.optim.AdamW):
+    """torch's AdamW, whose first step does not import `torch._dynamo`. Same update, same hooks:
+    only the grad mode is set here instead of in torch's wrapper."""
+
+    if _ADAM_STEP is not None:
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            return _ADAM_STEP(self, closure)
+
+
+def import_deferring_compile(name: str) -> None:
+    """Import module `name` with each `torch.compile` it applies as it loads deferred to the
+    compiled function's first call. DeepSpeed 0.19.8 imports its Muon optimizer module in every
+    optimizer set-up, only for an `isinstance` check, and that module wraps three kernels in
+    `torch.compile` at import, which imports all of inductor. Compilation itself already waits for
+    the first call; this moves only the wrapping."""
+    if name in sys.modules:
+        return
+    real = torch.compile
+
+    def deferred(model=None, **kwargs):
+        if model is None:  # @torch.compile(mode=...) form
+            return lambda fn: deferred(fn, **kwargs)
+        compiled = None
+
+        @functools.wraps(model)
+        def call(*args, **kw):
+            nonlocal compiled
+            if compiled is None:
+                compiled = real(model, **kwargs)
+            return compiled(*args, **kw)
+
+        return call
+
+    torch.compile = deferred
+    try:
+        importlib.import_module(name)
+    except ImportError:  # a DeepSpeed without it: nothing to import early
+        pass
+    finally:
+        torch.compile = real
+
+
+# ------------------------------------------------------------------ DeepSpeed 0.19.8
+@contextlib.contextmanager
+def without_mlflow():
+    """`import deepspeed` imports MLflow for its autotuner (which we never run) to log trials to;
+    every rank pays, though only rank 0 logs, through our own tracking. Within this block MLflow
+    cannot be imported (the autotuner sees it as not installed); after it, MLflow imports as usual.
+    A no-op once MLflow is imported."""
+    if "mlflow" in sys.modules:
+        yield
+        return
+    sys.modules["mlflow"] = None  # type: ignore[assignment]  # Python's "import blocked" marker
+    try:
+        yield
+    finally:
+        if sys.modules.get("mlflow", 0) is None:
+            del sys.modules["mlflow"]
+
+
+def skip_shm_comm_build(deepspeed) -> None:
+    """DeepSpeed's CPU comm backend JIT-compiles its shared-memory all-reduce when it starts (a C++
+    build on every rank, repeated whenever another DeepSpeed install rebuilt the shared torch
+    extensions cache). Only its inference all-reduce uses that op; training collectives go through
+    torch.distributed (gloo) either way. The op table is set, not read: reading it first probes
+    every op DeepSpeed has, which compiles and links a C program (its async-io check)."""
+    vars(deepspeed.ops).setdefault("__compatible_ops__", {})["deepspeed_shm_comm"] = False
+
+
+def reset_stale_mpu(deepspeed, mpu) -> None:
+    """DeepSpeed keeps the last engine's mpu in a module global and never clears it: an engine
+    built later in the same process without one must not inherit stale process groups."""
+    deepspeed.utils.groups.mpu = mpu
+
+
+def keep_fp32_grad_norm(engine, mpu) -> None:
+    """DeepSpeed's fp32 ZeRO-0 and pipeline paths clip in `clip_fp32_gradients` without keeping the
+    norm, so `get_global_grad_norm()` returns nothing there: clip with DeepSpeed's own
+    `clip_grad_norm_` over `mpu` and keep the norm it returns."""
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    def clip_fp32_gradients() -> None:
+        engine._global_grad_norm = float(
+            clip_grad_norm_(engine.module.parameters(), max_norm=engine.gradient_clipping(), mpu=mpu)
+        )
+
+    engine.clip_fp32_gradients = clip_fp32_gradients
+
+
+def link_hp_optimizer_state(optimizer) -> None:
+    """ZeRO-1/2 link each parameter's view of the optimizer state lazily, at its first step; after
+    the state is created by hand (a layout conversion) the views must be linked again now."""
+    link = getattr(optimizer, "_lazy_init_hp_params_optimizer_state", None)
+    if link is not None:
+        optimizer._hp_optimizer_states_linked = False
+        link()
+
+
+def fp32_state_dict_from_zero(z, stage: int, world: int, flat: list, states: list, paddings) -> dict:
+    """zero_to_fp32's per-file reconstruction of the fp32 master weights (or any state partitioned
+    like them) from one model-parallel rank's ZeRO partitions. Its public entry point reads a whole
+    checkpoint directory and the weights only; these helpers take the partitions we pass."""
+    if stage <= 2:
+        return z._get_fp32_state_dict_from_zero2_checkpoint(world, flat, states, False, paddings)
+    return z._get_fp32_state_dict_from_zero3_checkpoint(world, flat, states, False)
+
+
+@contextlib.contextmanager
+def quiet():
+    """Silence a library call that prints and draws progress bars (zero_to_fp32 on every load)."""
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        yield
