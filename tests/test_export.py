@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT, tiny_config
+from tests.conftest import ROOT
+from tests.run_fixtures import tiny_config
 from tests.test_tensor_parallel import run_world
 from trainer.export import (
     ExportError,
