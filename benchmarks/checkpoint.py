@@ -92,34 +92,12 @@ def save_load_vs_copy(d_model: int, n_layers: int, zero_stage: int, repeats: int
 
 def recovery_time(steps: int = 40) -> dict:
     """SIGKILL one Ray Train worker after the first commit; time until the first step after resume."""
-    with tempfile.TemporaryDirectory() as tmp:
-        from trainer.data.prepare import prepare
+    from tests.data_fixtures import stdlib_corpus
+    from tests.run_fixtures import tiny_run
 
-        stdlib = Path(os.path.dirname(os.__file__))
-        prepare(
-            [str(stdlib / n) for n in ("json/decoder.py", "json/encoder.py", "textwrap.py", "string.py")],
-            f"{tmp}/corpus",
-            vocab_size=512,
-            block_len=33,
-            samples_per_shard=32,
-            val_blocks=8,
-            workers=1,
-        )
-        sets = [
-            f"data.path={tmp}/corpus",
-            "data.seq_len=32",
-            "model.max_seq_len=32",
-            "model.d_model=64",
-            "model.n_layers=2",
-            "parallel.micro_batch_size=4",
-            "parallel.global_batch_size=8",
-            f"train.steps={steps}",
-            "train.log_every=1",
-            "checkpoint.every=5",
-            "cluster.run_name=rec",
-            f"cluster.storage_path={tmp}/runs",
-            f"tracking.uri=sqlite:///{tmp}/mlflow.db",
-        ]
+    with tempfile.TemporaryDirectory() as tmp:
+        stdlib_corpus(Path(tmp) / "corpus")
+        sets = tiny_run(f"{tmp}/corpus", tmp, "rec", steps, "checkpoint.every=5", tracking=True)
         cmd = [sys.executable, "-m", "launch.cli", "train", "configs/tiny-cpu.yaml"]
         cmd += [a for s in sets for a in ("--set", s)]
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -32,50 +32,31 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tests.run_fixtures import LAYOUTS as TESTED  # noqa: E402  (the parity matrix's layouts)
+from tests.run_fixtures import tiny_config  # noqa: E402
+
 # name -> (world, zero stage, tp, pp); the first layout of each world is its dp-only baseline.
-LAYOUTS: dict[str, tuple[int, int, int, int]] = {
-    "dp2 zero0": (2, 0, 1, 1),
-    "dp2 zero1": (2, 1, 1, 1),
-    "dp2 zero2": (2, 2, 1, 1),
-    "dp2 zero3": (2, 3, 1, 1),
-    "tp2 zero0": (2, 0, 2, 1),
-    "pp2 zero1": (2, 1, 1, 2),
-    "dp4 zero0": (4, 0, 1, 1),
-    "tp2xdp2 zero3": (4, 3, 2, 1),
-    "pp2xdp2 zero1": (4, 1, 1, 2),
-    "tp2xpp2 zero1": (4, 1, 2, 2),
-}
-SINGLE = {"dp1 zero0": (1, 0, 1, 1)}  # one GPU: nothing else fits
+LAYOUTS = {"dp2-zero0": (2, 0, 1, 1), "dp4-zero0": (4, 0, 1, 1)} | TESTED
+SINGLE = {"dp1-zero0": (1, 0, 1, 1)}  # one GPU: nothing else fits
 
 
 def layout_config(zero_stage: int, tp: int, pp: int, world: int, device: str, steps: int, model: dict):
-    """The benchmark's tiny model under one layout: micro 2, global 16 sequences of 64 tokens, so a
-    pipeline has at least 4 micro batches to overlap at dp=2."""
-    from trainer.config import from_dict
-
-    return from_dict(
-        {
-            "model": {"arch": "llama", "vocab_size": 256, "n_kv_heads": 2, "max_seq_len": 64, **model},
-            "data": {"seq_len": 64, "prefetch": 0},
-            "parallel": {
-                "zero_stage": zero_stage,
-                "tp": tp,
-                "pp": pp,
-                "micro_batch_size": 2,
-                "global_batch_size": 16,
-            },
-            "optim": {"lr": 1e-3, "warmup_steps": 2},
-            "train": {
-                "steps": steps,
-                "log_every": 1,
-                "device": device,
-                "precision": "fp32" if device == "cpu" else "bf16",
-                "torch_threads": 1,
-            },
-            "cluster": {"num_workers": world},
-            "tracking": {"enabled": False},
-            "checkpoint": {"save_final": False},
-        }
+    """The tests' tiny config with the benchmark's model under one layout: micro 2, global 16
+    sequences of 64 tokens, so a pipeline has at least 4 micro batches to overlap at dp=2."""
+    return tiny_config(
+        model={"arch": "llama", "vocab_size": 256, "max_seq_len": 64, **model},
+        data={"seq_len": 64},
+        parallel={
+            "zero_stage": zero_stage,
+            "tp": tp,
+            "pp": pp,
+            "micro_batch_size": 2,
+            "global_batch_size": 16,
+        },
+        optim={"lr": 1e-3},
+        train={"steps": steps, "device": device, "precision": "fp32" if device == "cpu" else "bf16"},
+        cluster={"num_workers": world},
+        checkpoint={"save_final": False},
     )
 
 
@@ -195,7 +176,7 @@ def main() -> int:
                 "compare; printing its tokens/s alone"
             )
             tps = run_world(1, list(SINGLE), "cuda", args.steps, model)
-            print(f"  dp1 zero0: {tps['dp1 zero0']:,.0f} tokens/s ({args.steps - 1} steps after the first)")
+            print(f"  dp1-zero0: {tps['dp1-zero0']:,.0f} tokens/s ({args.steps - 1} steps after the first)")
             return 0
         if len(fits) < len(worlds):
             print(f"{gpus} GPUs visible: running world(s) {fits} only")

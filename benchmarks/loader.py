@@ -5,8 +5,9 @@
 Prints, from one run on the same shards:
   * `pretrain prepare` tokens/s on all cores: once training the BPE tokenizer, once reusing it
     (tokenize + shard only);
-  * the loader's tokens/s on one core (TokenStream, workers=0, torch.set_num_threads(1)): shards
-    read, sha256-verified, untarred, shuffled and batched into int64 tensors;
+  * the loader's tokens/s on one core (TokenStream, workers=0, torch.set_num_threads(1)), over one
+    stream (`tests.data_fixtures.one_stream`): shards read, sha256-verified, untarred, shuffled and
+    batched into int64 tensors;
   * plain reads of the same tar files (no decoding), the physical limit of this disk / page cache;
   * their ratio. Both reads run with a warm page cache (the shard files were just written).
 """
@@ -26,8 +27,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from tests.data_fixtures import one_stream  # noqa: E402
 from trainer.data.prepare import prepare  # noqa: E402
-from trainer.data.stream import TokenStream, open_manifest  # noqa: E402
+from trainer.data.stream import open_manifest  # noqa: E402
 
 BLOCK_LEN = 2049  # seq_len 2048
 SAMPLES_PER_SHARD = 64  # ~256 KB shards: enough shards for several streams on a ~5 MB corpus
@@ -84,20 +86,7 @@ def bench_raw(paths: list[str], tokens_per_pass: int, seconds: float) -> float:
 
 def bench_loader(root: str, workers: int, seconds: float) -> float:
     m = open_manifest(root)
-    stream = TokenStream(
-        root,
-        m,
-        seq_len=BLOCK_LEN - 1,
-        micro_batch=8,
-        global_batch=8,
-        dp_rank=0,
-        dp_size=1,
-        seed=0,
-        # One stream: the epoch uses every sample. With the default S the epoch is S x the shortest
-        # stream, and a stream holding only the short last shard would make the epoch tiny here.
-        num_streams=1,
-        workers=workers,
-    )
+    stream = one_stream(root, m, seq_len=BLOCK_LEN - 1, batch=8, workers=workers)
     it = stream.batches(0)
     next(it)  # threads started, first shards read
     tokens, t0 = 0, time.perf_counter()

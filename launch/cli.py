@@ -9,7 +9,8 @@ import logging
 import os
 import sys
 
-from launch.args import add_config, add_run, add_set
+from launch import export, jobs, plan, prepare, ui
+from launch.args import Command, add_commands, add_config, add_run, add_set
 from launch.errors import run_command
 from trainer.errors import PretrainError
 
@@ -18,6 +19,10 @@ def _load(args: argparse.Namespace):
     from trainer.config import load_config
 
     return load_config(args.config, args.set)
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    add_config(p, "configs/tiny-cpu.yaml", "train.steps=100")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -35,10 +40,22 @@ def _summary(s: dict) -> int:
     return 0
 
 
+def add_resume_arguments(p: argparse.ArgumentParser) -> None:
+    add_run(p)
+    add_set(p, "train.steps=2000", over="the run's config")
+
+
 def cmd_resume(args: argparse.Namespace) -> int:
     from cluster.driver import resume_training
 
     return _summary(resume_training(args.run, args.set, args.storage_path))
+
+
+def add_config_arguments(p: argparse.ArgumentParser) -> None:
+    add_config(p, "configs/tiny-cpu.yaml", "train.steps=100", required=False)
+    p.add_argument(
+        "--fields", action="store_true", help="list every config field, its default and its meaning"
+    )
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -57,72 +74,86 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+# name -> Command(help, description, add_arguments, run), in the order `pretrain --help` lists them.
+COMMANDS = {
+    "prepare": Command(
+        "tokenize raw text into WebDataset shards + manifest.json",
+        "Train (or load) a tokenizer and write token shards and a manifest.",
+        prepare.add_arguments,
+        prepare.run,
+    ),
+    "train": Command(
+        "train from a config on a local or remote Ray cluster",
+        "Validate CONFIG, start (or join) Ray and run the training to the end.",
+        add_train_arguments,
+        cmd_train,
+    ),
+    "resume": Command(
+        "continue a run from its newest committed checkpoint",
+        "Continue RUN (a run directory, or a name under --storage-path) from its newest committed "
+        "checkpoint, with its own config and MLflow run. --set may extend train.steps or change where it runs; "
+        "changes to the model, data or batch are refused.",
+        add_resume_arguments,
+        cmd_resume,
+    ),
+    "ui": Command(
+        "serve the MLflow UI for the runs' tracking store (127.0.0.1)",
+        "Start the MLflow UI for tracking.uri of CONFIG or a run directory, on 127.0.0.1.",
+        ui.add_arguments,
+        ui.run,
+    ),
+    "config": Command(
+        "print the resolved config, or every field with its meaning",
+        "Print CONFIG after --set overrides and defaults, validated.",
+        add_config_arguments,
+        cmd_config,
+    ),
+    "submit": Command(
+        "submit a training run to a Ray cluster as a Ray Job; returns at once",
+        "Ship this project and the resolved CONFIG to the cluster at --address and start "
+        "`pretrain train` there as a Ray Job whose id is the run name.",
+        jobs.add_submit_arguments,
+        jobs.run_submit,
+    ),
+    "status": Command(
+        "state of a submitted run (or of all runs)", None, jobs.add_status_arguments, jobs.run_status
+    ),
+    "logs": Command("the driver log of a submitted run", None, jobs.add_logs_arguments, jobs.run_logs),
+    "stop": Command(
+        "stop a submitted run (its driver and workers)", None, jobs.add_stop_arguments, jobs.run_stop
+    ),
+    "list": Command("the runs (Ray jobs) on a cluster", None, jobs.add_address, jobs.run_list),
+    "export": Command(
+        "write a run's checkpoint as a Hugging Face model directory (verified)",
+        "Consolidate RUN's newest committed checkpoint (or --step N) from any layout (ZeRO, TP, "
+        "PP) into a transformers model directory (LlamaForCausalLM or GPT2LMHeadModel, safetensors, "
+        "tokenizer), load it back with transformers and compare its logits with ours.",
+        export.add_export_arguments,
+        export.run_export,
+    ),
+    "generate": Command(
+        "sample text from a run's checkpoint",
+        "Continue --prompt with RUN's newest committed checkpoint (or --step N), "
+        "using the corpus tokenizer; stops at <|endoftext|>.",
+        export.add_generate_arguments,
+        export.run_generate,
+    ),
+    "plan": Command(
+        "print a config's layout, parameters, FLOPs and memory per device (runs nothing)",
+        "Resolve CONFIG (with --set overrides) and print the rank layout (TP, DP and PP groups), "
+        "the parameter count, FLOPs per token and an estimate of memory per device. Starts no process.",
+        plan.add_arguments,
+        plan.run_plan,
+    ),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pretrain",
         description="Pretrain GPT/LLaMA-style models on Ray + DeepSpeed from one YAML config.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    from launch import prepare
-
-    p = sub.add_parser(
-        "prepare",
-        help="tokenize raw text into WebDataset shards + manifest.json",
-        description="Train (or load) a tokenizer and write token shards and a manifest.",
-    )
-    prepare.add_arguments(p)
-    p.set_defaults(fn=prepare.run)
-
-    p = sub.add_parser(
-        "train",
-        help="train from a config on a local or remote Ray cluster",
-        description="Validate CONFIG, start (or join) Ray and run the training to the end.",
-    )
-    add_config(p, "configs/tiny-cpu.yaml", "train.steps=100")
-    p.set_defaults(fn=cmd_train)
-
-    p = sub.add_parser(
-        "resume",
-        help="continue a run from its newest committed checkpoint",
-        description="Continue RUN (a run directory, or a name under --storage-path) from its newest committed "
-        "checkpoint, with its own config and MLflow run. --set may extend train.steps or change where it runs; "
-        "changes to the model, data or batch are refused.",
-    )
-    add_run(p)
-    add_set(p, "train.steps=2000", over="the run's config")
-    p.set_defaults(fn=cmd_resume)
-
-    from launch import ui
-
-    p = sub.add_parser(
-        "ui",
-        help="serve the MLflow UI for the runs' tracking store (127.0.0.1)",
-        description="Start the MLflow UI for tracking.uri of CONFIG or a run directory, on 127.0.0.1.",
-    )
-    ui.add_arguments(p)
-    p.set_defaults(fn=ui.run)
-
-    p = sub.add_parser(
-        "config",
-        help="print the resolved config, or every field with its meaning",
-        description="Print CONFIG after --set overrides and defaults, validated.",
-    )
-    add_config(p, "configs/tiny-cpu.yaml", "train.steps=100", required=False)
-    p.add_argument(
-        "--fields", action="store_true", help="list every config field, its default and its meaning"
-    )
-    p.set_defaults(fn=cmd_config)
-
-    from launch import jobs
-
-    jobs.register(sub)
-    from launch import export
-
-    export.register(sub)
-    from launch import plan
-
-    plan.register(sub)
+    add_commands(parser.add_subparsers(dest="command", metavar="COMMAND", required=True), COMMANDS)
     return parser
 
 

@@ -9,9 +9,10 @@ logits check) prints one message and exits 2, leaving nothing at --out.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 
-from launch.args import add_run
+from launch.args import add_options, add_run, option_values
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"  # trainer.export's default; not imported here so `--help` stays fast
 
@@ -27,14 +28,26 @@ def _quiet_progress_bars() -> None:
         pass
 
 
-def _add_run_args(p: argparse.ArgumentParser) -> None:
-    add_run(p)
-    p.add_argument("--step", type=int, default=None, help="committed step to read (default: the newest)")
-    p.add_argument(
-        "--tokenizer",
-        default=None,
-        help="tokenizer.json to use (default: the one in the run's data.path, when local)",
-    )
+# Keyword options of export_run and generate: keyword -> the settings of its `--keyword` flag.
+READ_OPTIONS = {  # both: which checkpoint, which tokenizer
+    "step": dict(type=int, default=None, help="committed step to read (default: the newest)"),
+    "tokenizer": dict(
+        default=None, help="tokenizer.json to use (default: the one in the run's data.path, when local)"
+    ),
+}
+EXPORT_OPTIONS = {
+    "dtype": dict(choices=("bf16", "fp32"), default="bf16", help="weight dtype written (default bf16)"),
+    "max_shard_size": dict(
+        default=DEFAULT_MAX_SHARD_SIZE,
+        help=f"split the weights into files of at most this size (default {DEFAULT_MAX_SHARD_SIZE})",
+    ),
+}
+GENERATE_OPTIONS = {
+    "max_tokens": dict(type=int, default=64, help="most new tokens (default 64)"),
+    "temperature": dict(type=float, default=0.8, help="sampling temperature; 0 = greedy (default 0.8)"),
+    "top_k": dict(type=int, default=50, help="sample from the k likeliest tokens; 0 = all"),
+    "seed": dict(type=int, default=0, help="sampling seed (default 0)"),
+}
 
 
 def _run_dir(args: argparse.Namespace) -> Path:
@@ -45,17 +58,35 @@ def _run_dir(args: argparse.Namespace) -> Path:
     return find_run(args.run, args.storage_path)
 
 
+def _command_arguments(
+    flag: str, flag_help: str, options: dict[str, dict]
+) -> Callable[[argparse.ArgumentParser], None]:
+    """What adds a command's arguments: RUN, the read options, `--flag` (required), then `options`."""
+
+    def add(p: argparse.ArgumentParser) -> None:
+        add_run(p)
+        add_options(p, READ_OPTIONS)
+        p.add_argument(f"--{flag}", required=True, help=flag_help)
+        add_options(p, options)
+
+    return add
+
+
+add_export_arguments = _command_arguments(
+    "out", "new (or empty) directory to write the model to", EXPORT_OPTIONS
+)
+add_generate_arguments = _command_arguments("prompt", "text to continue", GENERATE_OPTIONS)
+
+
+def _keywords(args: argparse.Namespace, options: dict[str, dict]) -> dict:
+    """The read options' values and those of the command's own `options`."""
+    return option_values(args, READ_OPTIONS | options)
+
+
 def run_export(args: argparse.Namespace) -> int:
     from trainer.export import export_run
 
-    result = export_run(
-        _run_dir(args),
-        args.out,
-        step=args.step,
-        dtype=args.dtype,
-        max_shard_size=args.max_shard_size,
-        tokenizer=args.tokenizer,
-    )
+    result = export_run(_run_dir(args), args.out, **_keywords(args, EXPORT_OPTIONS))
     print(
         f"exported step {result['step']} ({result['arch']}, {result['dtype']}) to {result['out']}: "
         f"{', '.join(result['files'])}"
@@ -66,53 +97,5 @@ def run_export(args: argparse.Namespace) -> int:
 def run_generate(args: argparse.Namespace) -> int:
     from trainer.generate import generate
 
-    text = generate(
-        _run_dir(args),
-        args.prompt,
-        max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        step=args.step,
-        seed=args.seed,
-        tokenizer=args.tokenizer,
-    )
-    print(text)
+    print(generate(_run_dir(args), args.prompt, **_keywords(args, GENERATE_OPTIONS)))
     return 0
-
-
-def register(sub) -> None:
-    """Add export and generate to the `pretrain` subparsers."""
-    p = sub.add_parser(
-        "export",
-        help="write a run's checkpoint as a Hugging Face model directory (verified)",
-        description="Consolidate RUN's newest committed checkpoint (or --step N) from any layout (ZeRO, TP, "
-        "PP) into a transformers model directory (LlamaForCausalLM or GPT2LMHeadModel, safetensors, "
-        "tokenizer), load it back with transformers and compare its logits with ours.",
-    )
-    _add_run_args(p)
-    p.add_argument("--out", required=True, help="new (or empty) directory to write the model to")
-    p.add_argument(
-        "--dtype", choices=("bf16", "fp32"), default="bf16", help="weight dtype written (default bf16)"
-    )
-    p.add_argument(
-        "--max-shard-size",
-        default=DEFAULT_MAX_SHARD_SIZE,
-        help=f"split the weights into files of at most this size (default {DEFAULT_MAX_SHARD_SIZE})",
-    )
-    p.set_defaults(fn=run_export)
-
-    p = sub.add_parser(
-        "generate",
-        help="sample text from a run's checkpoint",
-        description="Continue --prompt with RUN's newest committed checkpoint (or --step N), "
-        "using the corpus tokenizer; stops at <|endoftext|>.",
-    )
-    _add_run_args(p)
-    p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--max-tokens", type=int, default=64, help="most new tokens (default 64)")
-    p.add_argument(
-        "--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy (default 0.8)"
-    )
-    p.add_argument("--top-k", type=int, default=50, help="sample from the k likeliest tokens; 0 = all")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    p.set_defaults(fn=run_generate)

@@ -12,7 +12,7 @@ import time
 from launch.args import add_config
 
 
-def _add_address(p: argparse.ArgumentParser) -> None:
+def add_address(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--address",
         default=os.environ.get("RAY_ADDRESS", ""),
@@ -20,37 +20,25 @@ def _add_address(p: argparse.ArgumentParser) -> None:
     )
 
 
-def register(sub) -> None:
-    """Add submit, status, logs, stop and list to the `pretrain` subparsers."""
-    p = sub.add_parser(
-        "submit",
-        help="submit a training run to a Ray cluster as a Ray Job; returns at once",
-        description="Ship this project and the resolved CONFIG to the cluster at --address and start "
-        "`pretrain train` there as a Ray Job whose id is the run name.",
-    )
+def add_submit_arguments(p: argparse.ArgumentParser) -> None:
     add_config(p, "configs/llama-1b.yaml", "cluster.num_workers=16")
-    _add_address(p)
-    p.set_defaults(fn=run_submit)
+    add_address(p)
 
-    p = sub.add_parser("status", help="state of a submitted run (or of all runs)")
+
+def add_status_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", nargs="?", help="run name (default: every run, like `list`)")
-    _add_address(p)
-    p.set_defaults(fn=run_status)
+    add_address(p)
 
-    p = sub.add_parser("logs", help="the driver log of a submitted run")
+
+def add_logs_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run name")
     p.add_argument("--follow", "-f", action="store_true", help="keep printing until the run ends")
-    _add_address(p)
-    p.set_defaults(fn=run_logs)
+    add_address(p)
 
-    p = sub.add_parser("stop", help="stop a submitted run (its driver and workers)")
+
+def add_stop_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run name")
-    _add_address(p)
-    p.set_defaults(fn=run_stop)
-
-    p = sub.add_parser("list", help="the runs (Ray jobs) on a cluster")
-    _add_address(p)
-    p.set_defaults(fn=run_list)
+    add_address(p)
 
 
 def _cluster_paths_note(cfg) -> list[str]:

@@ -113,13 +113,5 @@ def run_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub) -> None:
-    """Add `plan` to the `pretrain` subparsers."""
-    p = sub.add_parser(
-        "plan",
-        help="print a config's layout, parameters, FLOPs and memory per device (runs nothing)",
-        description="Resolve CONFIG (with --set overrides) and print the rank layout (TP, DP and PP groups), "
-        "the parameter count, FLOPs per token and an estimate of memory per device. Starts no process.",
-    )
+def add_arguments(p: argparse.ArgumentParser) -> None:
     add_config(p, "configs/llama-1b.yaml", "parallel.tp=2")
-    p.set_defaults(fn=run_plan)

@@ -1,5 +1,6 @@
 """Corpora and servers for the loader tests: real shards from prepare(), a real HTTP server and a real
-S3-compatible server (moto) on 127.0.0.1, reached through the clients a user would use."""
+S3-compatible server (moto) on 127.0.0.1, reached through the clients a user would use. Plain
+functions (no pytest, no environment changes): the benchmarks use them too."""
 
 from __future__ import annotations
 
@@ -15,6 +16,45 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 from trainer.data.manifest import Manifest
 from trainer.data.prepare import EOS_TOKEN, prepare
+from trainer.data.stream import TokenStream
+
+STDLIB = Path(os.path.dirname(os.__file__))
+STDLIB_FILES = (
+    "json/decoder.py",
+    "json/encoder.py",
+    "textwrap.py",
+    "string.py",
+    "fnmatch.py",
+    "glob.py",
+    "bisect.py",
+    "heapq.py",
+)
+
+
+def stdlib_corpus(out: Path) -> Manifest:
+    """A real corpus (the tests' `corpus`): a few stdlib modules, BPE vocab 512, blocks of 33 tokens
+    (seq_len 32), 32 samples a shard, 16 val blocks."""
+    files = [str(STDLIB / name) for name in STDLIB_FILES]
+    return prepare(
+        files, str(out), vocab_size=512, block_len=33, samples_per_shard=32, val_blocks=16, workers=1
+    )
+
+
+def one_stream(root: str, manifest: Manifest, *, seq_len: int, batch: int, **kw) -> TokenStream:
+    """The loader of one DP rank over ONE logical stream, a step being one micro batch of `batch`
+    samples (seed 0): an epoch uses every sample (with more streams it is S x the shortest one)."""
+    return TokenStream(
+        root,
+        manifest,
+        seq_len=seq_len,
+        micro_batch=batch,
+        global_batch=batch,
+        dp_rank=0,
+        dp_size=1,
+        seed=0,
+        num_streams=1,
+        **kw,
+    )
 
 
 def identity_corpus(

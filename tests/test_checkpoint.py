@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from tests.conftest import tiny_config
+from tests.run_fixtures import tiny_config
 from trainer.checkpoint import COMMIT, CheckpointError
 from trainer.loop import train
 from trainer.session import Session

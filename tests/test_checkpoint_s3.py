@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import tiny_config
 from tests.data_fixtures import aws_env, moto_s3_server
+from tests.run_fixtures import tiny_config
 from tests.test_checkpoint import fp32_master
 from trainer.checkpoint import COMMIT
 from trainer.checkpoint.store import S3Store as S3Checkpoints

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, tiny_run
+from tests.conftest import ROOT
+from tests.run_fixtures import tiny_run
 from trainer.config import load_config
 from trainer.loop import train
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from tests.conftest import tiny_config
+from tests.run_fixtures import tiny_config
 from tests.test_tensor_parallel import run_world
 from trainer.loop import train
 from trainer.session import Session

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import ROOT, tiny_config
+from tests.run_fixtures import tiny_config
 from tests.test_tensor_parallel import run_world
 from trainer.export import (
     ExportError,
@@ -212,20 +211,6 @@ def test_bf16_export_is_sharded_and_checked(runs, tmp_path):
     assert result["max_abs_diff"] <= TOL and 0 < result["bf16_rounding_max_abs_diff"] < 0.1
 
 
-def _cli(pretrain_cli, *args):
-    """`pretrain export|generate ...`; through `launch.export` itself until launch/cli.py registers it."""
-    from launch.cli import build_parser
-
-    known = "export" in build_parser()._subparsers._group_actions[0].choices
-    if known:
-        return pretrain_cli(*args)
-    import subprocess
-
-    return subprocess.run(
-        [sys.executable, "-m", "launch.export", *args], cwd=ROOT, capture_output=True, text=True, timeout=600
-    )
-
-
 @pytest.mark.slow
 def test_corrupted_checkpoint_is_refused(runs, tmp_path, pretrain_cli):
     run = tmp_path / "runs" / "bad"
@@ -235,7 +220,7 @@ def test_corrupted_checkpoint_is_refused(runs, tmp_path, pretrain_cli):
     data[len(data) // 2] ^= 0xFF  # same size, different content: only the sha256 can tell
     victim.write_bytes(bytes(data))
     out = tmp_path / "hf"
-    proc = _cli(pretrain_cli, "export", "bad", "--storage-path", str(tmp_path / "runs"), "--out", str(out))
+    proc = pretrain_cli("export", "bad", "--storage-path", str(tmp_path / "runs"), "--out", str(out))
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert victim.name in proc.stderr and "sha256" in proc.stderr
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["runs"]  # no partial dir either
@@ -257,7 +242,7 @@ def test_generate_is_deterministic(runs, pretrain_cli):
         "--max-tokens",
         "12",
     )
-    first, second = _cli(pretrain_cli, *args), _cli(pretrain_cli, *args)
+    first, second = pretrain_cli(*args), pretrain_cli(*args)
     assert first.returncode == 0, first.stderr[-2000:]
     assert first.stdout == second.stdout and first.stdout.startswith("def ") and len(first.stdout) > 5
     sampled = [

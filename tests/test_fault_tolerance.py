@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, tiny_run
+from tests.conftest import ROOT
+from tests.run_fixtures import tiny_run
 from tests.test_checkpoint import fp32_master
 from trainer.config import load_config
 from trainer.loop import train

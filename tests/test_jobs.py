@@ -18,7 +18,8 @@ import psutil
 import pytest
 import yaml
 
-from tests.conftest import ROOT, tiny_run
+from tests.conftest import ROOT
+from tests.run_fixtures import tiny_run
 
 VENV_BIN = str(Path(sys.executable).parent)
 
@@ -255,7 +256,7 @@ def test_bad_input_one_clear_message(head):
 _PROBE = """
 import json, sys, time, psutil
 from cluster.driver import start_ray
-from tests.conftest import tiny_config
+from tests.run_fixtures import tiny_config
 ray = start_ray(tiny_config())
 ray.get([ray.remote(lambda: 1).remote()])  # a worker process too
 time.sleep(3)

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from tests.conftest import tiny_config
+from tests.run_fixtures import tiny_config
 from trainer.loop import train
 
 V, T = 64, 32

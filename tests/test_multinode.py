@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from cluster.capacity import CapacityError, check_capacity, shortfall, worker_resources
-from tests.conftest import ROOT, tiny_config, tiny_run
+from tests.conftest import ROOT
+from tests.run_fixtures import tiny_config, tiny_run
 from trainer.config import load_config
 from trainer.loop import train
 

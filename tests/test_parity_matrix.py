@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import tiny_config
+from tests.run_fixtures import LAYOUTS, tiny_config
 from tests.test_tensor_parallel import dp_batches, run_world
 from trainer.parallel.topology import Topology
 
@@ -24,17 +24,6 @@ STEPS = 10
 TOL = 1e-5
 MODEL = {"vocab_size": V, "arch": "llama", "n_heads": 4, "n_kv_heads": 2, "n_layers": 4}
 
-# name -> (world, zero stage, tp, pp)
-LAYOUTS = {
-    "dp2-zero1": (2, 1, 1, 1),
-    "dp2-zero2": (2, 2, 1, 1),
-    "dp2-zero3": (2, 3, 1, 1),
-    "tp2-zero0": (2, 0, 2, 1),
-    "pp2-zero1": (2, 1, 1, 2),
-    "tp2xdp2-zero3": (4, 3, 2, 1),
-    "pp2xdp2-zero1": (4, 1, 1, 2),
-    "tp2xpp2-zero1": (4, 1, 2, 2),
-}
 WORLDS = {w: [n for n, layout in LAYOUTS.items() if layout[0] == w] for w in (2, 4)}
 
 

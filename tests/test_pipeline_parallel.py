@@ -13,7 +13,7 @@ from dataclasses import replace
 
 import pytest
 
-from tests.conftest import tiny_config
+from tests.run_fixtures import tiny_config
 from tests.test_tensor_parallel import dp_batches, run_world
 from trainer.config import ConfigError
 from trainer.parallel.topology import Topology

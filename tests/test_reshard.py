@@ -15,7 +15,7 @@ import shutil
 
 import pytest
 
-from tests.conftest import tiny_config
+from tests.run_fixtures import tiny_config
 from tests.test_tensor_parallel import run_world
 
 STEPS, STOP = 6, 3

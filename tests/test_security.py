@@ -16,7 +16,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import ROOT, tiny_run
+from tests.conftest import ROOT
+from tests.run_fixtures import tiny_run
 
 # The listeners a worker group that spans nodes opens beyond loopback, because the other nodes'
 # ranks connect to them (torch.distributed authenticates neither: docs/security.md):

@@ -3,7 +3,7 @@ GPU-only ones (flash/efficient attention) are refused on CPU with the field to c
 
 import pytest
 
-from tests.conftest import tiny_config
+from tests.run_fixtures import tiny_config
 from tests.test_loop import V, affine_stream
 from trainer.config import ConfigError
 from trainer.loop import train

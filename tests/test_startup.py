@@ -109,7 +109,7 @@ def test_a_run_that_compiles_nothing_never_imports_dynamo(corpus, tmp_path):
     out = run_python(
         f"""
         import sys
-        from tests.conftest import tiny_config
+        from tests.run_fixtures import tiny_config
         from trainer.loop import train
         from trainer.session import Session
 

@@ -23,6 +23,7 @@ from tests.data_fixtures import (
     http_server,
     identity_corpus,
     moto_s3_server,
+    one_stream,
     sample_ids,
     upload_dir,
 )
@@ -86,18 +87,7 @@ def test_text_round_trips_through_prepare_and_the_loader(tmp_path):
     n_train = m.splits["train"].samples
 
     # One stream, no shuffle, one sample per step: the train split in stored order, then val.
-    s = TokenStream(
-        root,
-        m,
-        seq_len=16,
-        micro_batch=1,
-        global_batch=1,
-        dp_rank=0,
-        dp_size=1,
-        seed=0,
-        num_streams=1,
-        shuffle=False,
-    )
+    s = one_stream(root, m, seq_len=16, batch=1, shuffle=False)
     assert s._plan(0).steps == n_train  # nothing dropped
     train = [torch.cat([x[0], y[0, -1:]]) for x, y in _take(s, 0, n_train)]
     val = ValStream(root, m, seq_len=16, micro_batch=1, dp_rank=0, dp_size=1).batches(m.splits["val"].samples)
@@ -407,16 +397,7 @@ def test_pipe_and_unknown_schemes_are_refused(root, uneven):
     with pytest.raises(StorageError, match=r"run shell commands|unsupported scheme"):
         open_manifest(root)
     with pytest.raises(StorageError, match="refused|unsupported"):
-        TokenStream(
-            root,
-            open_manifest(uneven),
-            seq_len=8,
-            micro_batch=1,
-            global_batch=1,
-            dp_rank=0,
-            dp_size=1,
-            seed=0,
-        )
+        _stream(root, open_manifest(uneven))
     with pytest.raises(StorageError):
         read_shard(root, "train-000000.tar")
 

@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from tests.conftest import tiny_config
+from tests.run_fixtures import tiny_config
 from tests.test_loop import affine_stream
 from trainer.config import ConfigError
 from trainer.parallel.topology import Topology

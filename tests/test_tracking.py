@@ -25,7 +25,8 @@ from cluster.tracking import (
     redact,
     reopen_mlflow_run,
 )
-from tests.conftest import ROOT, tiny_config
+from tests.conftest import ROOT
+from tests.run_fixtures import tiny_config
 from tests.test_loop import affine_stream
 from tests.test_startup import run_python
 from trainer.loop import train

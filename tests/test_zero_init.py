@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from tests.conftest import tiny_config
+from tests.run_fixtures import tiny_config
 from tests.test_tensor_parallel import run_world
 from trainer.parallel.topology import Topology
 

@@ -212,47 +212,58 @@ def _dtype_key() -> str:
     return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
 
 
+# Our ModelConfig field -> its name in (transformers.LlamaConfig, transformers.GPT2Config); None: that
+# architecture has no such setting.
+_HF_FIELDS = {
+    "d_model": ("hidden_size", "n_embd"),
+    "ff_dim": ("intermediate_size", "n_inner"),
+    "n_layers": ("num_hidden_layers", "n_layer"),
+    "n_heads": ("num_attention_heads", "n_head"),
+    "kv_heads": ("num_key_value_heads", None),
+    "head_dim": ("head_dim", None),
+    "max_seq_len": ("max_position_embeddings", "n_positions"),
+    "norm_eps": ("rms_norm_eps", "layer_norm_epsilon"),
+    "rope_theta": ("rope_theta", None),
+}
+# What each architecture fixes: its class, and the settings that are not config fields of ours.
+_HF_ARCHS = {
+    "llama": (
+        "LlamaConfig",
+        {
+            "hidden_act": "silu",
+            "attention_bias": False,
+            "mlp_bias": False,
+            "architectures": ["LlamaForCausalLM"],
+        },
+    ),
+    "gpt2": (
+        "GPT2Config",
+        {
+            "activation_function": "gelu_new",  # GELU, tanh approximation
+            "resid_pdrop": 0.0,
+            "embd_pdrop": 0.0,
+            "attn_pdrop": 0.0,
+            "architectures": ["GPT2LMHeadModel"],
+        },
+    ),
+}
+
+
 def hf_config(m: ModelConfig, dtype: str, eos_id: int):
     """The transformers config object of our model config."""
     import transformers
 
-    common = {
-        "vocab_size": m.vocab_size,
-        "bos_token_id": eos_id,
-        "eos_token_id": eos_id,
-        "tie_word_embeddings": m.tie_embeddings,
-        _dtype_key(): "bfloat16" if dtype == "bf16" else "float32",
-    }
-    if m.arch == "llama":
-        return transformers.LlamaConfig(
-            hidden_size=m.d_model,
-            intermediate_size=m.ff_dim,
-            num_hidden_layers=m.n_layers,
-            num_attention_heads=m.n_heads,
-            num_key_value_heads=m.kv_heads,
-            head_dim=m.head_dim,
-            max_position_embeddings=m.max_seq_len,
-            rms_norm_eps=m.norm_eps,
-            rope_theta=m.rope_theta,
-            hidden_act="silu",
-            attention_bias=False,
-            mlp_bias=False,
-            architectures=["LlamaForCausalLM"],
-            **common,
-        )
-    return transformers.GPT2Config(
-        n_positions=m.max_seq_len,
-        n_embd=m.d_model,
-        n_layer=m.n_layers,
-        n_head=m.n_heads,
-        n_inner=m.ff_dim,
-        activation_function="gelu_new",  # GELU, tanh approximation
-        layer_norm_epsilon=m.norm_eps,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        architectures=["GPT2LMHeadModel"],
-        **common,
+    column = 0 if m.arch == "llama" else 1  # of _HF_FIELDS
+    class_name, fixed = _HF_ARCHS[m.arch]
+    fields = {names[column]: getattr(m, ours) for ours, names in _HF_FIELDS.items() if names[column]}
+    return getattr(transformers, class_name)(
+        **fields,
+        **fixed,
+        vocab_size=m.vocab_size,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+        tie_word_embeddings=m.tie_embeddings,
+        **{_dtype_key(): "bfloat16" if dtype == "bf16" else "float32"},
     )
 
 

@@ -188,7 +188,7 @@ def model_param_name(name: str, pp: int, n_layers: int) -> str:
         return name
     idx, _, rest = name.partition(".")
     i = int(idx)
-    if i == 0 or i == n_layers + 1:  # EmbedStage.embed / HeadStage.head: already our names
+    if i == 0 or i == n_layers + 1:  # ModuleStage's `embed` / `head`: already our names
         return rest
     return f"blocks.{i - 1}.{rest.removeprefix('block.')}"
 

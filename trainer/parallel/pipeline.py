@@ -33,15 +33,18 @@ from trainer.model import Transformer
 from trainer.parallel.topology import Topology
 
 
-class EmbedStage(nn.Module):
-    """(B, T) token ids -> (B, T, D)."""
+class ModuleStage(nn.Module):
+    """One module of the model run as it is, kept under its name in the model (`embed`: (B, T) ids
+    -> (B, T, D); `head`: final norm + output projection, (B, T, D) -> (B, T, V) logits, V/tp under
+    TP), so a pipeline checkpoint names its parameters as the plain model does."""
 
-    def __init__(self, embed: nn.Module):
+    def __init__(self, name: str, module: nn.Module):
         super().__init__()
-        self.embed = embed
+        self.name = name
+        self.add_module(name, module)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.embed(idx)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return getattr(self, self.name)(x)
 
 
 class BlockStage(nn.Module):
@@ -59,25 +62,14 @@ class BlockStage(nn.Module):
         return self.block_fn(self.block, x, cos, sin) if self.block_fn else self.block(x, cos, sin)
 
 
-class HeadStage(nn.Module):
-    """Final norm + output projection: (B, T, D) -> (B, T, V) logits (V/tp under TP)."""
-
-    def __init__(self, head: nn.Module):
-        super().__init__()
-        self.head = head
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(x)
-
-
 def pipeline_layers(model: Transformer) -> list:
     """The model as a list of `LayerSpec`s, each adopting one of its modules."""
     from deepspeed.pipe import LayerSpec
 
     return [
-        LayerSpec(EmbedStage, model.embed),
+        LayerSpec(ModuleStage, "embed", model.embed),
         *(LayerSpec(BlockStage, b, model.rope_cos, model.rope_sin, model.block_fn) for b in model.blocks),
-        LayerSpec(HeadStage, model.head),
+        LayerSpec(ModuleStage, "head", model.head),
     ]
 
 
