@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.server
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -27,7 +28,7 @@ from tests.data_fixtures import (
     sample_ids,
     upload_dir,
 )
-from trainer.data.manifest import load_manifest
+from trainer.data.manifest import ManifestError, load_manifest, write_manifest
 from trainer.data.prepare import EOS_TOKEN, prepare
 from trainer.data.storage import Retry, StorageError, read_shard
 from trainer.data.stream import DataError, EpochPlan, TokenStream, ValStream, open_manifest
@@ -400,6 +401,48 @@ def test_pipe_and_unknown_schemes_are_refused(root, uneven):
         _stream(root, open_manifest(uneven))
     with pytest.raises(StorageError):
         read_shard(root, "train-000000.tar")
+
+
+@pytest.mark.parametrize(
+    "field, name, problem",
+    [
+        ("name", "/etc/passwd", "is an absolute path"),
+        ("name", "../outside/train-000000.tar", "leaves the corpus with '..'"),
+        ("name", "train/../../train-000000.tar", "leaves the corpus with '..'"),
+        ("name", "..\\train-000000.tar", "leaves the corpus with '..'"),
+        ("name", "C:\\data\\train-000000.tar", "is an absolute path"),
+        ("name", "http://example.com/train-000000.tar", "is not a plain relative path"),
+        ("name", "./train-000000.tar", "is not a plain relative path"),
+        ("name", "train//000000.tar", "is not a plain relative path"),
+        ("name", "", "is not a plain relative path"),
+        ("tokenizer_file", "/root/.ssh/id_rsa", "is an absolute path"),
+    ],
+)
+def test_manifest_file_names_outside_the_corpus_are_refused(uneven, tmp_path, field, name, problem):
+    root, m = _copy(uneven, tmp_path)
+    if field == "name":
+        m.splits["train"].shards[0].name = name
+        at = r"splits\.train\.shards\[0\]: field 'name'"
+    else:
+        m.tokenizer_file = name
+        at = "field 'tokenizer_file'"
+    path = write_manifest(root, m.seal())  # re-sealed: the fingerprint checks out, as a forger's would
+    with pytest.raises(ManifestError, match=rf"^{re.escape(path)}: {at} {problem}: ") as e:
+        load_manifest(root)
+    assert e.value.path == path
+
+
+def test_manifest_file_names_are_checked_on_remote_corpora_too(uneven, tmp_path):
+    root, m = _copy(uneven, tmp_path)
+    m.splits["val"].shards[0].name = "../../etc/passwd"
+    write_manifest(root, m.seal())
+    with (
+        http_server(root) as url,
+        pytest.raises(
+            ManifestError, match=rf"^{url}/manifest.json: splits.val.shards\[0\]: field 'name' leaves"
+        ),
+    ):
+        open_manifest(url, retry=FAST)
 
 
 def test_stopping_early_releases_the_worker_threads(uneven):

@@ -13,6 +13,10 @@ Layout (JSON, one object):
     fingerprint: first 16 hex chars of sha256 over the canonical JSON of every field except
                  `fingerprint` and `created`.
 
+Shard names and `tokenizer_file` are plain relative paths inside the dataset root (no absolute path,
+no `..`): anyone can re-seal a manifest, so the fingerprint does not stop a forged one from pointing
+a reader elsewhere, and the parser refuses such names whatever the fingerprint says.
+
 `created` is left out of the fingerprint on purpose: two runs over the same data with the same
 options produce the same fingerprint, so the fingerprint identifies the data, not the run.
 Remote roots (http/s3) are loaded elsewhere; this module reads local directories and parses text.
@@ -23,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -35,6 +40,8 @@ DTYPES = ("uint16", "uint32")
 SPLITS = ("train", "val")
 # Fields outside the fingerprint (see module docstring).
 _UNFINGERPRINTED = ("fingerprint", "created")
+# One part of a file name in the manifest: what `prepare` writes (`train-000000.tar`), never `.`/`..`.
+_NAME_PART = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 
 
 class ManifestError(PretrainError, ValueError):
@@ -161,6 +168,25 @@ def _get(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], where: st
     return value
 
 
+def _get_file_name(obj: dict[str, Any], key: str, where: str) -> str:
+    """A file of the corpus, read as `<root>/<name>` (a path or a URL): a plain relative path inside
+    the root, so that a manifest (which anyone can re-seal) never points a reader outside it."""
+    value = _get(obj, key, str, where)
+    if value.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", value):
+        problem = "is an absolute path"
+    elif ".." in re.split(r"[/\\]", value):
+        problem = "leaves the corpus with '..'"
+    elif not all(_NAME_PART.fullmatch(part) for part in value.split("/")):
+        problem = "is not a plain relative path"
+    else:
+        return value
+    raise ManifestError(
+        f"{where}: field {key!r} {problem}: {value!r}; the manifest's files must be plain relative paths "
+        "inside the corpus (letters, digits, '.', '_', '-', parts joined by '/', none starting with '.'), "
+        "as `pretrain prepare` writes them; re-run prepare"
+    )
+
+
 def _get_count(obj: dict[str, Any], key: str, where: str) -> int:
     value = _get(obj, key, int, where)
     if value < 0:
@@ -195,7 +221,7 @@ def _parse_manifest(raw: Any, where: str) -> Manifest:
         block_len=_get_count(raw, "block_len", where),
         vocab_size=_get_count(raw, "vocab_size", where),
         eos_id=_get_count(raw, "eos_id", where),
-        tokenizer_file=_get(raw, "tokenizer_file", str, where),
+        tokenizer_file=_get_file_name(raw, "tokenizer_file", where),
         tokenizer_sha256=_get(raw, "tokenizer_sha256", str, where),
         splits=splits,
         source=_get(raw, "source", dict, where),
@@ -215,7 +241,7 @@ def _parse_split(raw: Any, where: str) -> SplitInfo:
             raise ManifestError(f"{at}: expected an object, got {type(s).__name__}")
         shards.append(
             ShardInfo(
-                name=_get(s, "name", str, at),
+                name=_get_file_name(s, "name", at),
                 samples=_get_count(s, "samples", at),
                 tokens=_get_count(s, "tokens", at),
                 bytes=_get_count(s, "bytes", at),

@@ -11,6 +11,14 @@ its bytes arrive, and parsed into its samples as it goes. `read_shard` only retu
 the whole shard has been read and its sha256 and size match the manifest, so a corrupt shard never
 reaches training, not even in part. A shard is small (~1 MB), so holding one is cheap.
 
+The tar parser sees bytes before their sha256 is known, so it is bounded on any input: it never reads
+more than the manifest's byte count of the shard plus one (a local file, an HTTP body or an S3 object
+alike), every header and pax record must move forward, and every length (member, pax record) is checked
+against what is left before it is used. A malformed shard is a `StorageError` naming it, in O(size)
+time and memory. The standard library's `tarfile` ("r|") is not used: it is 2-4x slower here, and on
+Python releases before the fix of CVE-2024-6232 (3.11.7 among them) a pax header of digits takes time
+quadratic in its length (seconds for 32 KB), which no cap on the stream prevents.
+
 Network errors that may pass (refused or reset connections, timeouts, HTTP 5xx/429, a body cut
 short) are retried `Retry.tries` times with exponential backoff, re-reading the object from its
 start; missing objects, denied access and corrupt data are not retried. The defaults come from
@@ -255,19 +263,34 @@ def _s3_open(url: str, timeout_s: float) -> IO[bytes]:
 # ---- shards -----------------------------------------------------------------------------------
 
 
-class _HashingReader:
-    """Chunks of a stream, hashed and counted as they arrive."""
+class _ShardFormatError(Exception):
+    """The bytes are not a well-formed tar at this point; the caller adds shard and sample."""
 
-    def __init__(self, raw: IO[bytes]):
-        self.raw, self.sha = raw, hashlib.sha256()
+
+class _TooLong(_ShardFormatError):
+    """The stream holds more bytes than the manifest gives for the shard."""
+
+
+class _HashingReader:
+    """Chunks of a stream, hashed and counted as they arrive, never more than `limit` bytes.
+
+    `limit` is the manifest's byte count of the shard (None: read to the stream's end). Reading stops
+    there: one byte more is an error, so a local file, an HTTP body or an S3 object that grew (or a
+    server that never stops sending) costs at most `limit + 1` bytes of reading."""
+
+    def __init__(self, raw: IO[bytes], limit: int | None = None):
+        self.raw, self.sha, self.limit = raw, hashlib.sha256(), limit
         self.nbytes = 0
 
     def chunk(self) -> bytes:
-        """The next bytes of the stream (b"" at its end)."""
-        data = self.raw.read(_READ_CHUNK)
+        """The next bytes of the stream (b"" at its end or at `limit`); _TooLong past `limit`."""
+        want = _READ_CHUNK if self.limit is None else min(_READ_CHUNK, self.limit + 1 - self.nbytes)
+        data = self.raw.read(want) if want > 0 else b""
         if data:
             self.sha.update(data)
             self.nbytes += len(data)
+            if self.limit is not None and self.nbytes > self.limit:
+                raise _TooLong(f"the stream goes on past the {self.limit} bytes the manifest gives")
         return data
 
     def drain(self) -> None:
@@ -276,36 +299,64 @@ class _HashingReader:
             pass
 
 
-class _ShardFormatError(Exception):
-    """The bytes are not a well-formed tar at this point; the caller adds shard and sample."""
+_DECIMAL = re.compile(r"[0-9]{1,20}")
 
 
 def _number(field: bytes) -> int:
-    """A tar numeric header field: octal text, or GNU base-256 for large values."""
-    if field[0] & 0x80:
+    """A tar numeric header field, never negative: octal text, or GNU base-256 for large values."""
+    if field[0] == 0x80:  # base-256, positive (0xff would be a negative number)
         return int.from_bytes(field[1:], "big")
+    digits = field.rstrip(b"\0 ").lstrip(b" ")
+    if digits.translate(None, b"01234567"):  # anything but octal digits: a sign, "_", "8", junk
+        raise _ShardFormatError(f"bad numeric header field {field!r}")
+    return int(digits or b"0", 8)
+
+
+def _text(field: bytes, what: str) -> str:
     try:
-        return int(field.rstrip(b"\0 ") or b"0", 8)
-    except ValueError:
-        raise _ShardFormatError(f"bad numeric header field {field!r}") from None
+        return field.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _ShardFormatError(f"{what} is not UTF-8: {field[:40]!r}") from None
 
 
 def _pax_records(data: bytes) -> dict[str, str]:
+    """The `<length> <key>=<value>\\n` records of a pax header, each length checked to cover its
+    record and to stay inside `data` (a record of length 0 must not stand still)."""
     out, pos = {}, 0
     while pos < len(data) and data[pos] != 0:
-        space = data.index(b" ", pos)
-        length = int(data[pos:space])
-        key, _, value = data[space + 1 : pos + length - 1].decode("utf-8").partition("=")
-        out[key] = value
-        pos += length
+        space = data.find(b" ", pos, pos + 21)
+        digits = data[pos:space] if space > pos else b""
+        if not (digits.isdigit() and len(digits) <= 20):
+            raise _ShardFormatError(f"bad pax record at byte {pos}: no length")
+        length = int(digits)
+        end = pos + length
+        if end <= space + 2 or end > len(data) or data[end - 1] != 0x0A:
+            raise _ShardFormatError(
+                f"bad pax record at byte {pos}: length {length} does not fit the header's {len(data)} bytes"
+            )
+        key, eq, value = data[space + 1 : end - 1].partition(b"=")
+        if not (eq and key):
+            raise _ShardFormatError(f"bad pax record at byte {pos}: no key=value")
+        out[_text(key, "a pax key")] = _text(value, "a pax value")
+        pos = end
     return out
+
+
+def _member_size(header: bytes, pax: dict[str, str]) -> int:
+    if "size" not in pax:
+        return _number(header[124:136])
+    if _DECIMAL.fullmatch(pax["size"]) is None:
+        raise _ShardFormatError(f"bad pax size {pax['size'][:40]!r}")
+    return int(pax["size"])
 
 
 def _iter_tar(r: _HashingReader) -> Iterator[tuple[str, bytes]]:
     """(member name, bytes) of each regular file of a tar stream (ustar, pax or gnu headers).
 
     Parses from a window over the stream's chunks: one slice per header and per payload, no copies
-    of the stream beyond the chunk being parsed."""
+    of the stream beyond the chunk being parsed. Bounded on any input: every header moves forward by
+    at least one block, and a member longer than what is left of the shard's manifest size is refused
+    before any of it is read, so a shard of n bytes costs O(n) time and memory whatever it holds."""
     buf, pos = b"", 0
 
     def window(need: int) -> bool:  # at least `need` bytes at buf[pos:], or False at the stream's end
@@ -333,8 +384,14 @@ def _iter_tar(r: _HashingReader) -> Iterator[tuple[str, bytes]]:
         # The checksum counts its own 8 bytes as spaces.
         if _number(header[148:156]) != sum(header) - sum(header[148:156]) + 8 * 32:
             raise _ShardFormatError("tar header checksum mismatch")
-        size = int(pax["size"]) if "size" in pax else _number(header[124:136])
+        size = _member_size(header, pax)
         end = _TAR_BLOCK + size + (-size % _TAR_BLOCK)
+        if r.limit is not None:
+            offset = r.nbytes - (len(buf) - pos)  # of this header in the shard
+            if offset + end > r.limit:
+                raise _ShardFormatError(
+                    f"a member of {size} bytes at byte {offset} runs past the shard's {r.limit} bytes"
+                )
         if len(buf) - pos < end and not window(end):
             raise _ShardFormatError(f"unexpected end of data (a member of {size} bytes is cut short)")
         payload = buf[pos + _TAR_BLOCK : pos + _TAR_BLOCK + size]
@@ -344,7 +401,7 @@ def _iter_tar(r: _HashingReader) -> Iterator[tuple[str, bytes]]:
             pax = _pax_records(payload)
             continue
         if kind == b"L":
-            longname = payload.rstrip(b"\0").decode("utf-8")
+            longname = _text(payload.rstrip(b"\0"), "a long name")
             continue
         if kind in (b"0", b"\0", b"7"):
             if longname is not None:
@@ -352,9 +409,9 @@ def _iter_tar(r: _HashingReader) -> Iterator[tuple[str, bytes]]:
             elif "path" in pax:
                 name = pax["path"]
             else:
-                name = header[:100].rstrip(b"\0").decode("utf-8")
+                name = _text(header[:100].rstrip(b"\0"), "a member name")
                 if header[257:262] == b"ustar" and header[345] != 0:
-                    prefix = header[345:500].rstrip(b"\0").decode("utf-8")
+                    prefix = _text(header[345:500].rstrip(b"\0"), "a member name prefix")
                     name = f"{prefix}/{name}"
             yield name, payload
         pax, longname = {}, None  # 'g' global headers, directories, links: skipped
@@ -373,13 +430,19 @@ def _read_shard_once(
     where = join(root, name)
     samples: list[Sample] = []
     with closing(_open_once(root, name, timeout_s)) as raw:
-        r = _HashingReader(raw)
+        r = _HashingReader(raw, limit=size)
         try:
             for member, data in _iter_tar(r):
                 key, ext = _split_name(member)
                 samples.append(Sample(key, ext, data))
             r.drain()
-        except (_ShardFormatError, ValueError) as e:  # ValueError: undecodable name or pax record
+        except _TooLong:
+            raise StorageError(
+                f"{where}: longer than the {size} bytes the manifest gives: the shard was extended or "
+                "replaced after `pretrain prepare`; restore it or re-run prepare",
+                path=where,
+            ) from None
+        except _ShardFormatError as e:
             # A clean end of a remote body is the object's end: http.client and botocore raise
             # (and we retry) when a connection drops before the announced Content-Length.
             n = len(samples)
@@ -397,8 +460,8 @@ def _read_shard_once(
             ) from None
     if size is not None and r.nbytes != size:
         raise StorageError(
-            f"{where}: {r.nbytes} bytes, the manifest says {size}: the shard was truncated, extended "
-            "or replaced after `pretrain prepare`; restore it or re-run prepare",
+            f"{where}: {r.nbytes} bytes, the manifest says {size}: the shard was truncated or replaced "
+            "after `pretrain prepare`; restore it or re-run prepare",
             path=where,
         )
     if sha256 is not None and r.sha.hexdigest() != sha256:
