@@ -28,6 +28,7 @@ from tests.data_fixtures import (
     sample_ids,
     upload_dir,
 )
+from tests.run_fixtures import tiny_config
 from trainer.data.manifest import ManifestError, load_manifest, write_manifest
 from trainer.data.prepare import EOS_TOKEN, prepare
 from trainer.data.storage import Retry, StorageError, read_shard
@@ -477,3 +478,16 @@ def test_an_epoch_resumed_on_another_dp_size_sees_every_sample_once(uneven, new_
     assert [sorted(g) for g in got] == epoch  # same samples in the same steps: none twice, none skipped
     flat = [i for g in got for i in g]
     assert len(flat) == len(set(flat)) == 96
+
+
+def test_export_reads_the_tokenizer_only_from_inside_the_corpus(uneven, tmp_path):
+    """`pretrain export` copies the corpus's tokenizer into the model directory: a forged manifest
+    pointing it outside the corpus is refused, never followed."""
+    from trainer.export import tokenizer_path
+
+    root, m = _copy(uneven, tmp_path)
+    (tmp_path / "secret.json").write_text("{}")
+    m.tokenizer_file = "../secret.json"
+    write_manifest(root, m.seal())
+    with pytest.raises(ManifestError, match="field 'tokenizer_file' leaves the corpus"):
+        tokenizer_path(tiny_config(data={"path": root}))

@@ -42,6 +42,7 @@ from trainer.checkpoint import (
     consolidate,
 )
 from trainer.config import Config, ModelConfig, from_dict, load_yaml
+from trainer.data.manifest import MANIFEST_NAME, load_manifest
 from trainer.data.prepare import EOS_TOKEN
 from trainer.data.storage import is_remote
 from trainer.errors import PretrainError
@@ -325,12 +326,8 @@ def tokenizer_path(cfg: Config) -> Path | None:
         return None
     root = Path(cfg.data.path)
     name = "tokenizer.json"
-    manifest = root / "manifest.json"
-    if manifest.is_file():
-        try:
-            name = json.loads(manifest.read_text()).get("tokenizer_file", name)
-        except ValueError:
-            pass
+    if (root / MANIFEST_NAME).is_file():  # its file names are checked to stay inside the corpus
+        name = load_manifest(str(root)).tokenizer_file or name
     path = root / name
     return path if path.is_file() else None
 
