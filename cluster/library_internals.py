@@ -9,20 +9,8 @@ when Ray changes the thing touched; at run time a Ray without it falls back to R
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
-
-from ray.train.v2._internal.execution.callback import ControllerCallback  # capacity.py's hook
-from ray.train.v2._internal.execution.scaling_policy.fixed import FixedScalingPolicy
-
-__all__ = [
-    "EMBEDDED_SYSTEM_CONFIG",
-    "ClusterSizedScalingPolicy",
-    "ControllerCallback",
-    "lean_head",
-    "max_autoscaled_resources",
-    "single_machine_mode",
-    "trainer_class",
-]
 
 # Ray's config switch (`RAY_prestart_worker_first_driver` in the environment): no idle workers
 # prestarted for the driver of an embedded cluster; Ray Train's actors run in a runtime env of their
@@ -73,19 +61,37 @@ def lean_head():
             setattr(Node, name, fn)
 
 
-class ClusterSizedScalingPolicy(FixedScalingPolicy):
-    """Ray Train's fixed-size policy without its requests to the AutoscalingCoordinator, a detached
-    actor (one more process, started before the workers) through which Ray Data and Ray Train share
-    an autoscaling cluster. An embedded cluster has no autoscaler and no Ray Data."""
+@functools.cache
+def _cluster_sized_scaling_policy():
+    from ray.train.v2._internal.execution.scaling_policy.fixed import FixedScalingPolicy
 
-    def after_controller_start(self, train_run_context) -> None:
-        pass
+    class ClusterSizedScalingPolicy(FixedScalingPolicy):
+        """Ray Train's fixed-size policy without its requests to the AutoscalingCoordinator, a
+        detached actor (one more process, started before the workers) through which Ray Data and
+        Ray Train share an autoscaling cluster. An embedded cluster has no autoscaler and no Ray Data."""
 
-    def _maybe_send_resource_request(self) -> None:
-        pass
+        def after_controller_start(self, train_run_context) -> None:
+            pass
 
-    def _send_resource_request(self) -> None:
-        pass
+        def _maybe_send_resource_request(self) -> None:
+            pass
+
+        def _send_resource_request(self) -> None:
+            pass
+
+    return ClusterSizedScalingPolicy
+
+
+def __getattr__(name: str):
+    """Ray Train's internals are imported when first used, not with this module: the driver imports
+    Ray Train on a thread while Ray starts, and two threads importing it at once break its imports."""
+    if name == "ClusterSizedScalingPolicy":
+        return _cluster_sized_scaling_policy()
+    if name == "ControllerCallback":  # capacity.py's hook into Ray Train's controller
+        from ray.train.v2._internal.execution.callback import ControllerCallback
+
+        return ControllerCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # Default Ray Train callbacks a run drops (matched by class name: on a Ray that names them
@@ -108,8 +114,10 @@ def trainer_class(embedded: bool):
       is gone, and removes the running workers' placement group;
     - on the embedded cluster, the fixed scaling policy's requests to the autoscaling coordinator.
     """
+    from ray.train.v2._internal.execution.scaling_policy.fixed import FixedScalingPolicy
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
+    policy = _cluster_sized_scaling_policy()
     dropped = {PLACEMENT_GROUP_CLEANER} if embedded else set()
 
     class Trainer(DataParallelTrainer):
@@ -119,7 +127,7 @@ def trainer_class(embedded: bool):
 
         def _initialize_and_run_controller(self, **kwargs):
             if embedded and type(kwargs.get("scaling_policy")) is FixedScalingPolicy:
-                kwargs["scaling_policy"] = ClusterSizedScalingPolicy(self.scaling_config)
+                kwargs["scaling_policy"] = policy(self.scaling_config)
             return super()._initialize_and_run_controller(**kwargs)
 
     return Trainer

@@ -129,7 +129,7 @@ def test_the_embedded_trainer_drops_exactly_the_named_callbacks():
     out = _python(
         """
         from cluster.driver import start_ray, trainer_class
-        from tests.conftest import tiny_config
+        from tests.run_fixtures import tiny_config
         ray = start_ray(tiny_config())
         from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
         from ray.train import ScalingConfig
