@@ -151,3 +151,23 @@ def test_sigterm_commits_a_checkpoint_and_stops(corpus, tmp_path, uninterrupted)
     assert stopped.steps == 3 and (tmp_path / "checkpoints" / "step_3" / COMMIT).is_file()
     resumed = train(cfg, Session(run_dir=str(tmp_path)))
     assert resumed.losses == {k: v for k, v in uninterrupted[0].losses.items() if k > 3}
+
+
+def test_consolidation_reads_only_the_files_the_commit_lists(corpus, tmp_path):
+    """A file beside a verified step's files, matching DeepSpeed's names but not in its commit record,
+    is never opened (here: a pickle that would run code), by export or by the layout conversion."""
+    from trainer.checkpoint import CheckpointManager, consolidate
+
+    ck = _stopped_run(corpus, tmp_path)
+    marker = tmp_path / "pwned"
+    (ck / "step_4" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(
+        pickle.dumps(_Boom(str(marker)))
+    )
+    cfg = _cfg(corpus)
+    found = CheckpointManager(tmp_path, cfg.checkpoint, rank=0, world_size=1).verify(4)
+    from trainer.config import resolve_model_config
+    from trainer.data.stream import open_manifest
+
+    model_cfg = resolve_model_config(cfg, open_manifest(corpus)).model
+    sd = consolidate(found.path, found.record, model_cfg)
+    assert sd and not marker.exists()
