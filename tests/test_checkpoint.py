@@ -211,6 +211,33 @@ def test_io_error_at_a_save(corpus, tmp_path, uninterrupted, on_error, caplog):
         undo()
 
 
+def test_retention_counts_only_commits_that_verify(corpus, tmp_path, uninterrupted, caplog):
+    """Step 4 damaged at rest (same size, other bytes: only its sha256 tells). The resume skips it;
+    retention never counts it as one of the `keep` commits, so the older good ones it would have
+    replaced stay, and it is removed; a damaged step reached again by training is saved again."""
+    from trainer.checkpoint import CheckpointManager
+
+    ck = _stopped_run(corpus, tmp_path)  # step_2, step_4
+    victim = next(p for p in (ck / "step_4").iterdir() if p.name.endswith("optim_states.pt"))
+    victim.write_bytes(bytes(victim.stat().st_size))
+    cfg = tiny_config(data={"path": corpus}, train={"steps": STEPS}, checkpoint={"every": 3, "keep": 2})
+    with caplog.at_level(logging.INFO, logger="pretrain"):
+        resumed = train(cfg, Session(run_dir=str(tmp_path)))  # resumes at 2, saves 3 and 6
+    # Before: retention counted the damaged step 4, deleting step 3 and 2: [4 (damaged), 6].
+    assert _step_dirs(tmp_path) == [3, 6]
+    assert "resumed from committed checkpoint step 2" in caplog.text
+    assert "checkpoint step 4 does not verify, so it is not one of the 2 kept" in caplog.text
+    assert resumed.losses == {k: v for k, v in uninterrupted[0].losses.items() if k > 2}
+    manager = CheckpointManager(tmp_path, cfg.checkpoint, rank=0, world_size=1)
+    assert [manager.verify(s).step for s in (3, 6)] == [3, 6]
+
+    # Damaged again, and reached again by training: saved again, and it verifies.
+    victim = next(p for p in (ck / "step_6").iterdir() if p.name.endswith("optim_states.pt"))
+    victim.write_bytes(bytes(victim.stat().st_size))
+    train(_cfg(corpus), Session(run_dir=str(tmp_path)))  # resumes at 3, saves 4 and 6
+    assert _step_dirs(tmp_path) == [4, 6] and manager.verify(6).step == 6
+
+
 def test_checkpoint_files_are_fsynced_before_the_commit(corpus, tmp_path, monkeypatch):
     """Every file a commit record lists, and its directory, reach stable storage before commit.json
     is written (a power cut after the commit never loses a file the commit vouches for)."""

@@ -17,7 +17,7 @@ unpickles (`torch.load(weights_only=False)`), ever sees it; only files this run 
 A save that fails on any rank (a full disk, an I/O error, an object store that stays unreachable)
 fails on every rank alike within seconds: each phase ends with the ranks exchanging their outcome
 (`on_all_ranks`), the uncommitted step is removed, and `CheckpointSaveError` names the path, the
-space needed and free, and the newest intact commit.
+space needed and free, and the newest intact commit. Retention counts only commits that verify.
 """
 
 from __future__ import annotations
@@ -135,6 +135,7 @@ class CheckpointManager:
         self.root = self.store.root
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self._saved: set[int] = set()  # steps this manager committed
+        self._hashed: set[int] = set()  # steps whose files this process hashed against their commit
         self.newest: Committed | None = None  # the newest commit this process made or verified
 
     # ------------------------------------------------------------------ collectives
@@ -205,6 +206,7 @@ class CheckpointManager:
         except CheckpointError as e:  # raised on every rank alike
             raise self._save_failed(step, e) from None
         self._saved.add(step)
+        self._hashed.add(step)
         self.newest = Committed(step, path, record)
         if self.rank == 0:
             self._retain(step)
@@ -215,6 +217,7 @@ class CheckpointManager:
     def _clear(self, step: int) -> None:
         """Before writing `step`: a commit of it from an earlier attempt (one a resume skipped as
         bad) stops existing, and every rank removes a partial or stale local copy."""
+        self._hashed.discard(step)
         if self.rank == 0:
             self.store.uncommit(step)
             self.root.mkdir(parents=True, exist_ok=True)
@@ -341,25 +344,78 @@ class CheckpointManager:
             return None
         return usage.total, usage.free, str(self.root)
 
+    # ------------------------------------------------------------------ retention
     def _retain(self, newest: int) -> None:
-        """Keep the last `keep` committed steps (and the multiples of `keep_every`); delete older
-        ones, and the uncommitted leftovers older than the newest commit. A failure is retried at
-        the next save."""
+        """Rank 0, after `newest` was committed: keep it and the `keep - 1` newest older commits
+        that verify, and `keep_every`'s multiples; delete the other older commits (those found not
+        to verify among them) and uncommitted leftovers older than `newest`. Commits newer than
+        `newest` (a run resumed before a damaged step) are left for the save that reaches them. A
+        failure is a warning, retried at the next save.
+
+        Cost: the stored sizes of each step looked at, always (the listing has them); its sha256 on
+        local or shared disks only for steps this process has not hashed yet, i.e. at most once
+        per step and process: the steps it saved or resumed from are hashed already, so a run's
+        steady state hashes nothing more, and a restart hashes at most `keep - 1` older steps."""
         try:
             steps = self.store.steps()
-            committed = sorted(s for s, names in steps.items() if COMMIT in names)
-            drop = [
-                s
-                for s in committed[: -self.cfg.keep]
-                if s != newest and not (self.cfg.keep_every and s % self.cfg.keep_every == 0)
-            ]
+            older = sorted((s for s, names in steps.items() if COMMIT in names and s < newest), reverse=True)
+            pinned = {s for s in older if self.cfg.keep_every and s % self.cfg.keep_every == 0}
+            kept = [newest]
+            for s in older:
+                if len(kept) >= self.cfg.keep:
+                    break
+                problems = self._at_rest(s, steps[s])
+                if not problems:
+                    kept.append(s)
+                    continue
+                log.warning(
+                    "checkpoint step %d does not verify, so it is not one of the %d kept (%s); %s",
+                    s,
+                    self.cfg.keep,
+                    "; ".join(problems),
+                    "kept as a multiple of checkpoint.keep_every" if s in pinned else "removed",
+                )
+            drop = [s for s in older if s not in kept and s not in pinned]
             drop += [s for s, names in steps.items() if COMMIT not in names and s < newest]
             for s in sorted(drop):
+                self._hashed.discard(s)
                 self.store.delete(s, sorted(steps[s]))
-        except ObjectStoreError as e:
+        except (ObjectStoreError, OSError, ValueError, KeyError, TypeError) as e:
             log.warning(
                 "checkpoint retention in %s failed (will retry at the next save): %s", self.store.where(), e
             )
+
+    def _at_rest(self, step: int, listed: dict[str, int]) -> list[str]:
+        """What is wrong with a stored commit, checked cheaply: its record and the stored sizes
+        always; the sha256 of each file once per process, where the store holds the files in place
+        (a local or shared disk: no download). An object store's own checksums guard its objects,
+        so a stored step there is checked by sizes only."""
+        try:
+            record = json.loads(self.store.read(step, COMMIT))
+            files = record["files"]
+        except MissingObject:
+            return [f"{self.store.where(step, COMMIT)} is missing"]
+        except (ValueError, KeyError, TypeError) as e:
+            return [f"{self.store.where(step, COMMIT)} is not a readable commit record ({e!r})"]
+        problems = []
+        for name, info in sorted(files.items()):
+            size = listed.get(name)
+            if size != info["size"]:
+                what = (
+                    "is missing"
+                    if size is None
+                    else f"has {size} bytes, the commit record says {info['size']}"
+                )
+                problems.append(f"{self.store.where(step, name)} {what}")
+        if problems or not self.store.in_place or step in self._hashed:
+            return problems
+        path = self.store.step_dir(step)
+        problems = [
+            p for n in sorted(files) if (p := _mismatch(path / n, files[n], self.store.where(step, n)))
+        ]
+        if not problems:
+            self._hashed.add(step)
+        return problems
 
     # ------------------------------------------------------------------ find: verified
     def committed(self) -> list[int]:
@@ -396,6 +452,7 @@ class CheckpointManager:
         return self._verified(step, record)
 
     def _verified(self, step: int, record: dict) -> Committed:
+        self._hashed.add(step)
         found = Committed(step, self.store.step_dir(step), record)
         if self.newest is None or step >= self.newest.step:
             self.newest = found
