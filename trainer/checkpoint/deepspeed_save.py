@@ -76,7 +76,8 @@ def _with_path(e: Exception, path: str | None) -> Exception:
         except OSError:
             return e
         if free < _NEARLY_FULL:
-            return OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({free:,} bytes free; {e!r})", path)
+            why = f"{os.strerror(errno.ENOSPC)} ({free:,} bytes free when torch's writer stopped short)"
+            return OSError(errno.ENOSPC, why, path)
     return e
 
 
