@@ -120,10 +120,8 @@ def test_full_disk_at_a_save_stops_the_run_then_resume_finishes_it(corpus, tmp_p
         ).groups()
     )
     assert free < needed < 5 * 2**20
-    assert (
-        f"the uncommitted step 6 was removed; the newest intact checkpoint is step 4 ({run / 'checkpoints' / 'step_4'})"
-        in last
-    )
+    step_4 = run / "checkpoints" / "step_4"
+    assert f"the uncommitted step 6 was removed; the newest intact checkpoint is step 4 ({step_4})" in last
     assert last.endswith(
         f"free space there or move the run to a larger disk; continue it with `pretrain resume {run}`"
     )
@@ -135,9 +133,8 @@ def test_full_disk_at_a_save_stops_the_run_then_resume_finishes_it(corpus, tmp_p
     assert [e["event"] for e in log].count("start") == 1  # Ray Train did not restart the group
     (failed,) = [e for e in log if e["event"] == "checkpoint_failed"]
     assert failed["step"] == 6
-    print(
-        f"\nENOSPC at step 6: one message, run stopped {ended - failed['time']:.1f} s after the ranks agreed:\n{last}"
-    )
+    stopped = ended - failed["time"]
+    print(f"\nENOSPC at step 6: one message; the run stopped {stopped:.1f} s after the ranks agreed:\n{last}")
 
     remount("50m")  # the fault cleared
     r = pretrain("resume", str(run))
@@ -175,10 +172,9 @@ def test_io_error_at_a_save_with_on_error_continue_trains_on(corpus, tmp_path, u
     saved = [e for e in log if e["event"] == "checkpoint"]
     assert failed["step"] == 4 and [e["step"] for e in saved] == [2, 6, 8]
     assert [e["event"] for e in log].count("start") == 1
-    print(
-        f"\nEIO at step 4, on_error: continue: the save failed {failed['time'] - saved[0]['time']:.1f} s after "
-        f"step 2's commit; step 6 committed {saved[1]['time'] - failed['time']:.1f} s after the failure"
-    )
+    after_2, until_6 = failed["time"] - saved[0]["time"], saved[1]["time"] - failed["time"]
+    print(f"\nEIO at step 4, on_error: continue: failed {after_2:.1f} s after step 2's commit;", end=" ")
+    print(f"step 6 committed {until_6:.1f} s later")
 
     from mlflow.tracking import MlflowClient
 

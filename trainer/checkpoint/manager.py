@@ -259,9 +259,19 @@ class CheckpointManager:
         """Collective, after the ranks agreed that `step` failed: remove it, and the one message."""
         written = self._space(step)
         not_removed = self._remove_uncommitted(step, store_too=not error.from_store)
-        where = self.store.where(step)
-        parts = [f"checkpoint step {step} could not be saved to {where}: {error}"]
-        free = None if error.from_store else self._free()
+        free = None if error.from_store else self._free()  # a disk's space says nothing about S3
+        out = CheckpointSaveError(
+            "; ".join(self._failure(step, error, written, free, not_removed)), path=self.store.where(step)
+        )
+        out.errnos, out.from_store = error.errnos, error.from_store
+        return out
+
+    def _failure(
+        self, step: int, error: CheckpointError, written: int, free: tuple | None, not_removed: str | None
+    ) -> list[str]:
+        """The clauses of a failed save's message: where and why, the space, what became of the
+        step, the newest intact commit, what to do."""
+        parts = [f"checkpoint step {step} could not be saved to {self.store.where(step)}: {error}"]
         if free is not None:  # the local disk every rank writes to (with S3: the staging area)
             needed = [(written, f"step {step}'s files written before the failure")]
             if self.newest is not None:
@@ -278,25 +288,22 @@ class CheckpointManager:
             )
         elif error.from_store:
             parts.append(
-                f"the local copy of the uncommitted step {step} was removed; its objects in the store go with a later save"
+                f"the local copy of the uncommitted step {step} was removed; its uploads go with a later save"
             )
         else:
             parts.append(f"the uncommitted step {step} was removed")
-        if self.newest is not None:
-            parts.append(
-                f"the newest intact checkpoint is step {self.newest.step} ({self.store.where(self.newest.step)})"
-            )
-        else:
+        if self.newest is None:
             parts.append("no checkpoint is committed yet (a resume starts at step 0)")
+        else:
+            newest = self.newest.step
+            parts.append(f"the newest intact checkpoint is step {newest} ({self.store.where(newest)})")
         if error.errnos & {errno.ENOSPC, errno.EDQUOT}:
             parts.append("free space there or move the run to a larger disk")
         elif errno.EIO in error.errnos:
             parts.append("check that disk (an I/O error)")
         elif error.from_store:
             parts.append("check the object store (endpoint, credentials, permissions)")
-        out = CheckpointSaveError("; ".join(parts), path=where)
-        out.errnos, out.from_store = error.errnos, error.from_store
-        return out
+        return parts
 
     def _space(self, step: int) -> int:
         """Collective: bytes the failed step's files took, on every disk that holds a copy."""
