@@ -133,8 +133,14 @@ def test_full_disk_at_a_save_stops_the_run_then_resume_finishes_it(corpus, tmp_p
     assert [e["event"] for e in log].count("start") == 1  # Ray Train did not restart the group
     (failed,) = [e for e in log if e["event"] == "checkpoint_failed"]
     assert failed["step"] == 6
-    stopped = ended - failed["time"]
-    print(f"\nENOSPC at step 6: one message; the run stopped {stopped:.1f} s after the ranks agreed:\n{last}")
+    stopped, after_4 = (
+        ended - failed["time"],
+        failed["time"] - [e for e in log if e["event"] == "checkpoint"][-1]["time"],
+    )
+    print(
+        f"\nENOSPC at step 6: failed {after_4:.1f} s after step 4's commit (two steps and the save);", end=" "
+    )
+    print(f"the run stopped {stopped:.1f} s after the ranks agreed, with one message:\n{last}")
 
     remount("50m")  # the fault cleared
     r = pretrain("resume", str(run))
