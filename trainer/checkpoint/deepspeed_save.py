@@ -91,7 +91,7 @@ class _GuardedEngine:
         return self._writes.run(lambda: self._inner.save(state_dict, path, *args, **kwargs), str(path))
 
     def makedirs(self, path, *args, **kwargs):
-        return self._writes.run(lambda: self._inner.makedirs(path, *args, **kwargs), None)
+        return self._writes.run(lambda: self._inner.makedirs(path, *args, **kwargs), str(path))
 
     def __getattr__(self, name):
         return getattr(self._inner, name)
@@ -103,7 +103,7 @@ def _guarded(engine):
     writes = _Writes()
     inner, copy_scripts = engine.checkpoint_engine, engine._copy_recovery_script
     engine.checkpoint_engine = _GuardedEngine(inner, writes)
-    engine._copy_recovery_script = lambda save_path: writes.run(lambda: copy_scripts(save_path), None)
+    engine._copy_recovery_script = lambda save_path: writes.run(lambda: copy_scripts(save_path), save_path)
     try:
         yield writes
     finally:

@@ -228,9 +228,11 @@ class CheckpointManager:
         are done, `deepspeed_save.py`) and its own state, each file fsynced with the directory."""
         path = self.store.step_dir(step)
         deepspeed_save.save(engine, str(self.root), path.name)
-        write_json_atomic(  # fsyncs the file and the directory
-            str(path / f"trainer_state_rank{self.rank}.json"), {"step": step, "rng": rng_state()}
-        )
+        state = path / f"trainer_state_rank{self.rank}.json"
+        try:
+            write_json_atomic(str(state), {"step": step, "rng": rng_state()})  # fsyncs it and the directory
+        except OSError as e:  # a failed write() names no file: name it
+            raise OSError(e.errno, e.strerror, e.filename or str(state)) from None
 
     def _store_files(self, step: int) -> dict:
         """{name: {size, sha256}} of every file of the step, each hashed and stored by one of the
