@@ -16,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from cluster.errors import CapacityError, RunError, RunStopped
+from cluster.ray_session import STOPPED_BY
 from cluster.tracking import (
     check_reachable,
     create_mlflow_run,
@@ -316,6 +317,10 @@ def _fit(cfg: Config, run_dir: Path, mlflow_run_id: str, t0: float) -> dict:
             raise RunError(
                 f"run {run_dir.name} failed: {result.error}; continue it with `pretrain resume {run_dir}`"
             )
+        stopped = _stopped_by_workers(getattr(result, "return_value", None), run_dir)
+        if stopped is not None:  # every rank ended on the same expected failure: no restart
+            error = str(stopped)
+            raise stopped
         summary = json.loads((run_dir / "summary.json").read_text())
         state = "succeeded" if summary["steps"] >= cfg.train.steps else "stopped"
         return {
@@ -389,10 +394,25 @@ def _training_failed(e: Exception, run_dir: Path) -> RunError:
     return RunError(f"run {run_dir.name} failed: {e}; {resume}")
 
 
+def _stopped_by_workers(value, run_dir: Path) -> RunError | None:
+    """The user's error when the worker group ended on an expected failure that every rank agreed
+    on and that a restart would repeat (a full disk at a save): rank 0 returned it."""
+    if not isinstance(value, dict) or STOPPED_BY not in value:
+        return None
+    return RunError(
+        f"run {run_dir.name} failed: {value['message']}; continue it with `pretrain resume {run_dir}`",
+        field=value.get("field", ""),
+        path=value.get("path", ""),
+    )
+
+
 def _close_run(cfg: Config, run_dir: Path, mlflow_run_id: str, state: str, error: str) -> None:
     """The run's final state in run.json and in MLflow (with its events), however it ended."""
     record = json.loads((run_dir / "run.json").read_text())
-    write_run_record(run_dir, {**record, "state": state, **({"error": error} if error else {})})
+    try:
+        write_run_record(run_dir, {**record, "state": state, **({"error": error} if error else {})})
+    except OSError as e:  # a full disk must not hide the run's own error behind this one
+        log.warning("could not record state %s in %s: %s", state, run_dir / "run.json", e)
     if cfg.tracking.enabled and mlflow_run_id:
         if (run_dir / "events.jsonl").exists():
             log_event_artifact(cfg, mlflow_run_id, run_dir / "events.jsonl")

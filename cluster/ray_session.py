@@ -7,8 +7,10 @@ import socket
 import time
 import warnings
 
+STOPPED_BY = "stopped_by"  # the key of a worker's return value that ends the run with an error
 
-def worker_main(loop_config: dict) -> None:
+
+def worker_main(loop_config: dict) -> dict | None:
     started_at = time.time()  # start-up is timed from here (trainer.events.StartupClock)
     if not loop_config["use_gpu"]:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before anything imports deepspeed
@@ -16,6 +18,7 @@ def worker_main(loop_config: dict) -> None:
     import ray.train
 
     from trainer.config import from_dict
+    from trainer.errors import PretrainError
     from trainer.loop import train
     from trainer.session import Session
 
@@ -37,7 +40,15 @@ def worker_main(loop_config: dict) -> None:
         extra={"worker_started_at": started_at},
     )
     record_worker(session.run_dir, session.rank, ctx)
-    train(from_dict(loop_config["config"]), session)
+    try:
+        train(from_dict(loop_config["config"]), session)
+    except PretrainError as e:
+        if e.restartable:
+            raise  # Ray Train restarts the group (up to cluster.max_failures)
+        # Every rank raised it alike (agreed) and a restart would only repeat it: the group ends
+        # here, and the driver reads rank 0's return value (Ray Train's Result.return_value).
+        return {STOPPED_BY: type(e).__name__, "message": str(e), "field": e.field, "path": e.path}
+    return None
 
 
 def record_worker(run_dir: str, rank: int, ctx) -> None:

@@ -156,6 +156,10 @@ class CheckpointConfig:
     storage: str = _f(
         "", "where committed checkpoints are kept: empty = <run_dir>/checkpoints; or s3://bucket/prefix"
     )
+    on_error: Literal["stop", "continue"] = _f(
+        "stop",
+        "a failed save (disk full, I/O or S3 error): stop the run (exit 2), or warn and retry at the next `every`",
+    )
 
 
 @dataclass
@@ -522,6 +526,12 @@ def _check_run(c: Config) -> None:
         k.storage == "" or (k.storage.startswith("s3://") and k.storage[len("s3://") :].strip("/") != ""),
         "checkpoint.storage",
         f"checkpoint.storage ({k.storage!r}) must be empty (<run_dir>/checkpoints) or an s3://bucket/prefix",
+    )
+    _need(
+        k.on_error == "stop" or k.every > 0,
+        "checkpoint.on_error",
+        "checkpoint.on_error: continue retries a failed save at the next checkpoint.every steps, and "
+        "checkpoint.every is 0 (only the final save); set checkpoint.every or on_error: stop",
     )
     _need(
         cl.cpus_per_worker > 0,

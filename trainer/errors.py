@@ -13,6 +13,9 @@ class PretrainError(Exception):
     URL at fault (either may be empty); the message already names them for the user."""
 
     exit_code = 2
+    restartable = True
+    """False for a failure every rank raised alike, after agreeing on it, that a restart would only
+    repeat (a full disk at a save): the launcher ends the run instead of restarting its ranks."""
 
     def __init__(self, *args, field: str = "", path: str = "", exit_code: int | None = None):
         super().__init__(*args)

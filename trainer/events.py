@@ -9,8 +9,11 @@ run, in order, across restarts and resumes. The driver logs the file to MLflow a
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
+
+log = logging.getLogger("pretrain")
 
 
 class EventLog:
@@ -31,10 +34,13 @@ class EventLog:
         if not self.path:
             return
         line = json.dumps({"time": time.time(), "event": event, **fields}, sort_keys=True)
-        with open(self.path, "a") as f:  # one short line per write: appends do not interleave
-            f.write(line + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(self.path, "a") as f:  # one short line per write: appends do not interleave
+                f.write(line + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:  # a full disk: the log loses a line, the run does not fail over it
+            log.warning("could not append the %s event to %s: %s", event, self.path, e)
 
 
 class StartupClock:

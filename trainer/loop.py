@@ -126,9 +126,8 @@ def train(
                 t.logger.pause(time.perf_counter() - t_eval)  # evaluation is not training throughput
             if metrics:
                 sink.log(metrics, done)
-            save_s = t.checkpointer.maybe_save(done, last=last, forced=preempted)
-            if save_s is not None:
-                sink.log({"checkpoint_save_s": save_s}, done)
+            if saved := t.checkpointer.maybe_save(done, last=last, forced=preempted):
+                sink.log(saved, done)
             if preempted:
                 log.warning("SIGTERM received: checkpoint committed at step %d, stopping", done)
                 t.events.write("preempted", step=done)

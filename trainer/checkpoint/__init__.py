@@ -5,7 +5,9 @@ Where each step of a checkpoint's life lives:
   decided     checkpointer.py       `Checkpointer.maybe_save(step)`: every N steps, at the end, or
                                     when a stop was asked for (SIGTERM)
   written     manager.py            `CheckpointManager.save`: every rank's DeepSpeed files and its
-                                    RNG states (rng.py) into `<run_dir>/checkpoints/step_<N>/`
+              deepspeed_save.py     RNG states (rng.py) into `<run_dir>/checkpoints/step_<N>/`,
+                                    each write guarded and fsynced; a failed save fails on every
+                                    rank alike and removes the uncommitted step
   committed   manager.py, store.py  each file hashed and stored, then `commit.json` last (sizes,
                                     sha256, layout, data position, fingerprints); retention keeps
                                     the last K; the `Store` is the run dir or S3
@@ -19,7 +21,7 @@ Where each step of a checkpoint's life lives:
 
 from trainer.checkpoint.checkpointer import Checkpointer
 from trainer.checkpoint.deepspeed_format import consolidate, optimizer_step_count
-from trainer.checkpoint.manager import CheckpointError, CheckpointManager, Committed
+from trainer.checkpoint.manager import CheckpointError, CheckpointManager, CheckpointSaveError, Committed
 from trainer.checkpoint.resume import RESUME_INVARIANT, resume
 from trainer.checkpoint.store import (
     COMMIT,
@@ -37,6 +39,7 @@ __all__ = [
     "RESUME_INVARIANT",
     "CheckpointError",
     "CheckpointManager",
+    "CheckpointSaveError",
     "Checkpointer",
     "Committed",
     "LocalStore",

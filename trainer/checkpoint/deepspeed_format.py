@@ -36,8 +36,21 @@ def _natural(name: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
-def _files(ckpt_dir: Path, pattern: str) -> list[Path]:
-    return sorted(ckpt_dir.glob(pattern), key=lambda p: _natural(p.name))
+class _Listed:
+    """The files of a verified checkpoint that its commit record lists: the only ones ever read
+    here (a file beside them, matching a pattern or not, is never opened, let alone unpickled)."""
+
+    def __init__(self, ckpt_dir: Path, record: dict):
+        self.dir = ckpt_dir
+        self.names = frozenset(record.get("files") or ())
+
+    def glob(self, pattern: str) -> list[Path]:
+        return [self.dir / n for n in sorted(fnmatch.filter(self.names, pattern), key=_natural)]
+
+    def file(self, name: str, what: str) -> Path:
+        if name not in self.names:
+            raise CheckpointError(f"{self.dir / name} ({what}) is not in the checkpoint's {COMMIT}")
+        return self.dir / name
 
 
 def _torch_load(path: Path):
@@ -56,18 +69,19 @@ def _layout(record: dict, ckpt_dir: Path) -> tuple[int, int, int]:
 
 
 def _zero_master_weights(
-    ckpt_dir: Path, mp: int, zero_stage: int, key: str | None = None
+    ckpt: _Listed, mp: int, zero_stage: int, key: str | None = None
 ) -> dict[str, torch.Tensor]:
     """fp32 master weights of model-parallel rank `mp`, from its DP ranks' optimizer partitions,
     through DeepSpeed's own zero_to_fp32 reconstruction. With `key` ("exp_avg", "exp_avg_sq"):
     that optimizer state instead, which DeepSpeed partitions exactly like the master weights."""
     from deepspeed.utils import zero_to_fp32 as z
 
-    optim = _files(ckpt_dir, f"*zero_pp_rank_*_mp_rank_{mp:02d}_optim_states.pt")
+    ckpt_dir = ckpt.dir
+    optim = ckpt.glob(f"*zero_pp_rank_*_mp_rank_{mp:02d}_optim_states.pt")
     if zero_stage == 3:
-        model = _files(ckpt_dir, f"zero_pp_rank_*_mp_rank_{mp:02d}_model_states.pt")
+        model = ckpt.glob(f"zero_pp_rank_*_mp_rank_{mp:02d}_model_states.pt")
     else:
-        model = _files(ckpt_dir, f"mp_rank_{mp:02d}_model_states.pt")
+        model = ckpt.glob(f"mp_rank_{mp:02d}_model_states.pt")
     if not optim or not model:
         raise CheckpointError(
             f"{ckpt_dir}: no ZeRO-{zero_stage} files for model-parallel rank {mp} "
@@ -109,10 +123,15 @@ def _flat_optimizer_state(path: Path, key: str) -> list[torch.Tensor]:
 def optimizer_step_count(ckpt_dir: Path, record: dict) -> int:
     """Adam's step counter in a checkpoint (bias correction depends on it)."""
     _, _, zero_stage = _layout(record, ckpt_dir)
+    ckpt = _Listed(ckpt_dir, record)
     if zero_stage >= 1:
-        states = _flat_states(_files(ckpt_dir, "*zero_pp_rank_*_mp_rank_00_optim_states.pt")[0])
+        optim = ckpt.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt")
+        if not optim:
+            raise CheckpointError(f"{ckpt_dir}: no *_mp_rank_00_optim_states.pt in its {COMMIT}")
+        states = _flat_states(optim[0])
     else:
-        opt = _torch_load(ckpt_dir / "mp_rank_00_model_states.pt").get("optimizer") or {}
+        model = ckpt.file("mp_rank_00_model_states.pt", "ZeRO-0 model states")
+        opt = _torch_load(model).get("optimizer") or {}
         states = list(opt.get("state", {}).values())
     steps = {int(s["step"]) for s in states if "step" in s}
     if len(steps) != 1:
@@ -120,11 +139,12 @@ def optimizer_step_count(ckpt_dir: Path, record: dict) -> int:
     return steps.pop()
 
 
-def _stage_optimizer_state(ckpt_dir: Path, mp: int, key: str) -> dict[str, torch.Tensor]:
+def _stage_optimizer_state(ckpt: _Listed, mp: int, key: str) -> dict[str, torch.Tensor]:
     """ZeRO-0 without PP: optimizer state `key` of the engine's torch optimizer, by parameter name.
     The optimizer's parameter order is `trainer.engine.param_groups` over the module's parameters
     (matrices first, then vectors, each in module order); a tied weight is one parameter."""
-    sd = _torch_load(ckpt_dir / f"mp_rank_{mp:02d}_model_states.pt")
+    path = ckpt.file(f"mp_rank_{mp:02d}_model_states.pt", f"ZeRO-0 states of model-parallel rank {mp}")
+    sd = _torch_load(path)
     module, opt = sd["module"], sd.get("optimizer") or {}
     names, seen = [], set()
     for name, t in module.items():
@@ -136,8 +156,7 @@ def _stage_optimizer_state(ckpt_dir: Path, mp: int, key: str) -> dict[str, torch
     ids = [i for group in opt.get("param_groups", []) for i in group["params"]]
     if len(ids) != len(order) or any(key not in opt["state"].get(i, {}) for i in ids):
         raise CheckpointError(
-            f"{ckpt_dir / f'mp_rank_{mp:02d}_model_states.pt'}: its optimizer state does not match its "
-            f"{len(order)} parameters; cannot convert it"
+            f"{path}: its optimizer state does not match its {len(order)} parameters; cannot convert it"
         )
     return {name: opt["state"][i][key] for name, i in zip(order, ids, strict=True)}
 
@@ -160,20 +179,18 @@ def _model_state(z, path: Path):
     )
 
 
-def _stage_weights(ckpt_dir: Path, mp: int) -> dict[str, torch.Tensor]:
+def _stage_weights(ckpt: _Listed, mp: int) -> dict[str, torch.Tensor]:
     """ZeRO-0 without PP: the engine's own parameters of model-parallel rank `mp`."""
-    path = ckpt_dir / f"mp_rank_{mp:02d}_model_states.pt"
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing (ZeRO-0 model states of model-parallel rank {mp})")
+    path = ckpt.file(f"mp_rank_{mp:02d}_model_states.pt", f"ZeRO-0 model states of model-parallel rank {mp}")
     return dict(_torch_load(path)["module"])
 
 
-def _layer_weights(ckpt_dir: Path, tp_rank: int) -> dict[str, torch.Tensor]:
+def _layer_weights(ckpt: _Listed, tp_rank: int) -> dict[str, torch.Tensor]:
     """ZeRO-0 under PP: the stage files hold no weights; every layer has its own file per TP rank.
     Names as the PipelineModule's: `<layer idx>.<key>`."""
-    layers = _files(ckpt_dir, f"layer_*-model_{tp_rank:02d}-model_states.pt")
+    layers = ckpt.glob(f"layer_*-model_{tp_rank:02d}-model_states.pt")
     if not layers:
-        raise CheckpointError(f"{ckpt_dir}: no layer_XX-model_{tp_rank:02d}-model_states.pt pipeline files")
+        raise CheckpointError(f"{ckpt.dir}: no layer_XX-model_{tp_rank:02d}-model_states.pt pipeline files")
     out: dict[str, torch.Tensor] = {}
     for path in layers:
         idx = int(path.name.split("-")[0].removeprefix("layer_"))
@@ -208,14 +225,16 @@ def consolidate(
     ckpt_dir: Path, record: dict, model_cfg: ModelConfig, key: str | None = None
 ) -> dict[str, torch.Tensor]:
     """One fp32 state dict with our model's names from a verified checkpoint of any layout; with
-    `key` ("exp_avg", "exp_avg_sq") the optimizer's state for each parameter instead."""
+    `key` ("exp_avg", "exp_avg_sq") the optimizer's state for each parameter instead. Reads only
+    the files `record` (its verified commit record) lists."""
     tp, pp, zero_stage = _layout(record, ckpt_dir)
-    if key is not None and zero_stage == 0 and (pp > 1 or _files(ckpt_dir, "*optim_states.pt")):
+    ckpt = _Listed(ckpt_dir, record)
+    if key is not None and zero_stage == 0 and (pp > 1 or ckpt.glob("*optim_states.pt")):
         raise CheckpointError(
             f"{ckpt_dir}: converting the optimizer state of a ZeRO-0 {'pipeline' if pp > 1 else 'bf16'} "
             "checkpoint is not supported; resume it with its own layout, or train with zero_stage >= 1"
         )
-    if pp > 1 and not _files(ckpt_dir, "layer_*-model_states.pt"):
+    if pp > 1 and not ckpt.glob("layer_*-model_states.pt"):
         raise CheckpointError(
             f"{ckpt_dir}: layout pp={pp} but no layer_XX-model_states.pt pipeline files; "
             "this checkpoint cannot be consolidated"
@@ -224,11 +243,11 @@ def consolidate(
     for mp in range(tp * pp):
         stage, tp_rank = divmod(mp, tp)
         if zero_stage >= 1:
-            part = _zero_master_weights(ckpt_dir, mp, zero_stage, key)
+            part = _zero_master_weights(ckpt, mp, zero_stage, key)
         elif pp == 1:
-            part = _stage_weights(ckpt_dir, mp) if key is None else _stage_optimizer_state(ckpt_dir, mp, key)
+            part = _stage_weights(ckpt, mp) if key is None else _stage_optimizer_state(ckpt, mp, key)
         elif stage == 0:
-            part = _layer_weights(ckpt_dir, tp_rank)  # every stage's layers of this TP rank
+            part = _layer_weights(ckpt, tp_rank)  # every stage's layers of this TP rank
         else:
             continue
         part = {model_param_name(k, pp, model_cfg.n_layers): v for k, v in part.items()}

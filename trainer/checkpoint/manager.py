@@ -2,7 +2,8 @@
 
 A step, `step_<N>/` in the run's store (`store.py`):
   - DeepSpeed's sharded files, written by every rank (`engine.save_checkpoint`, explicit tag, no
-    `latest` file: DeepSpeed's `latest` is never trusted);
+    `latest` file: DeepSpeed's `latest` is never trusted; `deepspeed_save.py`), each fsynced with
+    its directory before the ranks move on to the commit;
   - `trainer_state_rank<r>.json`: our per-rank state (RNG states, `rng.py`), JSON so nothing is
     unpickled;
   - `commit.json`, written last by rank 0 once every rank's files are stored, atomically (temp,
@@ -12,13 +13,20 @@ A step, `step_<N>/` in the run's store (`store.py`):
 Loading verifies sizes and hashes before anything is read (the hashing is spread over the ranks
 that share a copy), so a truncated or replaced file is caught before DeepSpeed's loader, which
 unpickles (`torch.load(weights_only=False)`), ever sees it; only files this run committed are loaded.
+
+A save that fails on any rank (a full disk, an I/O error, an object store that stays unreachable)
+fails on every rank alike within seconds: each phase ends with the ranks exchanging their outcome
+(`on_all_ranks`), the uncommitted step is removed, and `CheckpointSaveError` names the path, the
+space needed and free, and the newest intact commit. Retention counts only commits that verify.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import shutil
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +36,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from trainer.checkpoint import deepspeed_save
 from trainer.checkpoint.rng import rng_state, set_rng_state
 from trainer.checkpoint.store import COMMIT, MissingObject, ObjectStoreError, Store, discard, open_store
 from trainer.config import CheckpointConfig
@@ -38,7 +47,20 @@ log = logging.getLogger("pretrain")
 
 
 class CheckpointError(PretrainError, RuntimeError):
-    """A checkpoint cannot be used; the message names the file and the reason."""
+    """A checkpoint cannot be used; the message names the file and the reason. `errnos`: the OS
+    error numbers behind it, on any rank (ENOSPC, EIO, ...); `from_store`: whether the object store
+    refused or could not be reached, on any rank."""
+
+    errnos: frozenset[int] = frozenset()
+    from_store: bool = False
+
+
+class CheckpointSaveError(CheckpointError):
+    """A step could not be saved. Every rank raises it alike, after the ranks agreed on the failure
+    and removed the uncommitted step; the message names where, why, the space needed and free,
+    and the newest intact commit. A restart would fail the same way: the run ends instead."""
+
+    restartable = False
 
 
 @dataclass
@@ -69,6 +91,22 @@ def _gather(obj) -> list:
     return out
 
 
+def _describe(e: Exception) -> str:
+    """An error as one readable clause: OSError's str names the errno and the file."""
+    return str(e) if isinstance(e, (PretrainError, OSError)) else repr(e)
+
+
+def _human(n: float) -> str:
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n:.0f} bytes"
+
+
+def _bytes(n: int) -> str:
+    return f"{n:,} bytes ({_human(n)})"
+
+
 def _mismatch(f: Path, info: dict, where: str) -> str | None:
     """Why the local file `f` is not the one the commit record lists (named `where`), or None."""
     if not f.is_file():
@@ -97,6 +135,8 @@ class CheckpointManager:
         self.root = self.store.root
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self._saved: set[int] = set()  # steps this manager committed
+        self._hashed: set[int] = set()  # steps whose files this process hashed against their commit
+        self.newest: Committed | None = None  # the newest commit this process made or verified
 
     # ------------------------------------------------------------------ collectives
     def on_all_ranks(self, fn) -> list:
@@ -105,11 +145,22 @@ class CheckpointManager:
         try:
             out, err = fn(), None
         except Exception as e:
-            out, err = None, f"rank {self.rank}: {e if isinstance(e, PretrainError) else repr(e)}"
+            err = (
+                f"rank {self.rank}: {_describe(e)}",
+                getattr(e, "errno", None),
+                isinstance(e, ObjectStoreError),
+            )
+            out = None
         parts = _gather((out, err))
         errors = [e for _, e in parts if e]
         if errors:
-            raise CheckpointError("; ".join(errors))
+            shown = [m for m, *_ in errors[:3]] + (
+                [f"and {len(errors) - 3} more ranks"] if len(errors) > 3 else []
+            )
+            error = CheckpointError("; ".join(shown))
+            error.errnos = frozenset(n for _, n, _ in errors if isinstance(n, int))
+            error.from_store = any(store for *_, store in errors)
+            raise error
         return [o for o, _ in parts]
 
     def _from_rank0(self, fn):
@@ -126,28 +177,37 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ save: written, committed
     def save(self, engine, step: int, meta: dict) -> float:
-        """Every rank writes its shards, the files are hashed and stored, then rank 0 commits.
-        Returns the seconds taken."""
+        """Every rank writes its shards and fsyncs them, the files are hashed and stored, then rank
+        0 commits. Returns the seconds taken. Each phase ends with the ranks exchanging their
+        outcome, so a write that fails on one rank fails the save on every rank within seconds:
+        the uncommitted step is removed and CheckpointSaveError raised on every rank alike."""
         t0 = time.perf_counter()
         if step in self._saved:  # the final step right after a periodic save of it
             return 0.0
         path = self.store.step_dir(step)
-        self.on_all_ranks(partial(self._clear, step))
-        engine.save_checkpoint(str(self.root), tag=path.name, client_state={}, save_latest=False)
-        write_json_atomic(
-            str(path / f"trainer_state_rank{self.rank}.json"), {"step": step, "rng": rng_state()}
-        )
-        _barrier()  # every rank's files are on its disk
-        files = self._store_files(step)
-        record = {**meta, "step": step, "files": files, "time": time.time(), "world_size": self.world_size}
+        try:
+            self.on_all_ranks(partial(self._clear, step))
+            self.on_all_ranks(partial(self._write, engine, step))  # fsynced: before commit.json
+            files = self._store_files(step)
+            record = {
+                **meta,
+                "step": step,
+                "files": files,
+                "time": time.time(),
+                "world_size": self.world_size,
+            }
 
-        def commit() -> None:  # after every rank's files are stored: commit.json goes last
-            if self.rank == 0:
-                write_json_atomic(str(path / COMMIT), record)
-                self.store.publish(step, COMMIT)
+            def commit() -> None:  # after every rank's files are stored: commit.json goes last
+                if self.rank == 0:
+                    write_json_atomic(str(path / COMMIT), record)
+                    self.store.publish(step, COMMIT)
 
-        self.on_all_ranks(commit)
+            self.on_all_ranks(commit)
+        except CheckpointError as e:  # raised on every rank alike
+            raise self._save_failed(step, e) from None
         self._saved.add(step)
+        self._hashed.add(step)
+        self.newest = Committed(step, path, record)
         if self.rank == 0:
             self._retain(step)
         self.store.evict(step)
@@ -157,17 +217,31 @@ class CheckpointManager:
     def _clear(self, step: int) -> None:
         """Before writing `step`: a commit of it from an earlier attempt (one a resume skipped as
         bad) stops existing, and every rank removes a partial or stale local copy."""
+        self._hashed.discard(step)
         if self.rank == 0:
             self.store.uncommit(step)
             self.root.mkdir(parents=True, exist_ok=True)
         discard(self.store.step_dir(step))
+
+    def _write(self, engine, step: int) -> None:
+        """This rank's DeepSpeed shards (its write errors held back until DeepSpeed's collectives
+        are done, `deepspeed_save.py`) and its own state, each file fsynced with the directory."""
+        path = self.store.step_dir(step)
+        deepspeed_save.save(engine, str(self.root), path.name)
+        state = path / f"trainer_state_rank{self.rank}.json"
+        try:
+            write_json_atomic(str(state), {"step": step, "rng": rng_state()})  # fsyncs it and the directory
+        except OSError as e:  # a failed write() names no file: name it
+            raise OSError(e.errno, e.strerror, e.filename or str(state)) from None
 
     def _store_files(self, step: int) -> dict:
         """{name: {size, sha256}} of every file of the step, each hashed and stored by one of the
         ranks that see it: on a shared disk the i % world split; with node-local disks a rank of
         the node that wrote it."""
         path = self.store.step_dir(step)
-        listings = _gather(sorted(p.name for p in path.iterdir() if p.is_file() and p.name != COMMIT))
+        listings = self.on_all_ranks(
+            lambda: sorted(p.name for p in path.iterdir() if p.is_file() and p.name != COMMIT)
+        )
         mine = []
         for i, name in enumerate(sorted(set().union(*listings))):
             have = [r for r, names in enumerate(listings) if name in names]
@@ -182,25 +256,175 @@ class CheckpointManager:
 
         return {n: info for part in self.on_all_ranks(lambda: _parallel(one, mine)) for n, info in part}
 
+    # ------------------------------------------------------------------ save: failed
+    def _save_failed(self, step: int, error: CheckpointError) -> CheckpointSaveError:
+        """Collective, after the ranks agreed that `step` failed: remove it, and the one message."""
+        written = self._space(step)
+        not_removed = self._remove_uncommitted(step, store_too=not error.from_store)
+        free = None if error.from_store else self._free()  # a disk's space says nothing about S3
+        out = CheckpointSaveError(
+            "; ".join(self._failure(step, error, written, free, not_removed)), path=self.store.where(step)
+        )
+        out.errnos, out.from_store = error.errnos, error.from_store
+        return out
+
+    def _failure(
+        self, step: int, error: CheckpointError, written: int, free: tuple | None, not_removed: str | None
+    ) -> list[str]:
+        """The clauses of a failed save's message: where and why, the space, what became of the
+        step, the newest intact commit, what to do."""
+        parts = [f"checkpoint step {step} could not be saved to {self.store.where(step)}: {error}"]
+        if free is not None:  # the local disk every rank writes to (with S3: the staging area)
+            needed = [(written, f"step {step}'s files written before the failure")]
+            if self.newest is not None:
+                size = sum(int(f["size"]) for f in self.newest.record.get("files", {}).values())
+                needed.append((size, f"the size of step {self.newest.step}"))
+            size, what = max(needed)
+            total, left, disk = free
+            parts.append(
+                f"a step needs about {_bytes(size)}: {what}; {_bytes(left)} free of {_human(total)} at {disk}"
+            )
+        if not_removed is not None:
+            parts.append(
+                f"the uncommitted step {step} could not be removed ({not_removed}); a later save removes it"
+            )
+        elif error.from_store:
+            parts.append(
+                f"the local copy of the uncommitted step {step} was removed; its uploads go with a later save"
+            )
+        else:
+            parts.append(f"the uncommitted step {step} was removed")
+        if self.newest is None:
+            parts.append("no checkpoint is committed yet (a resume starts at step 0)")
+        else:
+            newest = self.newest.step
+            parts.append(f"the newest intact checkpoint is step {newest} ({self.store.where(newest)})")
+        if error.errnos & {errno.ENOSPC, errno.EDQUOT}:
+            parts.append("free space there or move the run to a larger disk")
+        elif errno.EIO in error.errnos:
+            parts.append("check that disk (an I/O error)")
+        elif error.from_store:
+            parts.append("check the object store (endpoint, credentials, permissions)")
+        return parts
+
+    def _space(self, step: int) -> int:
+        """Collective: bytes the failed step's files took, on every disk that holds a copy."""
+        path = self.store.step_dir(step)
+
+        def written() -> tuple[str, int]:
+            try:
+                return socket.gethostname(), sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+            except OSError:
+                return socket.gethostname(), 0
+
+        by_host = dict(_gather(written()))
+        return sum(by_host.values()) if self.store.copy_per_node else max(by_host.values())
+
+    def _remove_uncommitted(self, step: int, store_too: bool) -> str | None:
+        """Collective: the failed step stops existing on every local disk and, with `store_too`,
+        in the store (not when the store itself failed: a later save's retention removes what
+        reached it); why not, when it could not be removed."""
+
+        def remove() -> None:
+            if self.rank == 0 and store_too:
+                self.store.uncommit(step)
+                if not self.store.in_place:  # uploads that made it before the failure
+                    names = self.store.steps().get(step, {})
+                    if names:
+                        self.store.delete(step, sorted(names))
+            discard(
+                self.store.step_dir(step)
+            )  # every rank: safe on a shared disk, needed on a node-local one
+
+        try:
+            self.on_all_ranks(remove)
+        except CheckpointError as e:
+            return str(e)
+        return None
+
+    def _free(self) -> tuple[int, int, str] | None:
+        """(total, free bytes, where) of the local disk the ranks write checkpoints to."""
+        d = self.root
+        while not d.exists() and d != d.parent:
+            d = d.parent
+        try:
+            usage = shutil.disk_usage(d)
+        except OSError:
+            return None
+        return usage.total, usage.free, str(self.root)
+
+    # ------------------------------------------------------------------ retention
     def _retain(self, newest: int) -> None:
-        """Keep the last `keep` committed steps (and the multiples of `keep_every`); delete older
-        ones, and the uncommitted leftovers older than the newest commit. A failure is retried at
-        the next save."""
+        """Rank 0, after `newest` was committed: keep it and the `keep - 1` newest older commits
+        that verify, and `keep_every`'s multiples; delete the other older commits (those found not
+        to verify among them) and uncommitted leftovers older than `newest`. Commits newer than
+        `newest` (a run resumed before a damaged step) are left for the save that reaches them. A
+        failure is a warning, retried at the next save.
+
+        Cost: the stored sizes of each step looked at, always (the listing has them); its sha256 on
+        local or shared disks only for steps this process has not hashed yet, i.e. at most once
+        per step and process: the steps it saved or resumed from are hashed already, so a run's
+        steady state hashes nothing more, and a restart hashes at most `keep - 1` older steps."""
         try:
             steps = self.store.steps()
-            committed = sorted(s for s, names in steps.items() if COMMIT in names)
-            drop = [
-                s
-                for s in committed[: -self.cfg.keep]
-                if s != newest and not (self.cfg.keep_every and s % self.cfg.keep_every == 0)
-            ]
+            older = sorted((s for s, names in steps.items() if COMMIT in names and s < newest), reverse=True)
+            pinned = {s for s in older if self.cfg.keep_every and s % self.cfg.keep_every == 0}
+            kept = [newest]
+            for s in older:
+                if len(kept) >= self.cfg.keep:
+                    break
+                problems = self._at_rest(s, steps[s])
+                if not problems:
+                    kept.append(s)
+                    continue
+                log.warning(
+                    "checkpoint step %d does not verify, so it is not one of the %d kept (%s); %s",
+                    s,
+                    self.cfg.keep,
+                    "; ".join(problems),
+                    "kept as a multiple of checkpoint.keep_every" if s in pinned else "removed",
+                )
+            drop = [s for s in older if s not in kept and s not in pinned]
             drop += [s for s, names in steps.items() if COMMIT not in names and s < newest]
             for s in sorted(drop):
+                self._hashed.discard(s)
                 self.store.delete(s, sorted(steps[s]))
-        except ObjectStoreError as e:
+        except (ObjectStoreError, OSError, ValueError, KeyError, TypeError) as e:
             log.warning(
                 "checkpoint retention in %s failed (will retry at the next save): %s", self.store.where(), e
             )
+
+    def _at_rest(self, step: int, listed: dict[str, int]) -> list[str]:
+        """What is wrong with a stored commit, checked cheaply: its record and the stored sizes
+        always; the sha256 of each file once per process, where the store holds the files in place
+        (a local or shared disk: no download). An object store's own checksums guard its objects,
+        so a stored step there is checked by sizes only."""
+        try:
+            record = json.loads(self.store.read(step, COMMIT))
+            files = record["files"]
+        except MissingObject:
+            return [f"{self.store.where(step, COMMIT)} is missing"]
+        except (ValueError, KeyError, TypeError) as e:
+            return [f"{self.store.where(step, COMMIT)} is not a readable commit record ({e!r})"]
+        problems = []
+        for name, info in sorted(files.items()):
+            size = listed.get(name)
+            if size != info["size"]:
+                what = (
+                    "is missing"
+                    if size is None
+                    else f"has {size} bytes, the commit record says {info['size']}"
+                )
+                problems.append(f"{self.store.where(step, name)} {what}")
+        if problems or not self.store.in_place or step in self._hashed:
+            return problems
+        path = self.store.step_dir(step)
+        problems = [
+            p for n in sorted(files) if (p := _mismatch(path / n, files[n], self.store.where(step, n)))
+        ]
+        if not problems:
+            self._hashed.add(step)
+        return problems
 
     # ------------------------------------------------------------------ find: verified
     def committed(self) -> list[int]:
@@ -220,7 +444,7 @@ class CheckpointManager:
                     "; ".join(problems),
                 )
                 continue
-            return Committed(step, self.store.step_dir(step), record)
+            return self._verified(step, record)
         return None
 
     def verify(self, step: int) -> Committed:
@@ -234,7 +458,14 @@ class CheckpointManager:
         record, problems = self._check(step, steps[step])
         if problems:
             raise CheckpointError(f"refusing checkpoint step {step}: {'; '.join(problems)}")
-        return Committed(step, self.store.step_dir(step), record)
+        return self._verified(step, record)
+
+    def _verified(self, step: int, record: dict) -> Committed:
+        self._hashed.add(step)
+        found = Committed(step, self.store.step_dir(step), record)
+        if self.newest is None or step >= self.newest.step:
+            self.newest = found
+        return found
 
     def _read_commit(self, step: int) -> bytes | None:
         try:

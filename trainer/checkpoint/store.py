@@ -75,6 +75,9 @@ class Store(ABC):
     """True when every node holds its own local copy of a step (split and converted per node);
     False when all ranks share one copy."""
 
+    in_place: bool = True
+    """True when the local step directory is the stored copy (checking it needs no download)."""
+
     def __init__(self, root: Path):
         self.root = root
 
@@ -174,6 +177,7 @@ class S3Store(Store):
     staging area and the cache of the newest step."""
 
     copy_per_node = True
+    in_place = False
 
     def __init__(self, url: str, run_name: str, root: Path, client=None):
         super().__init__(root)
