@@ -64,7 +64,7 @@ def test_deepspeed_still_has_what_we_touch():
     assert out == ["[]", "True", "False False", "False"], out
 
 
-def test_a_stale_mpu_is_not_inherited_by_the_next_engine():
+def test_a_stale_mpu_is_not_inherited_and_checkpoint_writes_are_where_we_route_them():
     """DeepSpeed keeps the last engine's mpu in a module global: an engine built without one after
     an engine with one must not see the old process groups."""
     out = _python(
@@ -91,11 +91,14 @@ def test_a_stale_mpu_is_not_inherited_by_the_next_engine():
         Session().ensure_process_group("gloo")
         initialize(cfg, Transformer(cfg.model), 1, torch.device("cpu"), mpu=Mpu())
         print(groups.mpu is not None)
-        initialize(cfg, Transformer(cfg.model), 1, torch.device("cpu"))
+        engine, _ = initialize(cfg, Transformer(cfg.model), 1, torch.device("cpu"))
         print(groups.mpu is None)
+        from trainer.library_internals import check_checkpoint_writers
+        check_checkpoint_writers(engine)  # where every checkpoint write of a save goes
+        print("writers ok")
         """
     )
-    assert out == ["True", "True"], out
+    assert out == ["True", "True", "writers ok"], out
 
 
 def test_ray_still_has_what_the_embedded_head_and_trainer_override():

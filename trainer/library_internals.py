@@ -223,3 +223,56 @@ def quiet():
     """Silence a library call that prints and draws progress bars (zero_to_fp32 on every load)."""
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         yield
+
+
+# DeepSpeed 0.19.8: every write `save_checkpoint` makes goes through `engine.checkpoint_engine`
+# (`save`: every state file, a pipeline stage's layer files too; `makedirs`) and rank 0's private
+# `engine._copy_recovery_script`.
+_SAVE_WRITERS = ("checkpoint_engine", "_copy_recovery_script")
+
+
+def check_checkpoint_writers(engine) -> None:
+    """RuntimeError naming the DeepSpeed version when its save no longer writes where we look."""
+    ce = getattr(engine, "checkpoint_engine", None)
+    missing = [n for n in _SAVE_WRITERS if not hasattr(engine, n)]
+    missing += [
+        f"checkpoint_engine.{m}" for m in ("save", "makedirs") if ce is not None and not hasattr(ce, m)
+    ]
+    if missing:
+        import deepspeed
+
+        raise RuntimeError(
+            f"DeepSpeed {deepspeed.__version__}: the engine has no {', '.join(missing)}; "
+            "trainer/library_internals.py routes its checkpoint writes there (checked on 0.19.8)"
+        )
+
+
+class _RoutedCheckpointEngine:
+    """`engine.checkpoint_engine` as DeepSpeed sees it during a save: each write through `run`."""
+
+    def __init__(self, inner, run):
+        self._inner, self._run = inner, run
+
+    def save(self, state_dict, path, *args, **kwargs):
+        return self._run(lambda: self._inner.save(state_dict, path, *args, **kwargs), str(path))
+
+    def makedirs(self, path, *args, **kwargs):
+        return self._run(lambda: self._inner.makedirs(path, *args, **kwargs), str(path))
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+@contextlib.contextmanager
+def checkpoint_writes_through(engine, run):
+    """Within: each file write of `engine.save_checkpoint` is `run(write, path)` (which may hold a
+    failure back until DeepSpeed's own barriers are done on every rank)."""
+    check_checkpoint_writers(engine)
+    inner, copy_scripts = engine.checkpoint_engine, engine._copy_recovery_script
+    engine.checkpoint_engine = _RoutedCheckpointEngine(inner, run)
+    engine._copy_recovery_script = lambda save_path: run(lambda: copy_scripts(save_path), save_path)
+    try:
+        yield
+    finally:
+        engine.checkpoint_engine = inner
+        del engine._copy_recovery_script  # the class's method again

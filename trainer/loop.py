@@ -197,25 +197,7 @@ def build(
     sink = logger or make_logger(cfg, session, topo.logging_rank)  # under PP: the last stage's
     cleanup.callback(sink.close)
     events = EventLog(session.run_dir, enabled=session.rank == 0)
-    layout = {"world": session.world_size, "dp": topo.dp, "tp": cfg.parallel.tp, "pp": cfg.parallel.pp}
-    layout["zero_stage"] = cfg.parallel.zero_stage
-    checkpointer = Checkpointer(
-        CheckpointManager(session.run_dir, cfg.checkpoint, session.rank, session.world_size)
-        if session.run_dir
-        else None,
-        cfg.checkpoint,
-        engine,
-        meta={
-            "config_fingerprint": cfg.fingerprint(RESUME_INVARIANT),
-            "manifest_fingerprint": manifest.fingerprint if manifest else "",
-            "mlflow_run_id": session.mlflow_run_id,
-            "layout": layout,
-        },
-        tokens_per_step=cfg.parallel.global_batch_size * cfg.data.seq_len,
-        data_state=lambda step: stream.state_dict(step) if stream else None,
-        before_save=lambda: sink.flush(timeout_s=10.0),  # what was logged reaches MLflow before the commit
-        events=events,
-    )
+    checkpointer, layout = _checkpointer(cfg, session, topo, engine, manifest, stream, sink, events)
     start = checkpointer.restore(cfg, manifest, stream, layout, topo.tp_rank)
     stop = min(cfg.train.stop_at or cfg.train.steps, cfg.train.steps)
     accum = cfg.grad_accum(session.world_size)
@@ -282,6 +264,31 @@ def _build_engine(cfg: Config, session: Session, topo: Topology, device: torch.d
         engine, optimizer = initialize(cfg, model, session.world_size, device, session.local_rank, mpu=mpu)
     startup.mark("deepspeed_initialize")
     return engine, optimizer, loss_fn
+
+
+def _checkpointer(cfg, session, topo, engine, manifest, stream, sink, events) -> tuple[Checkpointer, dict]:
+    """The checkpoint component (no manager without a run directory) and this run's layout."""
+    layout = {"world": session.world_size, "dp": topo.dp, "tp": cfg.parallel.tp, "pp": cfg.parallel.pp}
+    layout["zero_stage"] = cfg.parallel.zero_stage
+    manager = None
+    if session.run_dir:
+        manager = CheckpointManager(session.run_dir, cfg.checkpoint, session.rank, session.world_size)
+    checkpointer = Checkpointer(
+        manager,
+        cfg.checkpoint,
+        engine,
+        meta={
+            "config_fingerprint": cfg.fingerprint(RESUME_INVARIANT),
+            "manifest_fingerprint": manifest.fingerprint if manifest else "",
+            "mlflow_run_id": session.mlflow_run_id,
+            "layout": layout,
+        },
+        tokens_per_step=cfg.parallel.global_batch_size * cfg.data.seq_len,
+        data_state=lambda step: stream.state_dict(step) if stream else None,
+        before_save=lambda: sink.flush(timeout_s=10.0),  # what was logged reaches MLflow before the commit
+        events=events,
+    )
+    return checkpointer, layout
 
 
 def _announce(t: Trainer, cleanup: ExitStack) -> None:

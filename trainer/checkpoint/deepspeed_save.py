@@ -9,39 +9,20 @@ error is raised when `save_checkpoint` returns, where the ranks exchange their o
 (`CheckpointManager.on_all_ranks`). Every file written is fsynced before the save returns, so a
 commit record never lists a file that a power cut could still lose.
 
-DeepSpeed's writes during a save: `engine.checkpoint_engine.save` (every state file; a pipeline
-stage's layer files too) and `.makedirs`, and rank 0's copy of its recovery scripts
-(`engine._copy_recovery_script`, private). `check_engine` fails loudly when they are not there
-(tests/test_checkpoint.py calls it on a real engine).
+Where DeepSpeed writes during a save, and how the guard gets there, is in
+`trainer/library_internals.py` (`checkpoint_writes_through`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import shutil
 
+from trainer import library_internals
 from trainer.fsutil import fsync_dir
 
-_GUARDED = ("checkpoint_engine", "_copy_recovery_script")
 _NEARLY_FULL = 1 << 20  # bytes free below which a write that failed without an errno hit a full disk
-
-
-def check_engine(engine) -> None:
-    """RuntimeError naming the DeepSpeed version when its save no longer writes where guarded."""
-    ce = getattr(engine, "checkpoint_engine", None)
-    missing = [n for n in _GUARDED if not hasattr(engine, n)]
-    missing += [
-        f"checkpoint_engine.{m}" for m in ("save", "makedirs") if ce is not None and not hasattr(ce, m)
-    ]
-    if missing:
-        import deepspeed
-
-        raise RuntimeError(
-            f"DeepSpeed {deepspeed.__version__}: the engine has no {', '.join(missing)}; "
-            "trainer/checkpoint/deepspeed_save.py guards its checkpoint writes there (checked on 0.19.8)"
-        )
 
 
 class _Writes:
@@ -81,36 +62,6 @@ def _with_path(e: Exception, path: str | None) -> Exception:
     return e
 
 
-class _GuardedEngine:
-    """`checkpoint_engine` as DeepSpeed sees it during a save: its writes guarded."""
-
-    def __init__(self, inner, writes: _Writes):
-        self._inner, self._writes = inner, writes
-
-    def save(self, state_dict, path, *args, **kwargs):
-        return self._writes.run(lambda: self._inner.save(state_dict, path, *args, **kwargs), str(path))
-
-    def makedirs(self, path, *args, **kwargs):
-        return self._writes.run(lambda: self._inner.makedirs(path, *args, **kwargs), str(path))
-
-    def __getattr__(self, name):
-        return getattr(self._inner, name)
-
-
-@contextlib.contextmanager
-def _guarded(engine):
-    check_engine(engine)
-    writes = _Writes()
-    inner, copy_scripts = engine.checkpoint_engine, engine._copy_recovery_script
-    engine.checkpoint_engine = _GuardedEngine(inner, writes)
-    engine._copy_recovery_script = lambda save_path: writes.run(lambda: copy_scripts(save_path), save_path)
-    try:
-        yield writes
-    finally:
-        engine.checkpoint_engine = inner
-        del engine._copy_recovery_script  # the class's method again
-
-
 def fsync_files(paths: list[str]) -> None:
     """Each file's data and the directories holding them on stable storage."""
     for path in paths:
@@ -127,7 +78,8 @@ def save(engine, root: str, tag: str) -> list[str]:
     """`engine.save_checkpoint(root, tag)` (explicit tag, no `latest` file); the files this rank
     wrote, fsynced with their directory and `root`. Raises this rank's first failed write only
     after DeepSpeed's own collectives are done on every rank."""
-    with _guarded(engine) as writes:
+    writes = _Writes()
+    with library_internals.checkpoint_writes_through(engine, writes.run):
         engine.save_checkpoint(root, tag=tag, client_state={}, save_latest=False)
     if writes.error is not None:
         raise writes.error
