@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, tiny_run
+from tests.conftest import ROOT
+from tests.run_fixtures import tiny_run
 
 pytestmark = pytest.mark.slow
 
