@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from trainer.errors import PretrainError
+from trainer.fsutil import write_text_atomic
 
 
 class ConfigError(PretrainError, ValueError):
@@ -348,7 +349,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    """The resolved config as YAML, written whole or not at all (a run is resumed from it)."""
+    write_text_atomic(str(path), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def resolve_model_config(cfg: Config, manifest: Any) -> Config:
