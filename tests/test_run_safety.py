@@ -244,7 +244,7 @@ def test_newest_commit_reads_what_the_s3_store_wrote(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------------------------- real runs
 
-STEPS, EVERY = 8, 2
+STEPS, EVERY = 40, 10  # long enough to find the first run training between two commits
 
 
 def _cli(*args: str, timeout: float = 600) -> tuple[subprocess.CompletedProcess, float]:
@@ -269,6 +269,20 @@ def _losses(run_dir: Path) -> dict[int, float]:
     return {int(k): v for k, v in json.loads((run_dir / "summary.json").read_text())["losses"].items()}
 
 
+def _train_workers(driver_pid: int) -> list:
+    """The Ray Train workers this driver started (its embedded Ray's; never another run's)."""
+    import psutil
+
+    out = []
+    for p in psutil.Process(driver_pid).children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(p.cmdline()):
+                out.append(p)
+        except psutil.Error:
+            pass
+    return out
+
+
 def _snapshot(run_dir: Path) -> dict[str, tuple[int, int]]:
     """(size, mtime_ns) of every file of a run directory."""
     return {
@@ -282,13 +296,15 @@ def _snapshot(run_dir: Path) -> dict[str, tuple[int, int]]:
 def runs(corpus, tmp_path_factory) -> dict:
     """Every real run of the slow tests, in order; what each test asserts is gathered here.
 
-    1. `long`: `pretrain train`, 8 steps, a commit every 2. As soon as it is a run (run.json written,
-       Ray starting), `pretrain resume long` is tried: refused, naming the holder.
-    2. `torn`: the same config stopped at step 4, half an event appended to its events.jsonl, then
-       `pretrain resume torn` to step 8.
+    1. `long`: `pretrain train`, 40 steps, a commit every 10. Once it has committed step 10, its
+       workers are frozen (SIGSTOP: it is mid-training, whatever the machine's speed) and
+       `pretrain resume long` is tried, which without the lease would start a second worker group
+       from step 10: refused, naming the holder. The workers go on (SIGCONT).
+    2. `torn`: the same config stopped at step 20, half an event appended to its events.jsonl, then
+       `pretrain resume torn` to step 40.
     3. refusals on the finished `long`: a switch of checkpoint.storage; --from-scratch.
     4. `fresh`: `long`'s config and run files without its checkpoints, holding a stale lease of a
-       killed driver: `pretrain resume` refused (no commit); with --from-scratch it trains 1..8.
+       killed driver: `pretrain resume` refused (no commit); with --from-scratch it trains 1..40.
     """
     tmp = tmp_path_factory.mktemp("runsafety")
     out: dict = {"tmp": tmp}
@@ -303,17 +319,24 @@ def runs(corpus, tmp_path_factory) -> dict:
         stderr=subprocess.PIPE,
         text=True,
     )
-    while not (long_dir / "run.json").exists():
-        assert proc.poll() is None and time.perf_counter() - t < 300, proc.communicate()[1][-3000:]
-        time.sleep(0.05)
-    out["long_lease"] = json.loads((long_dir / LEASE).read_text())
-    out["second"], out["second_s"] = _cli("resume", str(long_dir))
-    out["second_while_running"] = proc.poll() is None
+    while not (long_dir / "checkpoints" / f"step_{EVERY}" / "commit.json").exists():
+        assert proc.poll() is None and time.perf_counter() - t < 400, proc.communicate()[1][-3000:]
+        time.sleep(0.02)
+    workers = _train_workers(proc.pid)
+    for w in workers:
+        w.suspend()
+    try:
+        out["long_lease"] = json.loads((long_dir / LEASE).read_text())
+        out["mid_run"] = len(workers) == 2 and not (long_dir / "summary.json").exists()
+        out["second"] = _cli("resume", str(long_dir))
+    finally:
+        for w in workers:
+            w.resume()
     stdout, stderr = proc.communicate(timeout=600)
     out["long"] = (proc.returncode, stdout + stderr, time.perf_counter() - t)
 
     torn_dir = tmp / "runs" / "torn"
-    p, _ = _cli("train", config, *_sets(corpus, tmp, "torn", "train.stop_at=4"))
+    p, _ = _cli("train", config, *_sets(corpus, tmp, "torn", f"train.stop_at={STEPS // 2}"))
     assert p.returncode == 0, p.stderr[-3000:]
     out["torn_first"] = _losses(torn_dir)
     with open(torn_dir / "events.jsonl", "ab") as f:
@@ -334,13 +357,16 @@ def runs(corpus, tmp_path_factory) -> dict:
     out["no_commit"] = _cli("resume", str(fresh_dir))
     out["fresh_unchanged"] = _snapshot(fresh_dir) == before
     out["from_scratch"] = _cli("resume", str(fresh_dir), "--from-scratch")
+    for key in ("second", "torn_resume", "switch", "scratch_with_commit", "no_commit", "from_scratch"):
+        last = (out[key][0].stderr.strip().splitlines() or [""])[-1]
+        print(f"{key}: exit {out[key][0].returncode} in {out[key][1]:.1f} s: {last}")  # pytest -s shows it
     return out
 
 
 @pytest.mark.slow
 def test_second_driver_is_refused_and_the_first_run_finishes_untouched(runs):
     p, seconds = runs["second"]
-    assert runs["second_while_running"], "the first run ended before the second driver was tried"
+    assert runs["mid_run"], "the first run was not caught between two commits"
     assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-3000:]
     lease = runs["long_lease"]
     assert (
@@ -366,9 +392,10 @@ def test_torn_event_line_then_resume_finishes_with_the_same_losses(runs):
     p, _ = runs["torn_resume"]
     assert p.returncode == 0, p.stderr[-3000:]
     assert "events.jsonl: skipping line" in p.stdout + p.stderr
-    assert "resumed from committed checkpoint step 4" in p.stdout + p.stderr
+    assert f"resumed from committed checkpoint step {STEPS // 2}" in p.stdout + p.stderr
     long, torn = _losses(runs["tmp"] / "runs" / "long"), _losses(runs["tmp"] / "runs" / "torn")
-    assert sorted(torn) == [5, 6, 7, 8] and all(long[k] == torn[k] for k in torn), (long, torn)
+    assert sorted(torn) == list(range(STEPS // 2 + 1, STEPS + 1))
+    assert all(long[k] == torn[k] for k in torn), (long, torn)  # bitwise
     assert all(long[k] == v for k, v in runs["torn_first"].items())
     events = EventLog(str(runs["tmp"] / "runs" / "torn")).read()
     assert [e["attempt"] for e in events if e["event"] == "start"] == [1, 2]
