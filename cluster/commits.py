@@ -49,17 +49,30 @@ def _local_steps(root: Path):
     return steps, lambda step: (root / f"step_{step}" / COMMIT).read_bytes()
 
 
-def _s3_steps(run_dir: Path, storage: str):
+def s3_location(run_dir: Path, storage: str) -> tuple[str, str]:
+    """(bucket, key prefix ending in /) of the run's checkpoints under `storage` (s3://bucket/prefix)."""
+    bucket, _, prefix = storage[len("s3://") :].partition("/")
+    return bucket, "/".join(p for p in (prefix.strip("/"), run_dir.name) if p) + "/"
+
+
+def s3_client():
+    """A boto3 S3 client (standard credential chain, endpoint variables and retry mode)."""
     try:
         import boto3
-        from botocore.exceptions import BotoCoreError, ClientError
+        from botocore.config import Config
     except ImportError:
         raise RunError(
             "checkpoint.storage: s3:// needs boto3: pip install boto3", field="checkpoint.storage"
         ) from None
-    bucket, _, prefix = storage[len("s3://") :].partition("/")
-    base = "/".join(p for p in (prefix.strip("/"), run_dir.name) if p) + "/"
-    client = boto3.session.Session().client("s3")
+    config = Config(retries={"mode": "standard"})  # AWS_MAX_ATTEMPTS still applies
+    return boto3.session.Session().client("s3", config=config)
+
+
+def _s3_steps(run_dir: Path, storage: str):
+    client = s3_client()
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, base = s3_location(run_dir, storage)
     steps: dict[int, dict[str, int]] = {}
     try:
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=base):

@@ -77,7 +77,7 @@ def create_run_dir(cfg: Config, run_dir: Path) -> RunLease:
         run_dir.mkdir()
     except FileExistsError:
         raise _run_exists(run_dir.name, run_dir) from None
-    lease = RunLease(run_dir, cfg.cluster.lease_timeout_s)
+    lease = RunLease(run_dir, cfg.cluster.lease_timeout_s, cfg.checkpoint.storage)
     try:
         lease.acquire()
     except BaseException:
@@ -335,7 +335,7 @@ def resume_training(
     cfg = replace(cfg, cluster=replace(cfg.cluster, storage_path=str(run_dir.parent), run_name=run_dir.name))
     # Who writes the run is asked first (a running driver is named, whatever else is wrong), and
     # taken last, once every check has passed: a refused resume writes nothing.
-    lease = RunLease(run_dir, cfg.cluster.lease_timeout_s)
+    lease = RunLease(run_dir, cfg.cluster.lease_timeout_s, cfg.checkpoint.storage)
     lease.check()
     check_corpus(cfg)
     check_resume_checkpoints(run_dir, stored.checkpoint.storage, cfg.checkpoint.storage, from_scratch)

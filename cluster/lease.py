@@ -19,6 +19,12 @@ unlinks it) is what decides between two drivers starting at once. Released at th
 (normal, error, SIGTERM: the driver's `finally`; a kill leaves it to be taken over). A holder whose
 heartbeat finds another driver's token in the file has lost the run: it logs an error and stops
 itself with SIGTERM, as `pretrain stop` would.
+
+With `checkpoint.storage: s3://bucket/prefix` the same record is also an object beside the run's
+checkpoints, `s3://bucket/prefix/<run>/lease.json` (`ObjectLease`), for drivers on machines that do
+not share the run directory but would write one prefix: created with a conditional put
+(`If-None-Match: *`), renewed and taken over with `If-Match` on the ETag last seen (so of two
+drivers taking over one stale lease, one wins), deleted with `If-Match` at release.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from cluster.commits import s3_client, s3_location
 from cluster.errors import RunError
 from trainer.events import EventLog
 
@@ -107,6 +114,7 @@ class RunLease:
         self,
         run_dir: str | Path,
         timeout_s: float,
+        storage: str = "",
         heartbeat_s: float | None = None,
         on_lost: Callable[[dict], None] | None = None,
     ):
@@ -123,6 +131,7 @@ class RunLease:
         self._thread: threading.Thread | None = None
         self.lost = False
         self.on_lost = on_lost or _stop_this_driver
+        self.object = ObjectLease(self, storage) if storage.startswith("s3://") else None
 
     # ------------------------------------------------------------------ take
     def acquire(self) -> dict | None:
@@ -142,25 +151,40 @@ class RunLease:
             break
         else:
             raise RunError(f"{self.path}: could not take the run lease (it kept changing); try again")
+        if self.object is not None:
+            try:
+                object_taken_over = self.object.acquire()
+            except BaseException:
+                self.release()
+                raise
         self._start_heartbeat()
-        if taken_over is not None:
-            stale = time.time() - taken_over["heartbeat"]
-            log.warning(
-                "took over the lease of run %s from %s: %s; this driver writes the run now",
-                self.run_dir.name,
-                describe_holder(taken_over),
-                "that process is gone (killed?)"
-                if self._dead_here(taken_over)
-                else f"no heartbeat for {stale:.0f} s (more than cluster.lease_timeout_s={self.timeout_s:g})",
-            )
-            EventLog(str(self.run_dir)).write(
-                "lease_taken_over",
-                previous={k: taken_over[k] for k in ("host", "pid", "since", "heartbeat")},
-                stale_s=round(stale, 3),
-                host=self.host,
-                pid=os.getpid(),
-            )
-        return taken_over
+        self._taken_over(taken_over, str(self.path))
+        if self.object is not None:
+            self._taken_over(object_taken_over, self.object.where)
+        return taken_over if self.object is None else taken_over or object_taken_over
+
+    def _taken_over(self, previous: dict | None, where: str) -> None:
+        """The warning and the event of a takeover from `previous` (None: nothing was taken over)."""
+        if previous is None:
+            return
+        stale = time.time() - previous["heartbeat"]
+        log.warning(
+            "took over the lease of run %s (%s) from %s: %s; this driver writes the run now",
+            self.run_dir.name,
+            where,
+            describe_holder(previous),
+            "that process is gone (killed?)"
+            if self._dead_here(previous)
+            else f"no heartbeat for {stale:.0f} s (more than cluster.lease_timeout_s={self.timeout_s:g})",
+        )
+        EventLog(str(self.run_dir)).write(
+            "lease_taken_over",
+            lease=where,
+            previous={k: previous[k] for k in ("host", "pid", "since", "heartbeat")},
+            stale_s=round(stale, 3),
+            host=self.host,
+            pid=os.getpid(),
+        )
 
     def _take(self, fd: int) -> dict | None:
         if not _try_lock(fd, fcntl.LOCK_EX, tries=3):  # a `check()` elsewhere holds it for an instant
@@ -178,6 +202,13 @@ class RunLease:
     def check(self) -> None:
         """Raise LeaseHeld when a live driver holds the lease, as `acquire` would; takes nothing,
         writes nothing (a command refused for another reason leaves the run as it was)."""
+        self._check_file()
+        if self.object is not None:
+            record, _ = self.object.read()
+            if record is not None and self._alive(record):
+                raise LeaseHeld(self._held_message(record, locked=False, where=self.object.where))
+
+    def _check_file(self) -> None:
         try:
             fd = os.open(self.path, os.O_RDONLY)
         except FileNotFoundError:
@@ -225,7 +256,7 @@ class RunLease:
             time.sleep(0.05)
         return None
 
-    def _held_message(self, holder: dict | None, locked: bool) -> str:
+    def _held_message(self, holder: dict | None, locked: bool, where: str = "") -> str:
         why = (
             "it holds the lease's lock, so it is alive"
             if locked
@@ -233,7 +264,7 @@ class RunLease:
         )
         return (
             f"run {self.run_dir.name} is being written by another driver: {describe_holder(holder)} "
-            f"({why}; lease file {self.path}). Two drivers must not write one run: wait for it to end, "
+            f"({why}; lease {where or self.path}). Two drivers must not write one run: wait for it to end, "
             "or stop it (`pretrain stop RUN` for a submitted run, or kill that pid on its host) and run "
             "this again; a driver whose machine is gone is taken over once its heartbeat is "
             f"cluster.lease_timeout_s={self.timeout_s:g} s old"
@@ -249,7 +280,7 @@ class RunLease:
             "token": self.token,
             "timeout_s": self.timeout_s,
         }
-        data = json.dumps(record, sort_keys=True).encode()
+        data = json.dumps(record, sort_keys=True).encode()  # no secret in it: it is shown to others
         if len(data) >= RECORD_BYTES:
             raise RunError(f"{self.path}: lease record longer than {RECORD_BYTES} bytes (host name?)")
         return data.ljust(RECORD_BYTES - 1) + b"\n"
@@ -267,6 +298,7 @@ class RunLease:
             with self._fd_lock:
                 if self._fd is None:
                     return
+                current = None
                 try:
                     current = parse_record(self.path.read_bytes()[:RECORD_BYTES])
                     if current is not None and current["token"] != self.token:
@@ -274,9 +306,15 @@ class RunLease:
                     else:
                         self._write(self._fd, time.time())
                 except FileNotFoundError:
-                    continue  # the run directory was removed under us
+                    pass  # the run directory was removed under us
                 except OSError as e:
                     log.warning("could not renew the lease %s: %s", self.path, e)
+                if self.object is not None and not self.lost:
+                    try:
+                        current = self.object.renew(self._record(time.time()))
+                        self.lost = current is not None
+                    except RunError as e:
+                        log.warning("could not renew the lease %s: %s", self.object.where, e)
             if self.lost:
                 self.on_lost(current)
                 return
@@ -289,6 +327,8 @@ class RunLease:
             fd, self._fd = self._fd, None
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
+        if self.object is not None and not self.lost:
+            self.object.release()
         if fd is None:
             return
         try:
@@ -311,6 +351,102 @@ def _stop_this_driver(holder: dict) -> None:
     writing it, the way `pretrain stop` stops a driver."""
     log.error("the run was taken over by another driver (%s): this driver stops", describe_holder(holder))
     os.kill(os.getpid(), signal.SIGTERM)
+
+
+class ObjectLease:
+    """The lease's record as an S3 object beside the run's checkpoints, written only by conditional
+    requests: `acquire` creates it (If-None-Match: *) or replaces a stale one (If-Match: the ETag
+    read), `renew` replaces it (If-Match: our last ETag), `release` deletes it (If-Match)."""
+
+    def __init__(self, owner: RunLease, storage: str):
+        self.owner = owner
+        self.bucket, base = s3_location(owner.run_dir, storage)
+        self.key = base + LEASE
+        self.where = f"s3://{self.bucket}/{self.key}"
+        self.etag: str | None = None
+        self._client = None
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = s3_client()
+        return self._client
+
+    def _call(self, fn, **kw):
+        """fn(Bucket, Key, **kw); None when S3 answers 412/409 (the condition failed, or another
+        conditional write was under way), RunError naming the object on any other failure."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return fn(Bucket=self.bucket, Key=self.key, **kw)
+        except ClientError as e:
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            code = e.response.get("Error", {}).get("Code", "")
+            if status in (409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return None
+            if code in ("NoSuchKey", "404", "NotFound"):
+                raise FileNotFoundError(self.where) from None
+            raise RunError(
+                f"checkpoint.storage: the run lease {self.where}: {e}", field="checkpoint.storage"
+            ) from None
+        except BotoCoreError as e:
+            raise RunError(
+                f"checkpoint.storage: the run lease {self.where}: {e}", field="checkpoint.storage"
+            ) from None
+
+    def read(self) -> tuple[dict | None, str | None]:
+        """(the stored record, its ETag); (None, None) when there is no lease object."""
+        try:
+            got = self._call(self.client.get_object)
+        except FileNotFoundError:
+            return None, None
+        if got is None:
+            return None, None
+        return parse_record(got["Body"].read()), got["ETag"]
+
+    def acquire(self) -> dict | None:
+        """Take the object (as the owner's file lease was taken); the record taken over, or None."""
+        body = self.owner._record(self.owner.since)
+        for _ in range(5):
+            put = self._call(self.client.put_object, Body=body, IfNoneMatch="*")
+            if put is not None:
+                self.etag = put["ETag"]
+                return None
+            previous, etag = self.read()
+            if etag is None:
+                continue  # deleted since: create it again
+            if previous is not None and self.owner._alive(previous):
+                raise LeaseHeld(self.owner._held_message(previous, locked=False, where=self.where))
+            put = self._call(self.client.put_object, Body=body, IfMatch=etag)
+            if put is not None:
+                self.etag = put["ETag"]
+                return previous
+            time.sleep(0.2)  # another driver replaced it first: look again
+        raise RunError(f"{self.where}: could not take the run lease (it kept changing); try again")
+
+    def renew(self, body: bytes) -> dict | None:
+        """Write a new heartbeat; the record of the driver that took the object over, or None."""
+        try:
+            put = self._call(self.client.put_object, Body=body, IfMatch=self.etag)
+        except FileNotFoundError:  # deleted by hand: ours again if nobody made another meanwhile
+            put = self._call(self.client.put_object, Body=body, IfNoneMatch="*")
+        if put is not None:
+            self.etag = put["ETag"]
+            return None
+        current, etag = self.read()
+        if current is not None and current["token"] == self.owner.token:
+            self.etag = etag  # our own write whose answer was lost, then retried
+            return None
+        return current or {"host": "?", "pid": "?", "since": 0.0, "heartbeat": 0.0, "token": ""}
+
+    def release(self) -> None:
+        if self.etag is None:
+            return
+        try:
+            self._call(self.client.delete_object, IfMatch=self.etag)
+        except (RunError, FileNotFoundError) as e:
+            log.warning("could not release the lease %s: %s", self.where, e)
+        self.etag = None
 
 
 class _Replaced(Exception):

@@ -96,11 +96,12 @@ def test_unreadable_run_record_is_one_message(tmp_path):
 # ---------------------------------------------------------------------------------- the run lease
 
 
-def _holder(run_dir: Path, seconds: float = 60, timeout: float = 30) -> subprocess.Popen:
+def _holder(run_dir: Path, seconds: float = 60, timeout: float = 30, storage: str = "") -> subprocess.Popen:
     """Another driver, as far as the lease goes: a process that holds it for `seconds`."""
+    run_dir.mkdir(parents=True, exist_ok=True)
     code = (
         "import sys, time; from cluster.lease import RunLease; "
-        f"lease = RunLease({str(run_dir)!r}, {timeout}, heartbeat_s=0.2); lease.acquire(); "
+        f"lease = RunLease({str(run_dir)!r}, {timeout}, {storage!r}, heartbeat_s=0.2); lease.acquire(); "
         f"print('held', flush=True); time.sleep({seconds}); lease.release()"
     )
     p = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
@@ -164,7 +165,10 @@ def test_a_stale_lease_is_taken_over_with_a_warning_and_an_event(tmp_path, caplo
         previous = lease.acquire()
     try:
         assert previous["pid"] == pid and previous["host"] == host
-        assert f"took over the lease of run {tmp_path.name} from pid {pid} on host {host}" in caplog.text
+        assert (
+            f"took over the lease of run {tmp_path.name} ({tmp_path / LEASE}) from pid {pid} on host {host}"
+            in caplog.text
+        )
         [event] = EventLog(str(tmp_path)).read()
         assert event["event"] == "lease_taken_over" and event["previous"]["pid"] == pid
         assert json.loads((tmp_path / LEASE).read_text())["pid"] == os.getpid()
@@ -188,6 +192,65 @@ def test_a_driver_whose_lease_was_taken_over_stops(tmp_path):
     assert lost and lost[0]["host"] == "elsewhere" and lease.lost
     lease.release()
     assert json.loads((tmp_path / LEASE).read_text())["token"] == "another"  # theirs, left alone
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A moto S3 server on 127.0.0.1 with bucket `ckpts`, its endpoint and fake keys in the env."""
+    import boto3
+
+    from tests.data_fixtures import aws_env, moto_s3_server
+
+    with moto_s3_server() as endpoint, pytest.MonkeyPatch.context() as mp:
+        for k, v in aws_env(endpoint).items():
+            mp.setenv(k, v)
+        client = boto3.client("s3")
+        client.create_bucket(Bucket="ckpts")
+        yield client
+
+
+def test_s3_lease_stops_a_driver_that_does_not_share_the_run_directory(tmp_path, s3, caplog):
+    """Two machines, each with its own run directory, writing one checkpoint prefix: the lease
+    object (conditional puts) refuses the second; a killed holder's object is taken over."""
+    storage, where = "s3://ckpts/team", "s3://ckpts/team/shared/lease.json"
+    holder = _holder(tmp_path / "a" / "shared", storage=storage)
+    mine = tmp_path / "b" / "shared"
+    mine.mkdir(parents=True)
+    try:
+        stored = json.loads(s3.get_object(Bucket="ckpts", Key="team/shared/lease.json")["Body"].read())
+        assert stored["pid"] == holder.pid
+        for attempt in (RunLease(mine, 30, storage).check, RunLease(mine, 30, storage).acquire):
+            with pytest.raises(LeaseHeld, match=f"pid {holder.pid} on host .*lease {where}"):
+                attempt()
+        assert list(mine.iterdir()) == []  # its own file lease given back, nothing else written
+    finally:
+        holder.kill()
+        holder.wait()
+    lease = RunLease(mine, 30, storage, on_lost=lambda holder: None)
+    with caplog.at_level(logging.WARNING, logger="pretrain"):
+        assert lease.acquire()["pid"] == holder.pid
+    assert f"took over the lease of run shared ({where}) from pid {holder.pid}" in caplog.text
+    stored = json.loads(s3.get_object(Bucket="ckpts", Key="team/shared/lease.json")["Body"].read())
+    assert stored["token"] == lease.token
+    lease.release()
+    assert "Contents" not in s3.list_objects_v2(Bucket="ckpts", Prefix="team/shared/")
+
+
+def test_s3_lease_taken_over_elsewhere_stops_its_old_holder(tmp_path, s3):
+    lost = []
+    lease = RunLease(tmp_path / "r", 30, "s3://ckpts/lost", heartbeat_s=0.1, on_lost=lost.append)
+    (tmp_path / "r").mkdir()
+    lease.acquire()
+    theirs = {"host": "elsewhere", "pid": 7, "since": 1.0, "heartbeat": time.time(), "token": "theirs"}
+    s3.put_object(Bucket="ckpts", Key="lost/r/lease.json", Body=json.dumps(theirs).encode())
+    deadline = time.time() + 5
+    while not lost and time.time() < deadline:
+        time.sleep(0.05)
+    lease.release()
+    assert lost and lost[0]["host"] == "elsewhere"
+    assert (
+        s3.get_object(Bucket="ckpts", Key="lost/r/lease.json")["Body"].read() == json.dumps(theirs).encode()
+    )
 
 
 # ---------------------------------------------------------------------------------- commits
@@ -214,32 +277,24 @@ def test_newest_commit_is_the_newest_whose_files_are_all_there(tmp_path):
     assert newest_commit(tmp_path / "run", "") == 2
 
 
-def test_newest_commit_reads_what_the_s3_store_wrote(tmp_path, monkeypatch):
+def test_newest_commit_reads_what_the_s3_store_wrote(tmp_path, s3, monkeypatch):
     """The driver's torch-free reading of an S3 store agrees with `trainer/checkpoint/store.py`."""
-    import boto3
-
-    from tests.data_fixtures import aws_env, moto_s3_server
+    from cluster.errors import RunError
     from trainer.checkpoint.store import COMMIT, S3Store
 
-    with moto_s3_server() as endpoint:
-        for k, v in aws_env(endpoint).items():
-            monkeypatch.setenv(k, v)
-        boto3.client("s3").create_bucket(Bucket="ckpts")
-        run_dir = tmp_path / "myrun"
-        storage = "s3://ckpts/team"
-        assert newest_commit(run_dir, storage) is None
-        store = S3Store(storage, run_dir.name, run_dir / "checkpoints")
-        _fake_step(run_dir / "checkpoints", 3, {"w.pt": b"weights"})
-        for name in ("w.pt", COMMIT):
-            store.publish(3, name)
-        shutil.rmtree(run_dir / "checkpoints")  # a node without the local copy
-        assert newest_commit(run_dir, storage) == 3
-        monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing answers
-        monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
-        from cluster.errors import RunError
-
-        with pytest.raises(RunError, match="cannot list the run's checkpoints in s3://ckpts/team/myrun/"):
-            newest_commit(run_dir, storage)
+    run_dir = tmp_path / "myrun"
+    storage = "s3://ckpts/team"
+    assert newest_commit(run_dir, storage) is None
+    store = S3Store(storage, run_dir.name, run_dir / "checkpoints")
+    _fake_step(run_dir / "checkpoints", 3, {"w.pt": b"weights"})
+    for name in ("w.pt", COMMIT):
+        store.publish(3, name)
+    shutil.rmtree(run_dir / "checkpoints")  # a node without the local copy
+    assert newest_commit(run_dir, storage) == 3
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing answers
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    with pytest.raises(RunError, match="cannot list the run's checkpoints in s3://ckpts/team/myrun/"):
+        newest_commit(run_dir, storage)
 
 
 # ---------------------------------------------------------------------------------- real runs
@@ -432,7 +487,7 @@ def test_resume_without_a_commit_is_refused_unless_from_scratch(runs):
     assert p.returncode == 0, p.stderr[-3000:]
     assert _losses(fresh_dir) == _losses(runs["tmp"] / "runs" / "long")  # step 0 on: the same run again
     # The lease the killed driver left was taken over, said so, and released at the end.
-    assert "took over the lease of run fresh from pid" in p.stdout + p.stderr
+    assert f"took over the lease of run fresh ({fresh_dir / LEASE}) from pid" in p.stdout + p.stderr
     assert "that process is gone" in p.stdout + p.stderr
     assert [e["event"] for e in EventLog(str(fresh_dir)).read()].count("lease_taken_over") == 1
     assert not (fresh_dir / LEASE).exists()
