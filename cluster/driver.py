@@ -330,15 +330,18 @@ def resume_training(
             )
     raw = load_yaml(run_dir / "config.yaml")
     raw.setdefault("train", {})["stop_at"] = 0  # a resume runs to train.steps unless told to stop again
-    stored = from_dict(raw)
+    stored_storage = (raw.get("checkpoint") or {}).get("storage", "")
     cfg = from_dict(apply_overrides(raw, overrides))
     cfg = replace(cfg, cluster=replace(cfg.cluster, storage_path=str(run_dir.parent), run_name=run_dir.name))
     # Who writes the run is asked first (a running driver is named, whatever else is wrong), and
-    # taken last, once every check has passed: a refused resume writes nothing.
+    # taken last, once every check has passed: a refused resume writes nothing. The S3 store (its
+    # lease object, its commits) is asked only once it is known to be the run's own.
     lease = RunLease(run_dir, cfg.cluster.lease_timeout_s, cfg.checkpoint.storage)
-    lease.check()
+    lease.check_file()
     check_corpus(cfg)
-    check_resume_checkpoints(run_dir, stored.checkpoint.storage, cfg.checkpoint.storage, from_scratch)
+    check_storage_switch(run_dir, stored_storage, cfg.checkpoint.storage)
+    lease.check_object()
+    check_resume_point(run_dir, cfg.checkpoint.storage, from_scratch)
     record = read_run_record(run_dir)
     lease.acquire()
     with _released(lease):
@@ -350,13 +353,11 @@ def resume_training(
         return _fit(cfg, run_dir, mlflow_run_id, t0)
 
 
-def check_resume_checkpoints(run_dir: Path, stored: str, storage: str, from_scratch: bool) -> None:
-    """Refuse a resume that would not continue from the run's newest commit: one that moves
-    `checkpoint.storage` away from the store holding the run's commits (it would start again from
-    step 0 there, and its retention could delete them), one of a run without a commit unless
-    `from_scratch`, and `from_scratch` on a run that has one (a resume always continues from it)."""
+def check_storage_switch(run_dir: Path, stored: str, storage: str) -> None:
+    """Refuse a resume that moves `checkpoint.storage` away from the store holding the run's
+    commits: it would start again from step 0 there, and its retention could delete them."""
     name = run_dir.name
-    if storage != stored:
+    if store_where(run_dir, storage) != store_where(run_dir, stored):
         held = newest_commit(run_dir, stored)
         if held is not None:
             raise RunError(
@@ -369,6 +370,12 @@ def check_resume_checkpoints(run_dir: Path, stored: str, storage: str, from_scra
                 f"and then set checkpoint.storage in {run_dir / 'config.yaml'}; or start a new run there",
                 field="checkpoint.storage",
             )
+
+
+def check_resume_point(run_dir: Path, storage: str, from_scratch: bool) -> None:
+    """Refuse a resume of a run without a commit unless `from_scratch`, and `from_scratch` on a run
+    that has one (a resume always continues from it)."""
+    name = run_dir.name
     newest = newest_commit(run_dir, storage)
     if newest is None and not from_scratch:
         raise RunError(

@@ -202,13 +202,18 @@ class RunLease:
     def check(self) -> None:
         """Raise LeaseHeld when a live driver holds the lease, as `acquire` would; takes nothing,
         writes nothing (a command refused for another reason leaves the run as it was)."""
-        self._check_file()
+        self.check_file()
+        self.check_object()
+
+    def check_object(self) -> None:
+        """`check` of the S3 object alone (none without S3 storage)."""
         if self.object is not None:
             record, _ = self.object.read()
             if record is not None and self._alive(record):
                 raise LeaseHeld(self._held_message(record, locked=False, where=self.object.where))
 
-    def _check_file(self) -> None:
+    def check_file(self) -> None:
+        """`check` of the run directory's lease file alone."""
         try:
             fd = os.open(self.path, os.O_RDONLY)
         except FileNotFoundError:

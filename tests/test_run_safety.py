@@ -194,7 +194,7 @@ def test_a_driver_whose_lease_was_taken_over_stops(tmp_path):
     assert json.loads((tmp_path / LEASE).read_text())["token"] == "another"  # theirs, left alone
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture()
 def s3():
     """A moto S3 server on 127.0.0.1 with bucket `ckpts`, its endpoint and fake keys in the env."""
     import boto3
