@@ -91,7 +91,10 @@ def parse_record(raw: bytes) -> dict | None:
         record = json.loads(raw.decode())
     except ValueError:
         return None
-    ok = isinstance(record, dict) and all(k in record for k in ("host", "pid", "since", "heartbeat", "token"))
+    if not isinstance(record, dict):
+        return None
+    types = {"host": str, "pid": int, "since": (int, float), "heartbeat": (int, float), "token": str}
+    ok = all(isinstance(record.get(k), t) for k, t in types.items())
     return record if ok else None
 
 
