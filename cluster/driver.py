@@ -4,6 +4,7 @@ storage), with its run directory and its MLflow run created once, here, before w
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -15,7 +16,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
+from cluster.commits import newest_commit
+from cluster.commits import where as store_where
 from cluster.errors import CapacityError, RunError, RunStopped
+from cluster.lease import RunLease
 from cluster.ray_session import STOPPED_BY
 from cluster.tracking import (
     check_reachable,
@@ -54,16 +58,53 @@ def new_run_dir(cfg: Config) -> tuple[str, Path]:
     name = cfg.cluster.run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(cfg.cluster.storage_path) / name
     if run_dir.exists():
-        raise RunError(
-            f"run {name} already exists at {run_dir}; pick another cluster.run_name",
-            field="cluster.run_name",
-            path=str(run_dir),
-        )
+        raise _run_exists(name, run_dir)
     return name, run_dir
+
+
+def _run_exists(name: str, run_dir: Path) -> RunError:
+    return RunError(
+        f"run {name} already exists at {run_dir}; pick another cluster.run_name",
+        field="cluster.run_name",
+        path=str(run_dir),
+    )
+
+
+def create_run_dir(cfg: Config, run_dir: Path) -> RunLease:
+    """Make the new run's directory (exclusively: of two drivers starting one name, one gets it)
+    and take its lease in it, before anything else is written there."""
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir()
+    except FileExistsError:
+        raise _run_exists(run_dir.name, run_dir) from None
+    lease = RunLease(run_dir, cfg.cluster.lease_timeout_s, cfg.checkpoint.storage)
+    try:
+        lease.acquire()
+    except BaseException:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    return lease
 
 
 def write_run_record(run_dir: Path, record: dict) -> None:
     write_json_atomic(str(run_dir / "run.json"), record)
+
+
+def read_run_record(run_dir: Path) -> dict:
+    """run.json (written atomically); RunError naming it when it is not a JSON object."""
+    path = run_dir / "run.json"
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        record = e
+    if not isinstance(record, dict):
+        raise RunError(
+            f"{path} is not a readable run record ({record}); restore it from a backup, or write "
+            '{"name": "<run>", "mlflow_run_id": "<id or empty>"} into it',
+            path=str(path),
+        )
+    return record
 
 
 def start_ray(cfg: Config):
@@ -165,7 +206,7 @@ def run_training(cfg: Config) -> dict:
     if cfg.tracking.enabled:
         check_reachable(cfg.tracking.uri)
     cfg = replace(cfg, cluster=replace(cfg.cluster, run_name=name))
-    run_dir.mkdir(parents=True)
+    lease = create_run_dir(cfg, run_dir)
     mlflow_run_id = ""
     try:
         save_config(cfg, run_dir / "config.yaml")
@@ -189,11 +230,22 @@ def run_training(cfg: Config) -> dict:
             },
         )
     except Exception:
+        lease.release()
         shutil.rmtree(run_dir, ignore_errors=True)  # never leave a half-made run behind
         if mlflow_run_id:  # created while Ray failed to start
             delete_mlflow_run(cfg, mlflow_run_id)
         raise
-    return _fit(cfg, run_dir, mlflow_run_id, t0)
+    with _released(lease):
+        return _fit(cfg, run_dir, mlflow_run_id, t0)
+
+
+@contextlib.contextmanager
+def _released(lease: RunLease):
+    """The run's lease, given back however the driver leaves (a return, an error, SIGTERM's RunStopped)."""
+    try:
+        yield lease
+    finally:
+        lease.release()
 
 
 def _create_mlflow_run(cfg: Config, run_dir: Path) -> str:
@@ -241,6 +293,7 @@ RESUMABLE_OVERRIDES = (
     "cluster.resources_per_worker",
     "cluster.placement_strategy",
     "cluster.use_gpu",
+    "cluster.lease_timeout_s",
     "data.prefetch",
     "tracking.uri",
 )
@@ -258,8 +311,11 @@ def find_run(run: str, storage_path: str = "runs") -> Path:
     )
 
 
-def resume_training(run: str, overrides: list[str], storage_path: str = "runs") -> dict:
-    """Continue a run from its newest committed checkpoint, same config, same MLflow run."""
+def resume_training(
+    run: str, overrides: list[str], storage_path: str = "runs", from_scratch: bool = False
+) -> dict:
+    """Continue a run from its newest committed checkpoint, same config, same MLflow run; with
+    `from_scratch`, train again from step 0 a run that has no committed checkpoint."""
     t0 = time.perf_counter()
     from trainer.config import ConfigError, apply_overrides, from_dict, load_yaml
 
@@ -275,16 +331,68 @@ def resume_training(run: str, overrides: list[str], storage_path: str = "runs") 
             )
     raw = load_yaml(run_dir / "config.yaml")
     raw.setdefault("train", {})["stop_at"] = 0  # a resume runs to train.steps unless told to stop again
+    stored_storage = (raw.get("checkpoint") or {}).get("storage", "")
     cfg = from_dict(apply_overrides(raw, overrides))
     cfg = replace(cfg, cluster=replace(cfg.cluster, storage_path=str(run_dir.parent), run_name=run_dir.name))
+    # Who writes the run is asked first (a running driver is named, whatever else is wrong), and
+    # taken last, once every check has passed: a refused resume writes nothing. The S3 store (its
+    # lease object, its commits) is asked only once it is known to be the run's own.
+    lease = RunLease(run_dir, cfg.cluster.lease_timeout_s, cfg.checkpoint.storage)
+    lease.check_file()
     check_corpus(cfg)
-    record = json.loads((run_dir / "run.json").read_text())
-    mlflow_run_id = record.get("mlflow_run_id", "")
-    if cfg.tracking.enabled and mlflow_run_id:
-        reopen_mlflow_run(cfg, mlflow_run_id)
-    save_config(cfg, run_dir / "config.yaml")
-    write_run_record(run_dir, {**record, "state": "running", "resumes": record.get("resumes", 0) + 1})
-    return _fit(cfg, run_dir, mlflow_run_id, t0)
+    check_storage_switch(run_dir, stored_storage, cfg.checkpoint.storage)
+    lease.check_object()
+    check_resume_point(run_dir, cfg.checkpoint.storage, from_scratch)
+    record = read_run_record(run_dir)
+    lease.acquire()
+    with _released(lease):
+        mlflow_run_id = record.get("mlflow_run_id", "")
+        if cfg.tracking.enabled and mlflow_run_id:
+            reopen_mlflow_run(cfg, mlflow_run_id)
+        save_config(cfg, run_dir / "config.yaml")
+        write_run_record(run_dir, {**record, "state": "running", "resumes": record.get("resumes", 0) + 1})
+        return _fit(cfg, run_dir, mlflow_run_id, t0)
+
+
+def check_storage_switch(run_dir: Path, stored: str, storage: str) -> None:
+    """Refuse a resume that moves `checkpoint.storage` away from the store holding the run's
+    commits: it would start again from step 0 there, and its retention could delete them."""
+    name = run_dir.name
+    if store_where(run_dir, storage) != store_where(run_dir, stored):
+        held = newest_commit(run_dir, stored)
+        if held is not None:
+            raise RunError(
+                f"--set checkpoint.storage={storage or '(empty)'}: run {name}'s committed checkpoints (newest: "
+                f"step {held}) are in {store_where(run_dir, stored)}, and a run reads, writes and prunes "
+                f"its checkpoints only in checkpoint.storage, so this resume would not continue from them "
+                f"(it would train again from step 0, and its retention could delete them). Resume without "
+                f"changing checkpoint.storage; to move the run, copy every step_<N>/ of "
+                f"{store_where(run_dir, stored)} to {store_where(run_dir, storage)} (each commit.json last) "
+                f"and then set checkpoint.storage in {run_dir / 'config.yaml'}; or start a new run there",
+                field="checkpoint.storage",
+            )
+
+
+def check_resume_point(run_dir: Path, storage: str, from_scratch: bool) -> None:
+    """Refuse a resume of a run without a commit unless `from_scratch`, and `from_scratch` on a run
+    that has one (a resume always continues from it)."""
+    name = run_dir.name
+    newest = newest_commit(run_dir, storage)
+    if newest is None and not from_scratch:
+        raise RunError(
+            f"run {name} has no committed checkpoint in {store_where(run_dir, storage)} (a commit.json whose "
+            f"files are all there), so there is nothing to resume from: `pretrain resume {run_dir} "
+            "--from-scratch` trains it again from step 0 (same run directory and MLflow run), or restore "
+            "its checkpoints",
+            path=store_where(run_dir, storage),
+        )
+    if newest is not None and from_scratch:
+        raise RunError(
+            f"--from-scratch: run {name} has a committed checkpoint (step {newest} in "
+            f"{store_where(run_dir, storage)}) and a resume continues from it; drop --from-scratch, or "
+            "start a new run to train from step 0",
+            field="--from-scratch",
+        )
 
 
 def _fit(cfg: Config, run_dir: Path, mlflow_run_id: str, t0: float) -> dict:

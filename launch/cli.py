@@ -43,12 +43,18 @@ def _summary(s: dict) -> int:
 def add_resume_arguments(p: argparse.ArgumentParser) -> None:
     add_run(p)
     add_set(p, "train.steps=2000", over="the run's config")
+    p.add_argument(
+        "--from-scratch",
+        action="store_true",
+        help="train RUN again from step 0 when it has no committed checkpoint (without this flag such a "
+        "resume is refused; with it, a run that has one is refused)",
+    )
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
     from cluster.driver import resume_training
 
-    return _summary(resume_training(args.run, args.set, args.storage_path))
+    return _summary(resume_training(args.run, args.set, args.storage_path, from_scratch=args.from_scratch))
 
 
 def add_config_arguments(p: argparse.ArgumentParser) -> None:
@@ -92,7 +98,9 @@ COMMANDS = {
         "continue a run from its newest committed checkpoint",
         "Continue RUN (a run directory, or a name under --storage-path) from its newest committed "
         "checkpoint, with its own config and MLflow run. --set may extend train.steps or change where it runs; "
-        "changes to the model, data or batch are refused.",
+        "changes to the model, data or batch, and moving checkpoint.storage away from the run's commits, are "
+        "refused. A run without a committed checkpoint is refused unless --from-scratch; a run another "
+        "driver is writing (its lease, <run>/lease.json) is refused, naming that driver.",
         add_resume_arguments,
         cmd_resume,
     ),

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from trainer.errors import PretrainError
+from trainer.fsutil import write_text_atomic
 
 
 class ConfigError(PretrainError, ValueError):
@@ -179,6 +180,11 @@ class ClusterConfig:
     max_failures: int = _f(2, "worker-group restarts Ray Train may do before the run fails")
     storage_path: str = _f("runs", "where runs live: <storage_path>/<run_name>/")
     run_name: str = _f("", "run name; empty = <config name>-<timestamp>")
+    lease_timeout_s: float = _f(
+        180.0,
+        "seconds a driver's run lease may go without a heartbeat before another driver takes the run "
+        "over; raise it on a filesystem that stalls for longer",
+    )
 
 
 @dataclass
@@ -352,7 +358,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    """The resolved config as YAML, written whole or not at all (a run is resumed from it)."""
+    write_text_atomic(str(path), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def resolve_model_config(cfg: Config, manifest: Any) -> Config:
@@ -544,6 +551,11 @@ def _check_run(c: Config) -> None:
         f"train.attention={c.train.attention} is a CUDA kernel; set train.attention: auto or math on CPU",
     )
     _need(cl.storage_path != "", "cluster.storage_path", "cluster.storage_path must not be empty")
+    _need(
+        cl.lease_timeout_s >= 1,
+        "cluster.lease_timeout_s",
+        f"cluster.lease_timeout_s must be >= 1 (the lease is renewed every few seconds), got {cl.lease_timeout_s}",
+    )
     _need(
         c.data.path != "",
         "data.path",

@@ -17,14 +17,44 @@ log = logging.getLogger("pretrain")
 
 
 class EventLog:
+    """A log that a kill or a full disk may leave with a torn last line: each event is one
+    `os.write` of one whole line on a file opened with O_APPEND (whole lines from several writers
+    never interleave), a write after a torn line starts a new line, and the reader skips any line
+    that does not parse, with a warning. Nothing that decides how a run resumes may depend on this
+    file being well formed."""
+
     def __init__(self, run_dir: str, enabled: bool = True):
         self.path = os.path.join(run_dir, "events.jsonl") if run_dir and enabled else ""
 
     def read(self) -> list[dict]:
-        if not self.path or not os.path.exists(self.path):
+        """Every event that parses, in order; a torn or garbled line is skipped with a warning
+        naming the file and the line."""
+        if not self.path:
             return []
-        with open(self.path) as f:
-            return [json.loads(line) for line in f if line.strip()]
+        try:
+            with open(self.path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        events = []
+        for number, raw in enumerate(data.split(b"\n"), start=1):
+            if not raw.strip():
+                continue
+            try:
+                event = json.loads(raw.decode())
+            except ValueError:  # JSONDecodeError and UnicodeDecodeError alike
+                event = None
+            if not isinstance(event, dict):
+                log.warning(
+                    "%s: skipping line %d, which is not a whole event (a write cut short by a kill "
+                    "or a full disk?): %r",
+                    self.path,
+                    number,
+                    raw[:80],
+                )
+                continue
+            events.append(event)
+        return events
 
     def attempts(self) -> int:
         """How many times training has started in this run before now."""
@@ -33,12 +63,19 @@ class EventLog:
     def write(self, event: str, **fields) -> None:
         if not self.path:
             return
-        line = json.dumps({"time": time.time(), "event": event, **fields}, sort_keys=True)
+        line = json.dumps({"time": time.time(), "event": event, **fields}, sort_keys=True) + "\n"
         try:
-            with open(self.path, "a") as f:  # one short line per write: appends do not interleave
-                f.write(line + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                size = os.fstat(fd).st_size
+                if size and os.pread(fd, 1, size - 1) != b"\n":
+                    line = (
+                        "\n" + line
+                    )  # the last write was cut short: leave its fragment on a line of its own
+                os.write(fd, line.encode())  # one write of whole lines: concurrent appends never interleave
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         except OSError as e:  # a full disk: the log loses a line, the run does not fail over it
             log.warning("could not append the %s event to %s: %s", event, self.path, e)
 

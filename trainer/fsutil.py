@@ -33,6 +33,11 @@ def write_json_atomic(path: str, obj) -> None:
     write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
+def write_text_atomic(path: str, text: str) -> None:
+    """`write_bytes_atomic` of `text` as UTF-8."""
+    write_bytes_atomic(path, text.encode())
+
+
 def fsync_dir(path: str) -> None:
     """Make renames inside `path` durable (no-op where directories cannot be opened)."""
     try:
