@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.conftest import ROOT
@@ -91,11 +92,9 @@ def test_stop_and_resume_is_bitwise_exact(corpus, tmp_path, pretrain_cli):
     assert sorted(c) == [5, 6, 7, 8] and all(abs(a[k] - c[k]) < 1e-5 for k in c), (a, c)
 
 
-def _ray_worker_pids():
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return [
-        int(line.split()[0]) for line in out.splitlines() if "RayTrainWorker" in line and "ps -eo" not in line
-    ]
+def _ray_worker_pids(run_dir: Path) -> list[int]:
+    """This run's training workers (each records its pid in <run>/workers/), none of another run's."""
+    return [json.loads(f.read_text())["pid"] for f in sorted((run_dir / "workers").glob("rank*.json"))]
 
 
 def _wait_for_commit(run_dir: Path, step: int, proc, timeout=240):
@@ -135,7 +134,7 @@ def test_killed_worker_is_restarted_and_the_run_matches(corpus, tmp_path):
     proc = _start(corpus, tmp_path, "kw", steps, 5)
     run_dir = tmp_path / "runs" / "kw"
     _wait_for_commit(run_dir, 5, proc)
-    pids = _ray_worker_pids()
+    pids = _ray_worker_pids(run_dir)
     assert pids, "no Ray Train worker found"
     os.kill(pids[-1], signal.SIGKILL)
     out, err = proc.communicate(timeout=600)
@@ -151,16 +150,16 @@ def test_killed_driver_then_pretrain_resume(corpus, tmp_path, pretrain_cli):
     proc = _start(corpus, tmp_path, "kd", steps, 5)
     run_dir = tmp_path / "runs" / "kd"
     _wait_for_commit(run_dir, 5, proc)
-    # The driver and everything it started, at once. Ray puts each worker in a process group of
-    # its own and ends it only when it notices that the raylet is gone, seconds later: meanwhile it
-    # would train on, here to the end of the run.
-    workers = _ray_worker_pids()
+    # The driver and everything it started (its embedded Ray's daemons, Ray Train's actors, the
+    # workers), at once, and nothing of any other Ray on the machine. Ray puts each worker in a
+    # process group of its own and ends it only when it notices that the raylet is gone, seconds
+    # later: meanwhile it would train on, here to the end of the run.
+    started = psutil.Process(proc.pid).children(recursive=True)
     os.killpg(proc.pid, signal.SIGKILL)
-    for pid in workers:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    for p in started:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
     proc.wait()
-    subprocess.run(["ray", "stop", "--force"], capture_output=True)  # the embedded cluster's daemons too
     p = pretrain_cli("resume", str(run_dir))
     assert p.returncode == 0, p.stderr[-3000:]
     summary = _summary(tmp_path, "kd")
