@@ -350,7 +350,14 @@ def resume_training(
         if cfg.tracking.enabled and mlflow_run_id:
             reopen_mlflow_run(cfg, mlflow_run_id)
         save_config(cfg, run_dir / "config.yaml")
-        write_run_record(run_dir, {**record, "state": "running", "resumes": record.get("resumes", 0) + 1})
+        # tracking_uri: the one this attempt uses (resume may change it), without the credentials a
+        # run recorded before they were kept out of the record.
+        resumed = {
+            "state": "running",
+            "resumes": record.get("resumes", 0) + 1,
+            "tracking_uri": cfg.tracking.uri,
+        }
+        write_run_record(run_dir, {**record, **resumed})
         return _fit(cfg, run_dir, mlflow_run_id, t0)
 
 

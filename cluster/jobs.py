@@ -6,6 +6,11 @@ it; the driver inside the job joins the cluster (RAY_ADDRESS) and runs the train
 The job's submission id IS the run name, so `status`, `logs`, `stop` and `list` need only the
 run name and the cluster's job API address (`http://HEAD:8265`). Jobs submitted with Ray's own
 `ray job submit` are found by their submission id (`raysubmit_...`).
+
+Credentials never travel with a job: Ray keeps a job's entrypoint, runtime_env (env_vars included)
+and metadata in its job record, readable by anyone who can reach the job API, and its working_dir
+on every node that runs it. The run's processes on the cluster take MLflow's and AWS's own
+variables from their nodes' environment.
 """
 
 from __future__ import annotations
@@ -18,9 +23,9 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
-from trainer.config import Config, save_config
+from trainer.config import Config, apply_overrides, load_config, load_yaml, save_config
 from trainer.errors import PretrainError
-from trainer.metrics import mask_uri_credentials
+from trainer.metrics import mask_uri_credentials, split_uri_credentials
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # What never travels with the code: environments, corpora, runs, tracking stores, caches, git.
@@ -139,6 +144,26 @@ def new_run_name(cfg: Config) -> str:
             field="cluster.run_name",
         )
     return name
+
+
+def load_submitted_config(path: str, overrides: list[str]) -> Config:
+    """The config (YAML + --set) to submit. A tracking.uri with credentials is refused: a local run
+    takes them into this process's environment, but a job would not get them (see the module doc)."""
+    raw = apply_overrides(load_yaml(path), list(overrides))
+    tracking = raw.get("tracking")
+    uri = tracking.get("uri") if isinstance(tracking, dict) else None
+    if isinstance(uri, str) and uri.startswith(("http://", "https://")):
+        clean = split_uri_credentials(uri)[0]
+        if clean != uri:
+            raise JobError(
+                f"tracking.uri carries credentials, and a submitted run never takes them along (Ray "
+                f"keeps a job's files and environment readable through its job API); set "
+                f"MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the "
+                f"environment of the cluster's nodes (`ray start`, a Kubernetes Secret) and give "
+                f"tracking.uri as {clean}",
+                field="tracking.uri",
+            )
+    return load_config(path, overrides)
 
 
 def submit(cfg: Config, address: str, project_root: Path = PROJECT_ROOT) -> dict:

@@ -40,6 +40,10 @@ _SECRET_SEGMENTS = {
     "credentials",
 }
 _SEGMENT_SPLIT = re.compile(r"[._\-\s]+|(?<=[a-z0-9])(?=[A-Z])")
+# How MLflow's REST client words a store's refusal of missing or wrong credentials.
+_UNAUTHORIZED = re.compile(
+    r"error code 40[13]\b|\b(401|403)\b.*(Unauthorized|Forbidden)|UNAUTHENTICATED|PERMISSION_DENIED"
+)
 
 
 class TrackingError(PretrainError, RuntimeError):
@@ -180,9 +184,16 @@ def create_mlflow_run(cfg: Config, run_dir: Path) -> str:
         exp = client.get_experiment_by_name(cfg.tracking.experiment)
     except Exception as e:
         reason = mask_uri_credentials(str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
+        what_to_do = (
+            "the server wants credentials: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
+            "(or MLFLOW_TRACKING_TOKEN) in the environment of this process (of a cluster's nodes, for a "
+            "submitted run)"
+            if _UNAUTHORIZED.search(str(e))
+            else "fix tracking.uri or set tracking.enabled: false"
+        )
         raise TrackingError(
             f"tracking.uri {mask_uri_credentials(cfg.tracking.uri)}: the MLflow store cannot be opened "
-            f"({type(e).__name__}: {reason}); fix tracking.uri or set tracking.enabled: false",
+            f"({type(e).__name__}: {reason}); {what_to_do}",
             field="tracking.uri",
         ) from None
     exp_id = exp.experiment_id if exp else client.create_experiment(cfg.tracking.experiment)

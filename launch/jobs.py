@@ -57,9 +57,10 @@ def _cluster_paths_note(cfg) -> list[str]:
 
 def run_submit(args: argparse.Namespace) -> int:
     from cluster import jobs
-    from trainer.config import load_config
+    from trainer.config import MLFLOW_CREDENTIAL_VARS
+    from trainer.metrics import mask_uri_credentials
 
-    cfg = load_config(args.config, args.set)
+    cfg = jobs.load_submitted_config(args.config, args.set)
     out = jobs.submit(cfg, args.address)
     print(f"submitted run {out['run_name']} (Ray job id {out['job_id']})", flush=True)
     if out["mlflow"]:
@@ -71,7 +72,15 @@ def run_submit(args: argparse.Namespace) -> int:
             "give a shared path (cluster.storage_path, tracking.uri) to keep the run",
             file=sys.stderr,
         )
-    a = args.address
+    if cfg.tracking.enabled and cfg.tracking.uri.startswith(("http://", "https://")):
+        given = [n for n in MLFLOW_CREDENTIAL_VARS if os.environ.get(n)]
+        if given:
+            print(
+                f"note: {', '.join(given)} stay on this machine; the run's processes on the cluster "
+                "take them from their nodes' environment",
+                file=sys.stderr,
+            )
+    a = mask_uri_credentials(args.address)
     print(
         f"watch: pretrain status {out['run_name']} --address {a}; pretrain logs {out['run_name']} -f --address {a}"
     )

@@ -2,7 +2,8 @@
 
 Serves `tracking.uri` of the config (or of a run directory's run.json; default: the SQLite store
 in the working directory) with `mlflow server`, bound to 127.0.0.1 unless --host says otherwise,
-and waits until Ctrl-C. A tracking URI that already is a server is only printed.
+and waits until Ctrl-C. A tracking URI that already is a server is only printed. Credentials never
+appear in what is printed or on the server's command line: they come from the environment.
 """
 
 from __future__ import annotations
@@ -52,12 +53,16 @@ def tracking_uri(args: argparse.Namespace) -> str:
 
 
 def _recorded_uri(record: Path) -> str:
+    """The run's tracking URI, without the credentials a run recorded before they were kept out."""
+    from trainer.config import take_tracking_credentials
+
     try:
-        return json.loads(record.read_text())["tracking_uri"]
+        uri = json.loads(record.read_text())["tracking_uri"]
     except (OSError, KeyError, TypeError, ValueError) as e:
         raise PretrainError(
             f"{record}: no tracking URI to read ({type(e).__name__}: {e})", path=str(record)
         ) from None
+    return take_tracking_credentials(uri)
 
 
 def port_free(host: str, port: int) -> bool:
@@ -102,7 +107,10 @@ def run(args: argparse.Namespace) -> int:
             f"port {args.port} on {args.host} is in use; pick another with --port", field="--port"
         )
     shown_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
-    print(f"MLflow UI for {uri} at http://{shown_host}:{args.port} (Ctrl-C stops it)", flush=True)
+    print(
+        f"MLflow UI for {mask_uri_credentials(uri)} at http://{shown_host}:{args.port} (Ctrl-C stops it)",
+        flush=True,
+    )
     proc = subprocess.Popen(server_command(uri, args.host, args.port), start_new_session=True)
     # SIGTERM (a test, a supervisor) stops the server like Ctrl-C does.
     if threading.current_thread() is threading.main_thread():

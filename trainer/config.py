@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +22,9 @@ import yaml
 
 from trainer.errors import PretrainError
 from trainer.fsutil import write_text_atomic
+from trainer.metrics import mask_uri_credentials, split_uri_credentials
+
+log = logging.getLogger("pretrain")
 
 
 class ConfigError(PretrainError, ValueError):
@@ -190,7 +195,11 @@ class ClusterConfig:
 @dataclass
 class TrackingConfig:
     enabled: bool = _f(True, "log to MLflow")
-    uri: str = _f("sqlite:///mlflow.db", "MLflow tracking URI; default is a SQLite store in the working dir")
+    uri: str = _f(
+        "sqlite:///mlflow.db",
+        "MLflow tracking URI, no credentials in it (MLFLOW_TRACKING_USERNAME/_PASSWORD or _TOKEN give "
+        "them); default is a SQLite store in the working dir",
+    )
     experiment: str = _f("pretrain", "MLflow experiment name")
     system_metrics_every_s: float = _f(10.0, "CPU/memory/GPU sampling interval per node (0 = off)")
 
@@ -344,7 +353,57 @@ def load_yaml(path: str | Path) -> dict:
 
 
 def from_dict(raw: dict) -> Config:
+    tracking = raw.get("tracking")
+    if isinstance(tracking, dict) and isinstance(tracking.get("uri"), str):
+        raw = {**raw, "tracking": {**tracking, "uri": take_tracking_credentials(tracking["uri"])}}
     return _build(Config, raw, "").validate()
+
+
+# MLflow's own variables for a tracking server's credentials (basic auth; or a bearer token).
+MLFLOW_CREDENTIAL_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+_warned_uris: set[str] = set()
+
+
+def take_tracking_credentials(uri: str) -> str:
+    """`uri` without credentials: the run stores, logs, ships and prints only that. A tracking
+    server's `user:password@` moves into MLFLOW_TRACKING_USERNAME/_PASSWORD of this process (and so
+    of the Ray workers it starts), unless those are set already; one warning says to set them
+    instead. A password in another store's URI (a database) is refused: MLflow has no variable
+    for it, and `pretrain ui` would pass it on `mlflow server`'s command line."""
+    clean, user, password = split_uri_credentials(uri)
+    if clean == uri:
+        return uri
+    if not uri.startswith(("http://", "https://")):
+        _need(
+            password is None,
+            "tracking.uri",
+            f"tracking.uri {clean} carries a password, which the run would store with its config; give "
+            "it the database's own way (PostgreSQL: PGPASSWORD or ~/.pgpass) and leave it out of tracking.uri",
+        )
+        return uri  # a user name alone (postgresql://alice@db/mlflow) is no secret
+    _need(
+        password is not None,
+        "tracking.uri",
+        f"tracking.uri {clean} carries a user name (or token) but no password; give credentials as "
+        "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) and "
+        f"tracking.uri as {clean}",
+    )
+    names = " and ".join(MLFLOW_CREDENTIAL_VARS[:2])
+    if any(os.environ.get(n) for n in MLFLOW_CREDENTIAL_VARS[:2]):
+        taken = f"{names} are set already and are used instead"
+    else:
+        os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = user, password
+        taken = f"they are used from {names} of this process and the workers it starts"
+    if clean not in _warned_uris:
+        _warned_uris.add(clean)
+        log.warning(
+            "tracking.uri carries credentials; %s, and the run keeps tracking.uri as %s. "
+            "Set %s (or MLFLOW_TRACKING_TOKEN) instead of writing credentials into the URI.",
+            taken,
+            clean,
+            names,
+        )
+    return clean
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
@@ -359,6 +418,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """The resolved config as YAML, written whole or not at all (a run is resumed from it)."""
+    _check_credentials(cfg)  # the last guard before a file: a Config made in code skips from_dict
     write_text_atomic(str(path), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
@@ -387,6 +447,7 @@ def resolve_model_config(cfg: Config, manifest: Any) -> Config:
 
 def _validate(c: Config) -> None:
     """Every rule a config must keep, in a fixed order: the first broken one is reported."""
+    _check_credentials(c)
     _check_ranges(c)
     _check_optim(c.optim)
     _check_model(c.model, c.data)
@@ -416,6 +477,32 @@ _NON_NEGATIVE = {
     "data": ("num_streams", "prefetch", "loader_workers"),
     "tracking": ("system_metrics_every_s",),
 }
+
+
+def _strings(value: Any, name: str = "") -> typing.Iterator[tuple[str, str]]:
+    """(dotted name, value) of every string in a config dict, at any depth."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _strings(v, f"{name}.{k}" if name else str(k))
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            yield from _strings(v, f"{name}[{i}]")
+    elif isinstance(value, str):
+        yield name, value
+
+
+def _check_credentials(c: Config) -> None:
+    """No field holds a `scheme://user:password@` URI: the run stores its config (config.yaml,
+    run.json, a submitted job's files) and credentials come from the environment instead."""
+    for name, value in _strings(c.to_dict()):
+        shown = mask_uri_credentials(value)
+        _need(
+            shown == value,
+            name,
+            f"{name} ({shown}) carries a password, which the run would store with its config; leave it "
+            "out: S3 takes credentials from AWS's own chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+            "~/.aws, an instance role), an MLflow server from MLFLOW_TRACKING_USERNAME/_PASSWORD",
+        )
 
 
 def _check_ranges(c: Config) -> None:

@@ -17,6 +17,7 @@ import re
 import sys
 import threading
 import time
+import urllib.parse
 
 log = logging.getLogger("pretrain")
 
@@ -31,6 +32,19 @@ _URI_CREDENTIALS = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/:@\s]*:)(?
 def mask_uri_credentials(text: str) -> str:
     """`scheme://user:pass@host...` -> `scheme://user:***@host...` (anywhere in `text`)."""
     return _URI_CREDENTIALS.sub(lambda m: m["head"] + "***@", text)
+
+
+def split_uri_credentials(uri: str) -> tuple[str, str, str | None]:
+    """`scheme://user:pass@host/...` -> (`scheme://host/...`, user, password), the two
+    percent-decoded; the password is None when the URI names no password (`scheme://user@host`),
+    and the URI comes back as given, with ("", None), when it holds no user at all."""
+    parts = urllib.parse.urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri, "", None
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user, colon, password = userinfo.partition(":")
+    clean = urllib.parse.urlunsplit(parts._replace(netloc=host))
+    return clean, urllib.parse.unquote(user), urllib.parse.unquote(password) if colon else None
 
 
 def process_memory_gb(device_type: str = "cpu") -> float:
