@@ -4,30 +4,17 @@ bad input, the shipped examples, and the sockets of the head `pretrain train` st
 
 import json
 import os
-import secrets
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import psutil
 import pytest
 import yaml
 
 from tests.conftest import ROOT
+from tests.ray_head import VENV_BIN, free_port, ray_head
 from tests.run_fixtures import tiny_run
-
-VENV_BIN = str(Path(sys.executable).parent)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------------ the shipped examples (fast)
@@ -54,58 +41,10 @@ def test_examples_parse_and_point_at_real_entry_points():
 
 
 # ------------------------------------------------------------------ a `ray start` head of our own
-def _own_ray_pids(temp_dir: str) -> list[int]:
-    """Processes of the cluster whose temp dir is `temp_dir` (never another engineer's cluster)."""
-    pids = []
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        try:
-            if any(temp_dir in a for a in p.info["cmdline"] or []):
-                pids.append(p.info["pid"])
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    return pids
-
-
 @pytest.fixture(scope="module")
 def head():
-    temp_dir = tempfile.mkdtemp(prefix="rayj", dir="/tmp")
-    token_file = Path(temp_dir) / "token"
-    token_file.write_text(secrets.token_hex(32))
-    env = {
-        **os.environ,
-        "PATH": VENV_BIN + os.pathsep + os.environ["PATH"],
-        "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN_PATH": str(token_file),
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # a one-machine head: every socket on 127.0.0.1
-        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-    }
-    env.pop("RAY_ADDRESS", None)
-    dash = _free_port()
-    cmd = [
-        os.path.join(VENV_BIN, "ray"),
-        "start",
-        "--head",
-        f"--port={_free_port()}",
-        "--node-ip-address=127.0.0.1",
-        "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={dash}",
-        "--num-cpus=2",
-        f"--temp-dir={temp_dir}",
-        "--disable-usage-stats",
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-    try:
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-        yield {"address": f"http://127.0.0.1:{dash}", "env": env, "temp_dir": temp_dir}
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for pid in _own_ray_pids(temp_dir):
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            time.sleep(2)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    with ray_head() as h:
+        yield h
 
 
 def _jobs(head, *args, timeout=120):
@@ -239,7 +178,7 @@ def test_ray_job_submit_of_pretrain_train(corpus, tmp_path, head):
 
 @pytest.mark.slow
 def test_bad_input_one_clear_message(head):
-    dead = f"http://127.0.0.1:{_free_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     for args, expected in (
         (("status", "x", "--address", dead), "no Ray job API answers at"),
         (("list", "--address", dead), "no Ray job API answers at"),

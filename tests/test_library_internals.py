@@ -7,13 +7,9 @@ these fail loudly, naming what moved. tests/test_startup.py checks the outcomes 
 imports and starts); tests/test_jobs.py and tests/test_security.py what the embedded head starts
 and where it listens."""
 
-import subprocess
-import sys
-import textwrap
-
 import pytest
 
-from tests.conftest import ROOT
+from tests.test_startup import run_python
 
 
 def test_torch_still_has_what_the_dynamo_deferral_replaces():
@@ -148,13 +144,5 @@ def test_the_embedded_trainer_drops_exactly_the_named_callbacks():
 
 
 def _python(code: str) -> list[str]:
-    p = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={"PATH": "/usr/bin:/bin", "HOME": "/tmp", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)},
-    )
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return p.stdout.strip().splitlines()
+    """Output lines of `code` run in a fresh interpreter (nothing imported yet)."""
+    return run_python(code, "/tmp").strip().splitlines()

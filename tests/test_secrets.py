@@ -30,9 +30,9 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT
+from tests.ray_head import free_port, ray_head
 from tests.run_fixtures import tiny_config, tiny_run
-from tests.test_jobs import VENV_BIN, _free_port, _own_ray_pids
-from tests.test_tracking import MlflowServer, free_port, stop_group
+from tests.test_tracking import MlflowServer, stop_group
 from trainer.config import ConfigError, save_config
 
 CREDENTIAL_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
@@ -115,42 +115,8 @@ def test_submit_refuses_credentials_in_the_uri(no_mlflow_credentials, tmp_path):
 
 @pytest.fixture(scope="module")
 def head():
-    """A `ray start` head as tests/test_jobs.py starts it (token auth, 127.0.0.1), its job agent on a
-    free port: on a machine where another head holds Ray's default agent port (52365), a head
-    starts without a job agent and refuses every submission."""
-    temp_dir = tempfile.mkdtemp(prefix="rayj", dir="/tmp")
-    token_file = Path(temp_dir) / "token"
-    token_file.write_text(uuid.uuid4().hex * 2)
-    env = {
-        **os.environ,
-        "PATH": VENV_BIN + os.pathsep + os.environ["PATH"],
-        "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN_PATH": str(token_file),
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-    }
-    env.pop("RAY_ADDRESS", None)
-    dash = _free_port()
-    ports = [
-        f"--port={_free_port()}",
-        f"--dashboard-port={dash}",
-        f"--dashboard-agent-listen-port={_free_port()}",
-    ]
-    cmd = [os.path.join(VENV_BIN, "ray"), "start", "--head", *ports, "--node-ip-address=127.0.0.1"]
-    cmd += ["--dashboard-host=127.0.0.1", "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-    try:
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-        yield {"address": f"http://127.0.0.1:{dash}", "env": env, "temp_dir": temp_dir}
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for pid in _own_ray_pids(temp_dir):
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            time.sleep(2)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    with ray_head() as h:
+        yield h
 
 
 HOP_BY_HOP = {"connection", "keep-alive", "te", "trailers", "transfer-encoding", "upgrade", "content-length"}

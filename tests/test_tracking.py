@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from cluster.tracking import (
     reopen_mlflow_run,
 )
 from tests.conftest import ROOT
+from tests.ray_head import free_port
 from tests.run_fixtures import tiny_config
 from tests.test_loop import affine_stream
 from tests.test_startup import run_python
@@ -38,12 +38,6 @@ from trainer.session import Session
 V = 64
 STEPS = 5
 EVERY_STEP = ("loss", "lr", "grad_norm", "tokens_per_s", "tokens_seen", "step_time_s")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for_health(url: str, proc: subprocess.Popen, log_path: Path, timeout: float = 120.0) -> None:
