@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -190,3 +191,110 @@ def test_io_error_at_a_save_with_on_error_continue_trains_on(corpus, tmp_path, u
         run_id, "checkpoint_failures"
     )
     assert [(m.step, m.value) for m in history] == [(4, 1.0)]
+
+
+def verified_commit(ck: Path) -> bool:
+    """Whether some `step_N` under `ck` has a commit.json whose listed files all exist with their
+    recorded sizes (what a resume needs before it hashes them)."""
+    try:
+        steps = [p for p in ck.iterdir() if p.name.startswith("step_")]
+    except OSError:
+        return False
+    for step in steps:
+        try:
+            files = json.loads((step / "commit.json").read_text())["files"]
+            if all((step / name).stat().st_size == info["size"] for name, info in files.items()):
+                return True
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return False
+
+
+class CommitWatch:
+    """Samples `verified_commit` every 0.1 s in a thread while a run goes on; `gaps` are the times
+    (seconds after the first commit was seen) at which no verified commit existed."""
+
+    def __init__(self, ck: Path):
+        self.ck, self.samples, self.first, self.gaps = ck, 0, None, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            ok, now = verified_commit(self.ck), time.monotonic()
+            if ok and self.first is None:
+                self.first = now
+            if self.first is not None:
+                self.samples += 1
+                if not ok:
+                    self.gaps.append(round(now - self.first, 2))
+            self._stop.wait(0.1)
+
+    def __enter__(self) -> CommitWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+# phase -> (rank killed, the step the restarted group resumes from). All at the save of step 6,
+# whose retention removes step 2 (keep 2).
+KILLS = {
+    "written": (1, 4),  # rank 1's files of step 6 written, not committed: step 4 is the newest
+    "committed": (0, 6),  # step 6's commit.json written, step 2 not yet removed
+    "retention": (0, 6),  # step 2's commit.json and one of its files removed, the rest not
+}
+
+
+@pytest.mark.parametrize("phase", list(KILLS))
+def test_sigkill_of_a_rank_at_each_phase_of_a_save(corpus, tmp_path, undisturbed, phase):
+    """SIGKILL of one rank at a phase of the save of step 6 (a test hook in every process, once per
+    run): Ray Train restarts the group (cluster.max_failures), which resumes from the newest
+    verified commit and finishes with exit 0 and the losses of an undisturbed run (exact). A
+    thread samples the checkpoints every 0.1 s: once the first commit exists, at every sample some
+    step has a commit.json whose files all exist with their recorded sizes. (A retention that
+    removed the newest commit, or a commit.json written before the files, shows as a gap.)"""
+    rank, resumed = KILLS[phase]
+    env = {
+        "PYTHONPATH": os.pathsep.join([HOOKS, *filter(None, [os.environ.get("PYTHONPATH")])]),
+        "PRETRAIN_TEST_KILL_AT": f"{phase}:6:{rank}",
+    }
+    run = tmp_path / "runs" / "kill"
+    with CommitWatch(run / "checkpoints") as watch:
+        p = pretrain(*train_args(corpus, tmp_path, "kill"), env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (run / "test-killed").is_file()  # the hook did kill a rank
+    log = events(run)
+    assert [e["event"] for e in log].count("start") == 2  # Ray Train restarted the group once
+    got = losses(run)
+    assert sorted(got) == list(range(resumed + 1, STEPS + 1)), got
+    assert all(got[k] == undisturbed[k] for k in got), (got, undisturbed)  # exact
+    assert json.loads((run / "run.json").read_text())["state"] == "succeeded"
+    assert step_dirs(run) == committed(run) == [6, 8]  # leftovers of the kill removed
+    assert watch.first is not None and watch.samples > 10, watch.samples
+    assert watch.gaps == [], f"no verified commit at {watch.gaps} s after the first commit"
+    print(f"\nSIGKILL of rank {rank} at {phase} of step 6: {watch.samples} samples, no gap")
+
+
+def test_commit_watch_sees_a_moment_without_a_verified_commit(tmp_path):
+    """The checker the SIGKILL cases rely on: a step counts only with its commit.json and every
+    listed file at its recorded size, and a moment with none (a retention that deleted the only
+    intact commit, or a truncated file under the newest commit) is recorded as a gap."""
+    ck = tmp_path / "checkpoints"
+    step = ck / "step_4"
+    step.mkdir(parents=True)
+    (step / "a.pt").write_bytes(b"12345")
+    assert not verified_commit(ck)  # no commit.json yet: the files alone are no checkpoint
+    (step / "commit.json").write_text(json.dumps({"files": {"a.pt": {"size": 5}}}))
+    assert verified_commit(ck)
+    (step / "a.pt").write_bytes(b"123")
+    assert not verified_commit(ck)  # a file shorter than its record
+    (step / "a.pt").write_bytes(b"12345")
+    with CommitWatch(ck) as watch:
+        while watch.first is None:
+            time.sleep(0.05)
+        (step / "commit.json").unlink()  # the only commit gone, as a wrong retention would do
+        time.sleep(0.35)
+    assert watch.gaps, watch.samples

@@ -2,20 +2,28 @@
 starts): a directory holding this file first on PYTHONPATH makes every Python process import it at
 start-up. With `PRETRAIN_TEST_FAIL_WRITES=<glob>` set, a `torch.save` to a path matching the glob
 (DeepSpeed writes every checkpoint file with it) writes the first half of the file and then fails
-with EIO, as a failing disk does. In-process tests call `fail_saves` directly. Nothing in the
-project imports this module."""
+with EIO, as a failing disk does. In-process tests call `fail_saves` directly.
+
+With `PRETRAIN_TEST_KILL_AT=<phase>:<step>:<rank>` set, that rank SIGKILLs itself at that phase of
+the save of that step, once per run (a marker file `test-killed` in the run directory keeps the
+restarted group alive): `written` (its files written, before the commit), `committed` (rank 0:
+commit.json written, before retention), `retention` (rank 0: the first old step's commit.json and
+one of its files deleted, the rest not yet). Nothing in the project imports this module."""
 
 from __future__ import annotations
 
 import errno
 import fnmatch
+import functools
 import importlib.abc
 import importlib.util
 import io
 import os
+import signal
 import sys
 
 ENV = "PRETRAIN_TEST_FAIL_WRITES"
+KILL_ENV = "PRETRAIN_TEST_KILL_AT"
 
 
 def _failing(save, pattern: str):
@@ -63,5 +71,86 @@ class _PatchTorchOnImport(importlib.abc.MetaPathFinder):
         return spec
 
 
+class _PatchOnImport(importlib.abc.MetaPathFinder):
+    """Runs `patch(module)` right after `import <name>`, in whichever process imports it."""
+
+    def __init__(self, name: str, patch):
+        self.name, self.patch = name, patch
+
+    def find_spec(self, name, path=None, target=None):
+        if name != self.name:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_and_patch(module):
+            exec_module(module)
+            self.patch(module)
+
+        spec.loader.exec_module = exec_and_patch
+        return spec
+
+
+def _kill_once(run_dir) -> None:
+    """SIGKILL this process unless a rank of this run was killed already (the marker file)."""
+    try:
+        os.close(os.open(os.path.join(run_dir, "test-killed"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def kill_at(manager_module, spec: str) -> None:
+    """Patch `CheckpointManager` so that rank `rank` SIGKILLs itself at `phase` of the save of
+    `step` (see the module docstring); `spec` is `<phase>:<step>:<rank>`."""
+    phase, step, rank = spec.split(":")
+    step, rank = int(step), int(rank)
+    cls = manager_module.CheckpointManager
+    if phase not in ("written", "committed", "retention"):
+        raise ValueError(f"{KILL_ENV}: unknown phase {phase!r}")
+
+    def here(self, at: int) -> bool:
+        return at == step and self.rank == rank
+
+    write, retain = cls._write, cls._retain
+
+    @functools.wraps(write)
+    def _write(self, engine, at):
+        write(self, engine, at)
+        if phase == "written" and here(self, at):
+            _kill_once(self.root.parent)
+
+    @functools.wraps(retain)
+    def _retain(self, newest):
+        if not here(self, newest):
+            return retain(self, newest)
+        if phase == "committed":
+            _kill_once(self.root.parent)
+        store, delete = self.store, self.store.delete
+
+        def delete_then_die(at, names):  # as a kill in the middle of the store's delete leaves it
+            store.uncommit(at)
+            data = sorted(n for n in names if n != manager_module.COMMIT)
+            if data:
+                os.unlink(store.step_dir(at) / data[0])
+            _kill_once(self.root.parent)
+            delete(at, names)
+
+        store.delete = delete_then_die
+        try:
+            return retain(self, newest)
+        finally:
+            store.delete = delete
+
+    cls._write, cls._retain = _write, _retain
+
+
 if os.environ.get(ENV):
     sys.meta_path.insert(0, _PatchTorchOnImport(os.environ[ENV]))
+if os.environ.get(KILL_ENV):
+    sys.meta_path.insert(
+        0, _PatchOnImport("trainer.checkpoint.manager", lambda m: kill_at(m, os.environ[KILL_ENV]))
+    )
