@@ -106,8 +106,10 @@ def test_full_disk_at_a_save_stops_the_run_then_resume_finishes_it(corpus, tmp_p
     does not restart the group. Once there is space, `pretrain resume` finishes it exactly."""
     disk, remount = small_disk
     run = disk / "full"
-    p = pretrain(*train_args(corpus, tmp_path, "full", storage=disk))
+    with CommitWatch(run / "checkpoints") as watch:
+        p = pretrain(*train_args(corpus, tmp_path, "full", storage=disk))
     ended = time.time()
+    assert watch.first is not None and watch.gaps == [], watch.gaps  # a verified commit at every moment
     assert p.returncode == 2, p.stderr[-3000:]
     last = p.stderr.strip().splitlines()[-1]
     step_6 = run / "checkpoints" / "step_6"
@@ -145,8 +147,10 @@ def test_full_disk_at_a_save_stops_the_run_then_resume_finishes_it(corpus, tmp_p
     print(f"the run stopped {stopped:.1f} s after the ranks agreed, with one message:\n{last}")
 
     remount("50m")  # the fault cleared
-    r = pretrain("resume", str(run))
+    with CommitWatch(run / "checkpoints") as watch:
+        r = pretrain("resume", str(run))
     assert r.returncode == 0, r.stderr[-3000:]
+    assert watch.gaps == [], watch.gaps
     assert "resumed from committed checkpoint step 4" in r.stdout + r.stderr
     got = losses(run)
     assert sorted(got) == [5, 6, 7, 8] and all(got[k] == undisturbed[k] for k in got), (
@@ -166,9 +170,13 @@ def test_io_error_at_a_save_with_on_error_continue_trains_on(corpus, tmp_path, u
         "PYTHONPATH": os.pathsep.join([HOOKS, *filter(None, [os.environ.get("PYTHONPATH")])]),
         "PRETRAIN_TEST_FAIL_WRITES": "*/step_4/zero_pp_rank_1_mp_rank_00_optim_states.pt",
     }
-    p = pretrain(*train_args(corpus, tmp_path, "eio", "checkpoint.on_error=continue", tracking=True), env=env)
-    assert p.returncode == 0, p.stderr[-3000:]
     run = tmp_path / "runs" / "eio"
+    with CommitWatch(run / "checkpoints") as watch:
+        p = pretrain(
+            *train_args(corpus, tmp_path, "eio", "checkpoint.on_error=continue", tracking=True), env=env
+        )
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert watch.first is not None and watch.gaps == [], watch.gaps  # a verified commit at every moment
     out = p.stdout + p.stderr
     step_4 = run / "checkpoints" / "step_4"
     assert f"checkpoint step 4 could not be saved to {step_4}: rank 1: [Errno 5] Input/output error" in out
@@ -298,3 +306,37 @@ def test_commit_watch_sees_a_moment_without_a_verified_commit(tmp_path):
         (step / "commit.json").unlink()  # the only commit gone, as a wrong retention would do
         time.sleep(0.35)
     assert watch.gaps, watch.samples
+
+
+def test_a_damaged_commit_is_skipped_then_saved_again_when_training_reaches_it(corpus, tmp_path):
+    """A committed step whose file is later damaged (here: step 8's largest file cut short) is never
+    loaded: `pretrain resume` falls back to step 6, trains past 8, writes step 8 again, and retention
+    counts verified commits only. The losses equal an undisturbed run's (exact), and at every moment
+    some commit verifies."""
+    total = STEPS + 2  # the first attempt stops at STEPS (train.stop_at): the same LR schedule
+    run = tmp_path / "runs" / "dmg"
+    p = pretrain(
+        *train_args(
+            corpus, tmp_path, "dmg", "checkpoint.keep=3", f"train.steps={total}", f"train.stop_at={STEPS}"
+        )
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert committed(run) == [4, 6, 8]
+    victim = max((run / "checkpoints" / "step_8").iterdir(), key=lambda f: f.stat().st_size)
+    with open(victim, "r+b") as f:
+        f.truncate(victim.stat().st_size // 2)
+    with CommitWatch(run / "checkpoints") as watch:
+        p = pretrain("resume", str(run))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "ignoring checkpoint step 8" in p.stdout + p.stderr
+    assert [e["resumed_from"] for e in events(run) if e["event"] == "start"] == [0, 6]
+    got = losses(run)
+    assert sorted(got) == list(range(7, total + 1)), got
+    ref = tmp_path / "runs" / "ref-longer"
+    p = pretrain(*train_args(corpus, tmp_path, "ref-longer", f"train.steps={total}"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert all(got[k] == losses(ref)[k] for k in got), (got, losses(ref))  # exact
+    assert committed(run) == step_dirs(run) == [6, 8, 10] and verified_commit(run / "checkpoints")
+    record = json.loads((run / "checkpoints" / "step_8" / "commit.json").read_text())
+    assert victim.stat().st_size == record["files"][victim.name]["size"]  # step 8 was written again
+    assert watch.gaps == [], f"no verified commit at {watch.gaps} s"
