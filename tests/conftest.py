@@ -1,5 +1,4 @@
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,18 +23,9 @@ def corpus(tmp_path_factory) -> str:
 @pytest.fixture()
 def pretrain_cli():
     """Run the `pretrain` CLI as a user would, in a subprocess."""
-    import subprocess
+    from tests.run_fixtures import run_pretrain
 
     def run(*args, cwd=None, timeout=600, env=None):
-        e = dict(os.environ)
-        e.update(env or {})
-        return subprocess.run(
-            [sys.executable, "-m", "launch.cli", *args],
-            cwd=cwd or ROOT,
-            env=e,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
+        return run_pretrain(*args, extra_env=env, cwd=cwd, timeout=timeout)
 
     return run

@@ -3,6 +3,11 @@ functions (no pytest, no environment changes), so the benchmarks use the very on
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 # name -> (world, zero stage, tp, pp): every parallel layout, in worlds of 2 and 4 ranks.
 LAYOUTS: dict[str, tuple[int, int, int, int]] = {
     "dp2-zero1": (2, 1, 1, 1),
@@ -62,3 +67,19 @@ def tiny_run(corpus: str, tmp_path, name: str, steps: int, *more: str, tracking:
         f"tracking.uri=sqlite:///{tmp_path}/mlflow.db" if tracking else "tracking.enabled=false",
         *more,
     ]
+
+
+def run_pretrain(
+    *args: str, env: dict | None = None, extra_env: dict | None = None, cwd=None, timeout: int = 600, **kw
+):
+    """The `pretrain` CLI as a user runs it, in a subprocess: `env` the whole environment (default:
+    this process's), `extra_env` set on top of it."""
+    return subprocess.run(
+        [sys.executable, "-m", "launch.cli", *args],
+        cwd=cwd or Path(__file__).resolve().parents[1],
+        env={**(os.environ if env is None else env), **(extra_env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kw,
+    )

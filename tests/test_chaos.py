@@ -11,15 +11,13 @@ import json
 import os
 import re
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
-from tests.run_fixtures import tiny_run
+from tests.run_fixtures import run_pretrain, tiny_run
 
 pytestmark = pytest.mark.slow
 
@@ -28,15 +26,7 @@ HOOKS = str(Path(__file__).parent / "fault_hooks")  # sitecustomize.py: test-onl
 
 
 def pretrain(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    e = {**os.environ, **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "launch.cli", *args],
-        cwd=ROOT,
-        env=e,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_pretrain(*args, extra_env=env, timeout=timeout)
 
 
 def train_args(

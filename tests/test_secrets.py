@@ -31,7 +31,7 @@ import yaml
 
 from tests.conftest import ROOT
 from tests.ray_head import free_port, ray_head
-from tests.run_fixtures import tiny_config, tiny_run
+from tests.run_fixtures import run_pretrain, tiny_config, tiny_run
 from tests.test_tracking import MlflowServer, stop_group
 from trainer.config import ConfigError, save_config
 
@@ -242,15 +242,7 @@ def _wait_until_ended(jobs, name: str, timeout_s: float = 300.0) -> None:
 
 
 def _pretrain(*args, env, timeout=300, **kw):
-    return subprocess.run(
-        [sys.executable, "-m", "launch.cli", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        **kw,
-    )
+    return run_pretrain(*args, env=env, timeout=timeout, **kw)
 
 
 def _ui_until_it_ends(
