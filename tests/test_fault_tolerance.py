@@ -15,6 +15,7 @@ import psutil
 import pytest
 
 from tests.conftest import ROOT
+from tests.test_chaos import HOOKS
 from tests.run_fixtures import tiny_run
 from tests.test_checkpoint import fp32_master
 from trainer.config import load_config
@@ -97,17 +98,24 @@ def _ray_worker_pids(run_dir: Path) -> list[int]:
     return [json.loads(f.read_text())["pid"] for f in sorted((run_dir / "workers").glob("rank*.json"))]
 
 
-def _wait_for_commit(run_dir: Path, step: int, proc, timeout=240):
+def _wait_for_stall(run_dir: Path, proc, timeout=240):
+    """Until a rank stops at PRETRAIN_TEST_STALL_AT (tests/fault_hooks), whatever the run's speed."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if (run_dir / "checkpoints" / f"step_{step}" / "commit.json").exists():
+        if (run_dir / "test-stalled").exists():
             return
         assert proc.poll() is None, proc.communicate()[1][-3000:]
-        time.sleep(0.5)
-    raise AssertionError(f"no commit of step {step} within {timeout}s")
+        time.sleep(0.2)
+    raise AssertionError(f"no rank reached the stall within {timeout}s")
 
 
-def _start(corpus, tmp_path, name, steps, every):
+def _start(corpus, tmp_path, name, steps, every, stall: str):
+    """`pretrain train` in a subprocess whose rank stops for good at `stall` (<0-based step>:<rank>)."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([HOOKS, *filter(None, [os.environ.get("PYTHONPATH")])]),
+        "PRETRAIN_TEST_STALL_AT": stall,
+    }
     cmd = [
         sys.executable,
         "-m",
@@ -117,7 +125,7 @@ def _start(corpus, tmp_path, name, steps, every):
         *_args(_overrides(corpus, tmp_path, name, steps, every)),
     ]
     return subprocess.Popen(
-        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
 
 
@@ -131,25 +139,26 @@ def _reference(corpus, tmp_path, name, steps, every):
 
 def test_killed_worker_is_restarted_and_the_run_matches(corpus, tmp_path):
     steps = 30
-    proc = _start(corpus, tmp_path, "kw", steps, 5)
+    proc = _start(corpus, tmp_path, "kw", steps, 5, stall="12:1")  # in step 13, after commit 10
     run_dir = tmp_path / "runs" / "kw"
-    _wait_for_commit(run_dir, 5, proc)
+    _wait_for_stall(run_dir, proc)
+    assert (run_dir / "checkpoints" / "step_10" / "commit.json").exists()
     pids = _ray_worker_pids(run_dir)
-    assert pids, "no Ray Train worker found"
-    os.kill(pids[-1], signal.SIGKILL)
+    assert len(pids) == 2, "no Ray Train worker found"
+    os.kill(pids[1], signal.SIGKILL)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
     got = _losses(_summary(tmp_path, "kw"))
     ref = _reference(corpus, tmp_path, "ref", steps, 5)
     assert got[steps] == pytest.approx(ref[steps], abs=1e-5)
-    assert _summary(tmp_path, "kw")["resumed_from"] >= 5
+    assert _summary(tmp_path, "kw")["resumed_from"] == 10
 
 
 def test_killed_driver_then_pretrain_resume(corpus, tmp_path, pretrain_cli):
     steps = 30
-    proc = _start(corpus, tmp_path, "kd", steps, 5)
+    proc = _start(corpus, tmp_path, "kd", steps, 5, stall="12:0")
     run_dir = tmp_path / "runs" / "kd"
-    _wait_for_commit(run_dir, 5, proc)
+    _wait_for_stall(run_dir, proc)
     # The driver and everything it started (its embedded Ray's daemons, Ray Train's actors, the
     # workers), at once, and nothing of any other Ray on the machine. Ray puts each worker in a
     # process group of its own and ends it only when it notices that the raylet is gone, seconds
@@ -163,7 +172,7 @@ def test_killed_driver_then_pretrain_resume(corpus, tmp_path, pretrain_cli):
     p = pretrain_cli("resume", str(run_dir))
     assert p.returncode == 0, p.stderr[-3000:]
     summary = _summary(tmp_path, "kd")
-    assert summary["steps"] == steps and 5 <= summary["resumed_from"] < steps
+    assert summary["steps"] == steps and summary["resumed_from"] == 10
     ref = _reference(corpus, tmp_path, "ref", steps, 5)
     assert _losses(summary)[steps] == pytest.approx(ref[steps], abs=1e-5)
 

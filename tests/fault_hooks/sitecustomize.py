@@ -8,7 +8,12 @@ With `PRETRAIN_TEST_KILL_AT=<phase>:<step>:<rank>` set, that rank SIGKILLs itsel
 the save of that step, once per run (a marker file `test-killed` in the run directory keeps the
 restarted group alive): `written` (its files written, before the commit), `committed` (rank 0:
 commit.json written, before retention), `retention` (rank 0: the first old step's commit.json and
-one of its files deleted, the rest not yet). Nothing in the project imports this module."""
+one of its files deleted, the rest not yet).
+
+With `PRETRAIN_TEST_STALL_AT=<step>:<rank>` set, that rank stops in the middle of that step (once
+per run: it creates the marker `test-stalled` in the run directory, then sleeps in an endless
+loop), so that a test can kill it or its driver at a known point of a run of any speed. Nothing in
+the project imports this module."""
 
 from __future__ import annotations
 
@@ -21,9 +26,11 @@ import io
 import os
 import signal
 import sys
+import time
 
 ENV = "PRETRAIN_TEST_FAIL_WRITES"
 KILL_ENV = "PRETRAIN_TEST_KILL_AT"
+STALL_ENV = "PRETRAIN_TEST_STALL_AT"
 
 
 def _failing(save, pattern: str):
@@ -148,9 +155,30 @@ def kill_at(manager_module, spec: str) -> None:
     cls._write, cls._retain = _write, _retain
 
 
+def stall_at(loop_module, spec: str) -> None:
+    """Patch `train_step` so that rank `rank` stops for good at 0-based `step` (see the docstring)."""
+    step, rank = (int(x) for x in spec.split(":"))
+    train_step = loop_module.train_step
+
+    @functools.wraps(train_step)
+    def patched(t, at, micro):
+        if at == step and t.session.rank == rank and t.session.run_dir:
+            try:
+                os.close(os.open(os.path.join(t.session.run_dir, "test-stalled"), os.O_CREAT | os.O_EXCL))
+            except FileExistsError:
+                return train_step(t, at, micro)
+            while True:
+                time.sleep(1)
+        return train_step(t, at, micro)
+
+    loop_module.train_step = patched
+
+
 if os.environ.get(ENV):
     sys.meta_path.insert(0, _PatchTorchOnImport(os.environ[ENV]))
 if os.environ.get(KILL_ENV):
     sys.meta_path.insert(
         0, _PatchOnImport("trainer.checkpoint.manager", lambda m: kill_at(m, os.environ[KILL_ENV]))
     )
+if os.environ.get(STALL_ENV):
+    sys.meta_path.insert(0, _PatchOnImport("trainer.loop", lambda m: stall_at(m, os.environ[STALL_ENV])))
