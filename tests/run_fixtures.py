@@ -83,3 +83,12 @@ def run_pretrain(
         timeout=timeout,
         **kw,
     )
+
+
+HOOKS = str(Path(__file__).parent / "fault_hooks")  # sitecustomize.py: test-only fault injection
+
+
+def hooked_env(**hooks: str) -> dict:
+    """Environment variables that arm tests/fault_hooks in every Python process a `pretrain`
+    subprocess starts (its Ray workers too): the hooks' variables, and PYTHONPATH with the hooks first."""
+    return {"PYTHONPATH": os.pathsep.join([HOOKS, *filter(None, [os.environ.get("PYTHONPATH")])]), **hooks}

@@ -8,7 +8,6 @@ with `size=` is a real ENOSPC) are skipped without it; CI runs as root."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import threading
@@ -17,12 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.run_fixtures import run_pretrain, tiny_run
+from tests.run_fixtures import hooked_env, run_pretrain, tiny_run
 
 pytestmark = pytest.mark.slow
 
 STEPS, EVERY = 8, 2  # saves at 2, 4, 6, 8; keep 2
-HOOKS = str(Path(__file__).parent / "fault_hooks")  # sitecustomize.py: test-only fault injection
 
 
 def pretrain(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -156,10 +154,7 @@ def test_io_error_at_a_save_with_on_error_continue_trains_on(corpus, tmp_path, u
     file, only that rank), with `checkpoint.on_error: continue`: both ranks learn of it at once, the
     run warns, logs `checkpoint_failed` and the `checkpoint_failures` metric, trains on unchanged and
     commits step 6 and 8."""
-    env = {
-        "PYTHONPATH": os.pathsep.join([HOOKS, *filter(None, [os.environ.get("PYTHONPATH")])]),
-        "PRETRAIN_TEST_FAIL_WRITES": "*/step_4/zero_pp_rank_1_mp_rank_00_optim_states.pt",
-    }
+    env = hooked_env(PRETRAIN_TEST_FAIL_WRITES="*/step_4/zero_pp_rank_1_mp_rank_00_optim_states.pt")
     run = tmp_path / "runs" / "eio"
     with CommitWatch(run / "checkpoints") as watch:
         p = pretrain(
@@ -255,10 +250,7 @@ def test_sigkill_of_a_rank_at_each_phase_of_a_save(corpus, tmp_path, undisturbed
     step has a commit.json whose files all exist with their recorded sizes. (A retention that
     removed the newest commit, or a commit.json written before the files, shows as a gap.)"""
     rank, resumed = KILLS[phase]
-    env = {
-        "PYTHONPATH": os.pathsep.join([HOOKS, *filter(None, [os.environ.get("PYTHONPATH")])]),
-        "PRETRAIN_TEST_KILL_AT": f"{phase}:6:{rank}",
-    }
+    env = hooked_env(PRETRAIN_TEST_KILL_AT=f"{phase}:6:{rank}")
     run = tmp_path / "runs" / "kill"
     with CommitWatch(run / "checkpoints") as watch:
         p = pretrain(*train_args(corpus, tmp_path, "kill"), env=env)

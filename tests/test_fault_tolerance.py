@@ -15,8 +15,7 @@ import psutil
 import pytest
 
 from tests.conftest import ROOT
-from tests.test_chaos import HOOKS
-from tests.run_fixtures import tiny_run
+from tests.run_fixtures import hooked_env, tiny_run
 from tests.test_checkpoint import fp32_master
 from trainer.config import load_config
 from trainer.loop import train
@@ -111,11 +110,7 @@ def _wait_for_stall(run_dir: Path, proc, timeout=240):
 
 def _start(corpus, tmp_path, name, steps, every, stall: str):
     """`pretrain train` in a subprocess whose rank stops for good at `stall` (<0-based step>:<rank>)."""
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([HOOKS, *filter(None, [os.environ.get("PYTHONPATH")])]),
-        "PRETRAIN_TEST_STALL_AT": stall,
-    }
+    env = {**os.environ, **hooked_env(PRETRAIN_TEST_STALL_AT=stall)}
     cmd = [
         sys.executable,
         "-m",
@@ -125,7 +120,13 @@ def _start(corpus, tmp_path, name, steps, every, stall: str):
         *_args(_overrides(corpus, tmp_path, name, steps, every)),
     ]
     return subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        cmd,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
 
 

@@ -24,6 +24,7 @@ import pytest
 from cluster.commits import newest_commit
 from cluster.lease import LEASE, LeaseHeld, RunLease
 from tests.conftest import ROOT
+from tests.run_fixtures import hooked_env
 from trainer.events import EventLog
 
 # ---------------------------------------------------------------------------------- events.jsonl
@@ -367,26 +368,30 @@ def runs(corpus, tmp_path_factory) -> dict:
     long_dir = tmp / "runs" / "long"
 
     t = time.perf_counter()
+    # rank 0 holds still in step EVERY + 1 (tests/fault_hooks) until test-continue exists
+    env = {**os.environ, **hooked_env(PRETRAIN_TEST_STALL_AT=f"{EVERY}:0")}
     proc = subprocess.Popen(
         [sys.executable, "-m", "launch.cli", "train", config, *_sets(corpus, tmp, "long")],
         cwd=ROOT,
+        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
-    while not (long_dir / "checkpoints" / f"step_{EVERY}" / "commit.json").exists():
+    while not (long_dir / "test-stalled").exists():
         assert proc.poll() is None and time.perf_counter() - t < 400, proc.communicate()[1][-3000:]
-        time.sleep(0.02)
-    workers = _train_workers(proc.pid)
-    for w in workers:
-        w.suspend()
+        time.sleep(0.1)
     try:
+        workers = _train_workers(proc.pid)
         out["long_lease"] = json.loads((long_dir / LEASE).read_text())
-        out["mid_run"] = len(workers) == 2 and not (long_dir / "summary.json").exists()
+        out["mid_run"] = (
+            len(workers) == 2
+            and (long_dir / "checkpoints" / f"step_{EVERY}" / "commit.json").exists()
+            and not (long_dir / "summary.json").exists()
+        )
         out["second"] = _cli("resume", str(long_dir))
     finally:
-        for w in workers:
-            w.resume()
+        (long_dir / "test-continue").touch()
     stdout, stderr = proc.communicate(timeout=600)
     out["long"] = (proc.returncode, stdout + stderr, time.perf_counter() - t)
 

@@ -11,8 +11,8 @@ commit.json written, before retention), `retention` (rank 0: the first old step'
 one of its files deleted, the rest not yet).
 
 With `PRETRAIN_TEST_STALL_AT=<step>:<rank>` set, that rank stops in the middle of that step (once
-per run: it creates the marker `test-stalled` in the run directory, then sleeps in an endless
-loop), so that a test can kill it or its driver at a known point of a run of any speed. Nothing in
+per run: it creates the marker `test-stalled` in the run directory, then sleeps until the test
+creates `test-continue` there), so that a test can act at a known point of a run of any speed. Nothing in
 the project imports this module."""
 
 from __future__ import annotations
@@ -167,8 +167,8 @@ def stall_at(loop_module, spec: str) -> None:
                 os.close(os.open(os.path.join(t.session.run_dir, "test-stalled"), os.O_CREAT | os.O_EXCL))
             except FileExistsError:
                 return train_step(t, at, micro)
-            while True:
-                time.sleep(1)
+            while not os.path.exists(os.path.join(t.session.run_dir, "test-continue")):
+                time.sleep(0.1)
         return train_step(t, at, micro)
 
     loop_module.train_step = patched
