@@ -38,6 +38,22 @@ OPTIONS = {
     "tokenizer_sample_docs": dict(
         type=int, default=None, help="train the tokenizer on only the first N documents (default: all)"
     ),
+    "filters": dict(
+        metavar="NAMES",
+        default=None,
+        help="cleaning filters to run, in order, comma-separated: gopher_quality, gopher_repetition, c4, "
+        "fineweb, min_length, language (default thresholds: docs/data.md#cleaning; default: none)",
+    ),
+    "dedup": dict(
+        metavar="KINDS",
+        default=None,
+        help="remove duplicates: exact, near or exact,near (MinHash LSH 14x8 over 5-word shingles)",
+    ),
+    "recipe": dict(
+        metavar="YAML",
+        default=None,
+        help="a cleaning recipe: filters with their thresholds and dedup settings (docs/data.md#cleaning)",
+    ),
     "overwrite": dict(
         action="store_true",
         help="replace the shards (*.tar), manifest.json and tokenizer.json in a non-empty --out",
