@@ -206,14 +206,18 @@ def create_mlflow_run(cfg: Config, run_dir: Path) -> str:
 
 
 def run_artifact_paths(cfg: Config) -> list[str]:
-    """The tokenizer and the data manifest of a local corpus (none for a remote `data.path`)."""
+    """The tokenizer, the data manifest and the quality report (`prepare` with cleaning stages) of a
+    local corpus (none for a remote `data.path`)."""
     from trainer.data.storage import is_remote
 
     if is_remote(cfg.data.path):
         return []
     return [
         p
-        for p in (os.path.join(cfg.data.path, n) for n in ("tokenizer.json", "manifest.json"))
+        for p in (
+            os.path.join(cfg.data.path, n)
+            for n in ("tokenizer.json", "manifest.json", "report.json", "report.png")
+        )
         if os.path.isfile(p)
     ]
 
