@@ -392,10 +392,32 @@ def make_recipe(
         raise RecipeError(
             f"{where}: unknown key(s) {sorted(unknown)}; a recipe has filters and dedup", path=recipe or ""
         )
-    return CleanRecipe(
+    result = CleanRecipe(
         filters=tuple(_make_filter(item, where) for item in items),
         dedup=_make(DedupSettings, dedup_spec, f"{where}: dedup"),
     )
+    _check_dedup(result.dedup, where)
+    return result
+
+
+def _check_dedup(d: DedupSettings, where: str) -> None:
+    """Refuse settings near dedup cannot run with, before any input is read."""
+    if not d.near:
+        return
+    for key in ("shingle_words", "bands", "rows"):
+        if getattr(d, key) < 1:
+            raise RecipeError(
+                f"{where}: dedup.{key} must be >= 1, got {getattr(d, key)}", field=f"dedup.{key}"
+            )
+    if not 0 < d.jaccard <= 1:
+        raise RecipeError(f"{where}: dedup.jaccard must be in (0, 1], got {d.jaccard}", field="dedup.jaccard")
+    try:
+        import rensa  # noqa: F401
+    except ImportError:
+        raise RecipeError(
+            "near-duplicate removal needs rensa (pip install rensa; it is a dependency of pretrain)",
+            field="--dedup",
+        ) from None
 
 
 def _make_filter(item: Any, where: str) -> Any:

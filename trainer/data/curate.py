@@ -153,16 +153,16 @@ def _record_dedup(result: DedupResult, chars: list[int], report: QualityReport) 
     report.cluster_sizes = result.cluster_sizes
 
 
-def _shingles_of(path: str, ids: Sequence[int], n: int) -> dict[int, np.ndarray]:
-    """Shingle arrays of the cleaned documents `ids` (sorted), read back from `path`."""
+def _shingles_of(path: str, ids: Sequence[int], n: int) -> dict[int, set[str]]:
+    """Shingle sets of the cleaned documents `ids` (sorted), read back from `path`."""
     wanted = iter(ids)
     target = next(wanted, None)
-    found: dict[int, np.ndarray] = {}
+    found: dict[int, set[str]] = {}
     for i, (_, text) in enumerate(_read_lines(path)):
         if target is None:
             break
         if i == target:
-            found[i] = shingles(text, n)
+            found[i] = set(shingles(text, n))
             target = next(wanted, None)
     return found
 

@@ -8,8 +8,9 @@ confirmed by the true Jaccard similarity of their shingle sets) and keeps in eac
 document with the smallest content key, so which one survives depends neither on the input order
 nor on how the work was split.
 
-MinHash is our own numpy implementation: benchmarks/prepare.py measures it against datasketch and
-rensa (figures in docs/benchmarks.md#prepare).
+The MinHash values come from rensa (a Rust extension): on the same documents it was the fastest of
+rensa, datasketch and a numpy implementation of ours (benchmarks/prepare.py, docs/benchmarks.md),
+and its values depend only on (seed, shingles), in every process.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from dataclasses import dataclass
 import numpy as np
 
 _NON_WORD = re.compile(r"[^\w\s]+")
-_MASK61 = np.uint64((1 << 61) - 1)
 
 
 def hash64(data: bytes) -> int:
@@ -47,62 +47,45 @@ def exact_key(text: str) -> int:
     return hash64(normalize(text).encode("utf-8"))
 
 
-def shingles(text: str, n: int = 5) -> np.ndarray:
-    """Sorted unique 64-bit hashes of the normalized text's n-word shingles (the whole text when it
-    has fewer than n words)."""
+def shingles(text: str, n: int = 5) -> list[str]:
+    """The normalized text's n-word shingles, words joined by one space (the whole normalized
+    text when it has fewer than n words)."""
     words = normalize(text).split()
-    if not words:
-        return np.zeros(0, dtype=np.uint64)
-    ids = {w: hash64(w.encode("utf-8")) for w in set(words)}
-    w = np.fromiter((ids[x] for x in words), dtype=np.uint64, count=len(words))
-    k = min(n, len(w))
-    # Polynomial hash of k consecutive word hashes, wrapping at 2**64 (numpy uint64 arithmetic).
-    h = np.zeros(len(w) - k + 1, dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        for j in range(k):
-            h = h * np.uint64(0x100000001B3) + w[j : len(w) - k + 1 + j]
-    return np.unique(h)
+    if len(words) <= n:
+        return [" ".join(words)]
+    # zip stops at the shortest tail: the last shingle starts n words before the end.
+    return [" ".join(gram) for gram in zip(*(words[i:] for i in range(n)), strict=False)]
 
 
 @dataclass(frozen=True)
 class MinHasher:
-    """`bands x rows` MinHash values per document, from seeded hash functions (a x + b) mod 2^61-1."""
+    """`bands x rows` MinHash values per document (rensa's RMinHash, seeded), cut into LSH bands."""
 
     bands: int = 14
     rows: int = 8
     shingle_words: int = 5
     seed: int = 0
 
-    def __post_init__(self) -> None:
-        rng = np.random.default_rng(self.seed)
-        n = self.bands * self.rows
-        object.__setattr__(self, "_a", rng.integers(1, (1 << 61) - 1, n, dtype=np.uint64))
-        object.__setattr__(self, "_b", rng.integers(0, (1 << 61) - 1, n, dtype=np.uint64))
+    def signature(self, text: str) -> np.ndarray:
+        """(bands * rows,) uint32 MinHash values of the document's shingles."""
+        from rensa import RMinHash
 
-    def signature(self, shingle_hashes: np.ndarray) -> np.ndarray:
-        """(bands * rows,) uint64 minimum of each hash function over the shingles."""
-        n = self.bands * self.rows
-        if shingle_hashes.size == 0:
-            return np.full(n, np.iinfo(np.uint64).max, dtype=np.uint64)
-        x = (shingle_hashes & _MASK61)[:, None]  # (S, 1)
-        # 61-bit values times 61-bit multipliers overflow 64 bits; the wrapped product is still a
-        # fixed function of (a, x), which is all determinism needs, and mixes well for MinHash.
-        with np.errstate(over="ignore"):
-            h = (x * self._a[None, :] + self._b[None, :]) & _MASK61  # (S, n)
-        return h.min(axis=0)
+        m = RMinHash(num_perm=self.bands * self.rows, seed=self.seed)
+        m.update(shingles(text, self.shingle_words))
+        return np.asarray(m.digest(), dtype=np.uint32)
 
     def band_keys(self, text: str) -> np.ndarray:
         """(bands,) uint64: a hash of each band's rows of the document's signature."""
-        sig = self.signature(shingles(text, self.shingle_words)).reshape(self.bands, self.rows)
+        sig = self.signature(text).reshape(self.bands, self.rows)
         return np.array([hash64(bytes([b]) + row.tobytes()) for b, row in enumerate(sig)], dtype=np.uint64)
 
 
-def jaccard(a: np.ndarray, b: np.ndarray) -> float:
-    """True Jaccard similarity of two sorted unique shingle-hash arrays."""
-    if a.size == 0 and b.size == 0:
+def jaccard(a: set[str], b: set[str]) -> float:
+    """True Jaccard similarity of two shingle sets."""
+    if not a and not b:
         return 1.0
-    inter = np.intersect1d(a, b, assume_unique=True).size
-    return inter / (a.size + b.size - inter)
+    inter = len(a & b)
+    return inter / (len(a) + len(b) - inter)
 
 
 class _UnionFind:
@@ -150,14 +133,14 @@ def find_duplicates(
     content: np.ndarray,
     exact: np.ndarray | None,
     bands: np.ndarray | None,
-    shingles_of: Callable[[Sequence[int]], dict[int, np.ndarray]] | None = None,
+    shingles_of: Callable[[Sequence[int]], dict[int, set[str]]] | None = None,
     jaccard_threshold: float = 0.7,
 ) -> DedupResult:
     """Cluster documents and keep the smallest `content` key of each cluster.
 
     content: (n,) uint64 content keys; exact: (n,) uint64 exact keys or None (no exact dedup);
     bands: (n, bands) uint64 LSH band keys or None (no near dedup); shingles_of: for the given
-    document indices, their shingle arrays (None: candidates are not confirmed).
+    document indices, their shingle sets (None: candidates are not confirmed).
     """
     n = len(content)
     uf = _UnionFind(n)
@@ -169,7 +152,7 @@ def find_duplicates(
 
     if bands is not None and len(bands):
         buckets = [g for b in range(bands.shape[1]) for g in _runs(bands[:, b])]
-        cache: dict[int, np.ndarray] = {}
+        cache: dict[int, set[str]] = {}
         if shingles_of is not None:
             cache = shingles_of(sorted({int(i) for g in buckets for i in g}))
         for group in buckets:
