@@ -17,7 +17,7 @@ from launch import cli
 from launch.prepare import add_arguments
 from trainer.data.clean import C4Lines, GopherQuality, RecipeError, make_recipe
 from trainer.data.manifest import load_manifest
-from trainer.data.prepare import prepare
+from trainer.data.prepare import PrepareError, prepare
 
 FILTERS = "min_length,gopher_quality,gopher_repetition,c4,fineweb"
 
@@ -185,6 +185,8 @@ def test_unknown_filter_or_setting_is_one_clear_message(tmp_path, capsys):
         make_recipe(recipe=str(bad))
     with pytest.raises(RecipeError, match="--dedup 'fuzzy' is not a dedup kind"):
         make_recipe(dedup="fuzzy")
+    with pytest.raises(PrepareError, match=r"removed all 1 documents \(min_length 1\)"):
+        prepare([str(inp)], out, vocab_size=300, block_len=9, workers=1, filters="min_length")
     assert not (tmp_path / "out").exists()
 
 

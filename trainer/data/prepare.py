@@ -207,6 +207,14 @@ def _curate(tmp: str, sources: list[str], opts: _Options, progress: _Progress) -
     docs = _iter_sourced(sources, opts.text_field, opts.max_docs)
     curated = curate(docs, opts.clean, sources, tmp, lambda n: progress.update("cleaning", docs=n))
     progress.reset()
+    report = curated.report
+    if report.input_documents and not curated.keep.any():
+        removed = ", ".join(f"{name} {r.documents}" for name, r in report.removed.items())
+        raise PrepareError(
+            f"the cleaning stages removed all {report.input_documents} documents ({removed}); "
+            "loosen the thresholds (--recipe) or drop filters",
+            field="--filters",
+        )
     return curated
 
 
