@@ -1,8 +1,9 @@
-"""MinHash throughput of `pretrain prepare`'s near-duplicate stage against MinHash libraries.
+"""Throughput of `pretrain prepare`'s cleaning and near-duplicate stages, MinHash against libraries.
 
     python benchmarks/prepare.py [--mb 8] [--json out.json]
 
-Prints, on the same synthetic documents (English-like words, 200-2,000 per document), MB of text
+Prints MB of text per CPU-second on one core of each cleaning filter (default thresholds) on
+sentence-like documents that pass them all (so every rule is evaluated), and, on the same synthetic documents (English-like words, 200-2,000 per document), MB of text
 per CPU-second on one core for each MinHash implementation that is importable, each computing
 112 (14 bands x 8 rows) MinHash values over the 5-word shingles of every document:
 
@@ -91,11 +92,39 @@ IMPLEMENTATIONS = {
 }
 
 
+def clean_rates(megabytes: float) -> dict[str, float]:
+    """MB per CPU-second of each rule filter and of all of them in a row."""
+    from tests.test_clean import Writer
+    from trainer.data.clean import clean_document, make_recipe
+
+    w = Writer(0)
+    docs, size = [], 0
+    while size < megabytes * 1e6:
+        docs.append(w.doc(lines=20))
+        size += len(docs[-1].encode())
+    recipe = make_recipe(filters="min_length,gopher_quality,gopher_repetition,c4,fineweb")
+    rates = {}
+    for f in recipe.filters:
+        t0 = time.process_time()
+        for d in docs:
+            f(d)
+        rates[f.name] = size / 1e6 / (time.process_time() - t0)
+    t0 = time.process_time()
+    for d in docs:
+        clean_document(d, recipe.filters)
+    rates["all five"] = size / 1e6 / (time.process_time() - t0)
+    return rates
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mb", type=float, default=8.0, help="MB of text (default 8)")
     p.add_argument("--json", default=None, help="also write the figures here")
     args = p.parse_args()
+    print(f"cleaning, {args.mb:.0f} MB of documents that pass every rule, one core:")
+    cleaning = clean_rates(args.mb)
+    for name, rate in cleaning.items():
+        print(f"  {name:<18} {rate:8.2f} MB/s per core")
     docs = make_documents(args.mb)
     mb = sum(len(d.encode()) for d in docs) / 1e6
     print(f"{len(docs):,} documents, {mb:.1f} MB, {NUM_PERM} permutations, {SHINGLE}-word shingles, one core")
@@ -118,7 +147,9 @@ def main() -> None:
             print(f"  rensa (chosen) / {name} = {base / rate:.2f}x")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"documents": len(docs), "mb": mb, "mb_per_cpu_s": results}, f, indent=1)
+            json.dump(
+                {"documents": len(docs), "mb": mb, "mb_per_cpu_s": results, "cleaning": cleaning}, f, indent=1
+            )
 
 
 if __name__ == "__main__":

@@ -8,9 +8,9 @@ confirmed by the true Jaccard similarity of their shingle sets) and keeps in eac
 document with the smallest content key, so which one survives depends neither on the input order
 nor on how the work was split.
 
-The MinHash values come from rensa (a Rust extension): on the same documents it was the fastest of
-rensa, datasketch and a numpy implementation of ours (benchmarks/prepare.py, docs/benchmarks.md),
-and its values depend only on (seed, shingles), in every process.
+The MinHash values come from rensa (a Rust extension), the fastest on the same documents of those
+benchmarks/prepare.py compares (datasketch, a numpy version of ours; figures in docs/benchmarks.md);
+its values depend only on (seed, shingles), in every process.
 """
 
 from __future__ import annotations
