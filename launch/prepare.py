@@ -42,7 +42,7 @@ OPTIONS = {
         metavar="NAMES",
         default=None,
         help="cleaning filters to run, in order, comma-separated: gopher_quality, gopher_repetition, c4, "
-        "fineweb, min_length, language (default thresholds: docs/data.md#cleaning; default: none)",
+        "fineweb, min_length, language (default thresholds: docs/data.md#cleaning-and-deduplication; default: none)",
     ),
     "dedup": dict(
         metavar="KINDS",
@@ -52,7 +52,7 @@ OPTIONS = {
     "recipe": dict(
         metavar="YAML",
         default=None,
-        help="a cleaning recipe: filters with their thresholds and dedup settings (docs/data.md#cleaning)",
+        help="a cleaning recipe: filters with their thresholds and dedup settings (docs/data.md#cleaning-and-deduplication)",
     ),
     "overwrite": dict(
         action="store_true",
