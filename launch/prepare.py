@@ -33,7 +33,7 @@ OPTIONS = {
         help="blocks at the end of the stream held out as the val split (default: max(1, 0.5%% of blocks))",
     ),
     "text_field": dict(default="text", help="JSON Lines / Parquet field holding the text (default 'text')"),
-    "workers": dict(type=int, default=None, help="tokenizer processes (default: all CPU cores)"),
+    "workers": dict(type=int, default=None, help="cleaning and tokenizer processes (default: all CPU cores)"),
     "max_docs": dict(type=int, default=None, help="stop after this many documents"),
     "tokenizer_sample_docs": dict(
         type=int, default=None, help="train the tokenizer on only the first N documents (default: all)"

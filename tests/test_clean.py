@@ -211,3 +211,27 @@ def test_language_filter_uses_the_packaged_model(tmp_path):
     assert Language()(english) == (english, "")
     assert Language()(german) == (None, "language")
     assert Language(languages=("de",))(german) == (german, "")
+
+
+@pytest.mark.slow
+def test_worker_count_and_batching_do_not_change_the_output(tmp_path, monkeypatch):
+    from trainer.data import curate as curate_mod
+
+    w = Writer(4)
+    bad = planted(w)
+    good = [w.doc() for _ in range(12)]
+    docs = good[:6] + list(bad.values()) + good[6:] + good[:3]  # the last three: exact duplicates
+    inp = tmp_path / "docs.jsonl"
+    _write_jsonl(inp, docs)
+    monkeypatch.setattr(curate_mod, "_BATCH_DOCS", 5)  # several batches in flight at once
+    runs = {}
+    for workers in (1, 2):
+        out = tmp_path / f"out{workers}"
+        m = prepare(
+            [str(inp)], str(out), vocab_size=300, block_len=9, workers=workers, filters=FILTERS,
+            dedup="exact,near",
+        )  # fmt: skip
+        runs[workers] = (m.fingerprint, (out / "report.json").read_text(), (out / "report.png").read_bytes())
+    assert runs[1] == runs[2]
+    report = json.loads(runs[1][1])
+    assert report["removed"]["exact_dedup"]["documents"] == 3 and report["kept"]["documents"] == 12

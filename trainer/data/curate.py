@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -21,6 +22,9 @@ from trainer.data.dedup import DedupResult, MinHasher, content_key, exact_key, f
 from trainer.data.report import QualityReport
 
 CLEANED_NAME = "cleaned.jsonl"
+# Work unit of the per-document stages: big enough to amortize IPC, small enough to spread.
+_BATCH_DOCS = 256
+_BATCH_CHARS = 1 << 20
 REMOVED_NAME = "removed.jsonl"
 
 
@@ -73,17 +77,70 @@ class Curated:
             self.report.stage(stage).tokens += nb - na
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """What the per-document stages made of one document (a pure function of its text)."""
+
+    source: int
+    characters: int
+    """Of the document as read."""
+    text: str | None
+    """The cleaned text, None when a filter removed the document."""
+    changes: tuple[tuple[str, str, str, str], ...]
+    """(filter, rule, text before, text after; "" when removed) for each filter that removed or
+    shortened the document."""
+    content: int = 0
+    exact: int = 0
+    bands: np.ndarray | None = None
+
+
+def analyse(docs: list[tuple[int, str]], recipe: CleanRecipe) -> list[Outcome]:
+    """The per-document stages for a batch of (source index, text): filters, then dedup keys.
+    Pure: the same batch gives the same outcomes in any process, so batches can go to any worker."""
+    dd = recipe.dedup
+    hasher = MinHasher(dd.bands, dd.rows, dd.shingle_words, dd.seed) if dd.near else None
+    outcomes = []
+    for source, text in docs:
+        changes = []
+        kept: str | None = text
+        for f in recipe.filters:
+            after, rule = f(kept)
+            if after is None:
+                changes.append((f.name, rule, kept, ""))
+                kept = None
+                break
+            if after != kept:  # lines dropped (C4)
+                changes.append((f.name, f"{f.name}_lines", kept, after))
+            kept = after
+        if kept is None:
+            outcomes.append(Outcome(source, len(text), None, tuple(changes)))
+            continue
+        outcomes.append(
+            Outcome(
+                source,
+                len(text),
+                kept,
+                tuple(changes),
+                content=content_key(kept),
+                exact=exact_key(kept) if dd.exact else 0,
+                bands=hasher.band_keys(kept) if hasher is not None else None,
+            )
+        )
+    return outcomes
+
+
 def curate(
     docs: Iterable[tuple[int, str]],
     recipe: CleanRecipe,
     sources: Sequence[str],
     workdir: str,
     progress: Callable[[int], None] = lambda n: None,
+    workers: int = 1,
 ) -> Curated:
-    """Clean and dedup `docs` ((source index, text) in input order) into files under `workdir`."""
+    """Clean and dedup `docs` ((source index, text) in input order) into files under `workdir`,
+    the per-document stages on `workers` processes (the result does not depend on it)."""
     report = QualityReport(recipe=recipe.to_dict(), sources=list(sources))
     dd = recipe.dedup
-    hasher = MinHasher(dd.bands, dd.rows, dd.shingle_words, dd.seed) if dd.near else None
     contents: list[int] = []
     exacts: list[int] = []
     bands: list[np.ndarray] = []
@@ -92,27 +149,27 @@ def curate(
     path = os.path.join(workdir, CLEANED_NAME)
     removed_path = os.path.join(workdir, REMOVED_NAME)
     with open(path, "w", encoding="utf-8") as out, open(removed_path, "w", encoding="utf-8") as removed:
-        for source, text in docs:
-            report.input_documents += 1
-            report.input_characters += len(text)
-            progress(1)
-            kept = _apply_filters(text, recipe, report, removed)
-            if kept is None:
-                continue
-            contents.append(content_key(kept))
-            if dd.exact:
-                exacts.append(exact_key(kept))
-            if hasher is not None:
-                bands.append(hasher.band_keys(kept))
-            chars.append(len(kept))
-            srcs.append(source)
-            out.write(json.dumps([source, kept], ensure_ascii=False) + "\n")
+        for outcomes in _ordered_batches(_batches(docs), recipe, workers):
+            progress(len(outcomes))
+            for o in outcomes:
+                report.input_documents += 1
+                report.input_characters += o.characters
+                _record_changes(o, report, removed)
+                if o.text is None:
+                    continue
+                contents.append(o.content)
+                exacts.append(o.exact)
+                if o.bands is not None:
+                    bands.append(o.bands)
+                chars.append(len(o.text))
+                srcs.append(o.source)
+                out.write(json.dumps([o.source, o.text], ensure_ascii=False) + "\n")
 
     n = len(contents)
     result = find_duplicates(
         np.array(contents, dtype=np.uint64),
         np.array(exacts, dtype=np.uint64) if dd.exact else None,
-        np.array(bands, dtype=np.uint64).reshape(n, dd.bands) if hasher is not None else None,
+        np.array(bands, dtype=np.uint64).reshape(n, dd.bands) if dd.near else None,
         (lambda ids: _shingles_of(path, ids, dd.shingle_words)) if dd.confirm else None,
         dd.jaccard,
     )
@@ -123,25 +180,52 @@ def curate(
     return Curated(path=path, removed_path=removed_path, keep=keep, dedup_reason=result.reason, report=report)
 
 
-def _apply_filters(text: str, recipe: CleanRecipe, report: QualityReport, removed) -> str | None:
-    """The text after the recipe's filters, or None; what each filter took goes to the report."""
-    for f in recipe.filters:
-        kept, rule = f(text)
-        if kept is None:
-            stage = report.stage(f.name)
+def _record_changes(o: Outcome, report: QualityReport, removed) -> None:
+    """What each filter took from the document, into the report and the removed file."""
+    for name, rule, before, after in o.changes:
+        stage = report.stage(name)
+        if rule == f"{name}_lines":  # shortened: the dropped lines count
+            stage.characters += len(before) - len(after)
+        else:
             stage.documents += 1
-            stage.characters += len(text)
-            stage.rules[rule] = stage.rules.get(rule, 0) + 1
-            removed.write(json.dumps([f.name, text, ""], ensure_ascii=False) + "\n")
-            return None
-        if kept != text:  # lines dropped (C4)
-            stage = report.stage(f.name)
-            stage.characters += len(text) - len(kept)
-            rule = f"{f.name}_lines"
-            stage.rules[rule] = stage.rules.get(rule, 0) + 1
-            removed.write(json.dumps([f.name, text, kept], ensure_ascii=False) + "\n")
-        text = kept
-    return text
+            stage.characters += len(before)
+        stage.rules[rule] = stage.rules.get(rule, 0) + 1
+        removed.write(json.dumps([name, before, after], ensure_ascii=False) + "\n")
+
+
+def _batches(docs: Iterable[tuple[int, str]]) -> Iterator[list[tuple[int, str]]]:
+    batch: list[tuple[int, str]] = []
+    chars = 0
+    for doc in docs:
+        batch.append(doc)
+        chars += len(doc[1])
+        if len(batch) >= _BATCH_DOCS or chars >= _BATCH_CHARS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def _ordered_batches(
+    batches: Iterator[list[tuple[int, str]]], recipe: CleanRecipe, workers: int
+) -> Iterator[list[Outcome]]:
+    """`analyse` of each batch, in input order, with at most 2 x workers batches in flight."""
+    if workers <= 1:
+        for batch in batches:
+            yield analyse(batch, recipe)
+        return
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    # spawn, not fork: the parent may already run Rayon/OpenMP threads (as in prepare's tokenizer pool).
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        pending: deque = deque()
+        for batch in batches:
+            pending.append(pool.submit(analyse, batch, recipe))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def _record_dedup(result: DedupResult, chars: list[int], report: QualityReport) -> None:

@@ -205,7 +205,8 @@ def _build_dataset(
 def _curate(tmp: str, sources: list[str], opts: _Options, progress: _Progress) -> Curated:
     """Run the cleaning and dedup stages over the inputs (read once) into `tmp`."""
     docs = _iter_sourced(sources, opts.text_field, opts.max_docs)
-    curated = curate(docs, opts.clean, sources, tmp, lambda n: progress.update("cleaning", docs=n))
+    workers = opts.workers or os.cpu_count() or 1
+    curated = curate(docs, opts.clean, sources, tmp, lambda n: progress.update("cleaning", docs=n), workers)
     progress.reset()
     report = curated.report
     if report.input_documents and not curated.keep.any():
