@@ -486,6 +486,10 @@ def _make(cls: type, settings: Any, where: str) -> Any:
     for key, value in settings.items():
         default = fields[key].default
         if isinstance(default, tuple):
+            if isinstance(value, str):
+                value = [value]  # `languages: en` means one language, not its letters
+            if not isinstance(value, (list, tuple)):
+                raise RecipeError(f"{where}: {key} must be a list, got {value!r}")
             value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
         elif isinstance(default, bool):
             if not isinstance(value, bool):

@@ -141,6 +141,9 @@ def curate(
     the per-document stages on `workers` processes (the result does not depend on it)."""
     report = QualityReport(recipe=recipe.to_dict(), sources=list(sources))
     dd = recipe.dedup
+    # Every stage in the report, in recipe order, even when it removed nothing.
+    for name in [f.name for f in recipe.filters] + ["exact_dedup"] * dd.exact + ["near_dedup"] * dd.near:
+        report.stage(name)
     contents: list[int] = []
     exacts: list[int] = []
     bands: list[np.ndarray] = []
