@@ -156,13 +156,23 @@ def find_duplicates(
         if shingles_of is not None:
             cache = shingles_of(sorted({int(i) for g in buckets for i in g}))
         for group in buckets:
-            for x, a in enumerate(group):
-                for b in group[x + 1 :]:
-                    a, b = int(a), int(b)
-                    if uf.find(a) == uf.find(b):
-                        continue
-                    if shingles_of is None or jaccard(cache[a], cache[b]) >= jaccard_threshold:
-                        uf.union(a, b)
+            # Members in content-key order, so clusters do not depend on the input order.
+            ordered = sorted((int(i) for i in group), key=lambda i: (int(content[i]), i))
+            if shingles_of is None:
+                for i in ordered[1:]:
+                    uf.union(ordered[0], i)
+                continue
+            # One representative per cluster met in this bucket: a bucket of k copies of one text
+            # costs k comparisons, not k^2.
+            reps: list[int] = []
+            for i in ordered:
+                joined = False
+                for r in reps:
+                    if uf.find(r) == uf.find(i) or jaccard(cache[r], cache[i]) >= jaccard_threshold:
+                        uf.union(r, i)
+                        joined = True
+                if not joined:
+                    reps.append(i)
 
     roots = np.array([uf.find(i) for i in range(n)])
     keep = np.zeros(n, dtype=bool)
