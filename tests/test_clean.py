@@ -235,3 +235,16 @@ def test_worker_count_and_batching_do_not_change_the_output(tmp_path, monkeypatc
     assert runs[1] == runs[2]
     report = json.loads(runs[1][1])
     assert report["removed"]["exact_dedup"]["documents"] == 3 and report["kept"]["documents"] == 12
+
+
+def test_recipe_example_in_the_docs_is_valid(tmp_path):
+    import re
+
+    from tests.conftest import ROOT
+
+    text = (ROOT / "docs" / "data.md").read_text()
+    example = re.search(r"```yaml\n(# recipe.yaml.*?)```", text, re.S).group(1)
+    (tmp_path / "recipe.yaml").write_text(example)
+    recipe = make_recipe(recipe=str(tmp_path / "recipe.yaml"))
+    assert [f.name for f in recipe.filters][:2] == ["min_length", "gopher_quality"]
+    assert recipe.dedup.near and recipe.dedup.bands * recipe.dedup.rows == 112
