@@ -21,11 +21,12 @@ from trainer.data.clean import CleanRecipe
 from trainer.data.dedup import DedupResult, MinHasher, content_key, exact_key, find_duplicates, shingles
 from trainer.data.report import QualityReport
 
+# Temporary files in prepare's work directory: kept text, and what the filters took.
 CLEANED_NAME = "cleaned.jsonl"
+REMOVED_NAME = "removed.jsonl"
 # Work unit of the per-document stages: big enough to amortize IPC, small enough to spread.
 _BATCH_DOCS = 256
 _BATCH_CHARS = 1 << 20
-REMOVED_NAME = "removed.jsonl"
 
 
 @dataclass

@@ -37,6 +37,8 @@ class Removed:
 
 @dataclass
 class QualityReport:
+    """Everything `report.json` holds, filled in by the cleaning pass and the tokenization pass."""
+
     recipe: dict[str, Any]
     sources: list[str]
     removed: dict[str, Removed] = field(default_factory=dict)
