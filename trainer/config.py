@@ -172,6 +172,14 @@ class CheckpointConfig:
 class ClusterConfig:
     address: str = _f("", "Ray cluster address (ray://, auto, host:port); empty = start a local Ray")
     num_workers: int = _f(2, "Ray Train workers = DeepSpeed ranks")
+    min_workers: int = _f(
+        0,
+        "elastic: fewest workers the run goes on with when nodes leave (DP shrinks, TP/PP stay; "
+        "the run grows back later); 0 = num_workers (off)",
+    )
+    elastic_check_s: float = _f(
+        60.0, "elastic: seconds between checks, at a commit, whether the cluster can hold more workers"
+    )
     use_gpu: Literal["auto", "true", "false"] = _f(
         "auto", "one GPU per worker; auto = when the cluster has GPUs"
     )
@@ -473,7 +481,7 @@ _NON_NEGATIVE = {
     "optim": ("warmup_steps", "weight_decay", "grad_clip", "min_lr"),
     "checkpoint": ("every", "keep_every"),
     "train": ("eval_every", "eval_batches", "torch_threads", "peak_tflops", "stop_at", "gc_every"),
-    "cluster": ("max_failures",),
+    "cluster": ("max_failures", "min_workers", "elastic_check_s"),
     "data": ("num_streams", "prefetch", "loader_workers"),
     "tracking": ("system_metrics_every_s",),
 }
@@ -580,6 +588,7 @@ def _check_layout(c: Config) -> None:
         f"cluster.num_workers ({world}) must be divisible by parallel.tp*parallel.pp ({p.tp * p.pp})",
     )
     dp = c.dp()
+    _check_min_workers(c)
     _need(
         p.global_batch_size % (p.micro_batch_size * dp) == 0,
         "parallel.global_batch_size",
@@ -605,6 +614,26 @@ def _check_layout(c: Config) -> None:
         "model.tie_embeddings",
         f"model.tie_embeddings is not supported with parallel.pp={p.pp} (the shared matrix would live on "
         "the first and the last stage); set tie_embeddings: false or pp: 1",
+    )
+
+
+def _check_min_workers(c: Config) -> None:
+    """An elastic run's smallest group must be a layout of its own (same TP/PP, same global batch)."""
+    p, least, most = c.parallel, c.cluster.min_workers, c.cluster.num_workers
+    if least == 0:
+        return
+    _need(
+        least <= most,
+        "cluster.min_workers",
+        f"cluster.min_workers ({least}) must be <= cluster.num_workers ({most}) (0 = elastic off)",
+    )
+    _need(
+        least % (p.tp * p.pp) == 0
+        and p.global_batch_size % (p.micro_batch_size * (least // (p.tp * p.pp))) == 0,
+        "cluster.min_workers",
+        f"cluster.min_workers ({least}) must be a multiple of parallel.tp*parallel.pp ({p.tp * p.pp}) whose "
+        f"dp divides parallel.global_batch_size/parallel.micro_batch_size "
+        f"({p.global_batch_size}/{p.micro_batch_size})",
     )
 
 
