@@ -57,9 +57,17 @@ def test_bad_min_workers_names_the_field(cluster, message):
 
 
 # ------------------------------------------------------------------ a real 2-node cluster
+STALL = {"PRETRAIN_TEST_STALL_AT": "4:0"}  # rank 0 holds in 0-based step 4, once per marker file
+
+
 @pytest.fixture(scope="module")
 def two_nodes():
-    cluster = TwoNodes()
+    # Ray workers inherit the environment of their node's raylet, not the driver's: the nodes carry
+    # the hook, which acts only in a run directory the test marks
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in hooked_env(**STALL).items():
+            env.setenv(key, value)
+        cluster = TwoNodes()
     try:
         yield cluster
     finally:
@@ -103,7 +111,7 @@ def test_a_node_leaves_and_returns_the_run_shrinks_and_grows_with_the_same_losse
     run_dir = Path(tmp_path) / "runs" / name
     stalled, go_on = run_dir / "test-stalled", run_dir / "test-continue"
     out, err = Path(tmp_path) / "stdout.txt", Path(tmp_path) / "stderr.txt"
-    env = {**os.environ, **hooked_env(PRETRAIN_TEST_STALL_AT="4:0")}
+    env = {**os.environ, **hooked_env(**STALL)}
     with out.open("w") as stdout, err.open("w") as stderr:
         proc = subprocess.Popen(
             [sys.executable, "-m", "launch.cli", "train", "configs/tiny-cpu.yaml"]
@@ -138,6 +146,8 @@ def test_a_node_leaves_and_returns_the_run_shrinks_and_grows_with_the_same_losse
     assert [(e["from_workers"], e["to_workers"], e["step"]) for e in resizes] == [(2, 1, 4), (1, 2, 6)]
     assert all(e["lost_s"] > 0 for e in resizes), resizes
     print("seconds lost per resize:", [(e["from_workers"], e["to_workers"], e["lost_s"]) for e in resizes])
+    for e in (run_dir / "events.jsonl").read_text().splitlines():  # where the time went (-s shows it)
+        print(e[:400])
 
     # MLflow: the group size at each start, and every step's loss (the ones the shrunk group redid too)
     # within 1e-5 of one undisturbed process's on the same data
