@@ -312,10 +312,9 @@ def _announce(t: Trainer, cleanup: ExitStack) -> None:
     attempt = t.events.attempts() + 1
     t.events.write("start", attempt=attempt, resumed_from=t.start, world_size=t.session.world_size)
     cleanup.callback(lambda: t.events.write("stop", step=int(t.engine.global_steps)))
-    metrics = {"workers": float(t.session.world_size)}  # the group size, changed by elastic resizes
-    if attempt > 1 or t.start:  # resilience, visible in MLflow next to the loss
-        metrics |= {"restarts": float(attempt - 1), "resumed_from_step": float(t.start)}
-    t.logger.sink.log(metrics, t.start)
+    if attempt > 1 or t.start:  # resilience, visible in MLflow next to the loss (workers: elastic resizes)
+        metrics = {"restarts": float(attempt - 1), "resumed_from_step": float(t.start)}
+        t.logger.sink.log({**metrics, "workers": float(t.session.world_size)}, t.start)
 
 
 def finish(t: Trainer) -> TrainResult:
