@@ -131,5 +131,13 @@ class CapacityCheckBeforeStart(ControllerCallback):
     def before_controller_execute_resize_decision(self, resize_decision) -> None:
         if max_autoscaled_resources() is None:
             # the group size decided (an elastic run's may be below cluster.num_workers)
-            cl = replace(self.cfg.cluster, num_workers=resize_decision.num_workers)
-            check_capacity(replace(self.cfg, cluster=cl), ray, use_gpu=self.use_gpu)
+            n = resize_decision.num_workers
+            cl = replace(self.cfg.cluster, num_workers=n)
+            try:
+                check_capacity(replace(self.cfg, cluster=cl), ray, use_gpu=self.use_gpu)
+            except CapacityError as e:
+                if n == self.cfg.cluster.num_workers:
+                    raise
+                raise CapacityError(
+                    f"{e} (the smallest group of this elastic run: cluster.min_workers={n})"
+                ) from None

@@ -56,6 +56,41 @@ def test_bad_min_workers_names_the_field(cluster, message):
     assert e.value.field == "cluster.min_workers"
 
 
+def test_the_policy_grows_only_when_the_workers_wait_at_a_commit_and_never_waits_below_min():
+    """cluster/library_internals.py's ElasticGroupPolicy, driven as Ray Train's controller drives it."""
+    from ray.train import ScalingConfig
+    from ray.train.v2._internal.execution.scaling_policy import NoopDecision, ResizeDecision
+    from ray.train.v2._internal.execution.training_report import _TrainingReport
+    from ray.train.v2._internal.execution.worker_group.poll import WorkerStatus
+
+    from cluster.elastic import GROW_KEY
+    from cluster.library_internals import ElasticGroupPolicy
+
+    held = {"now": 2}
+    policy = ElasticGroupPolicy(ScalingConfig(num_workers=(2, 4)), lambda: held["now"], GROW_KEY)
+    assert policy.make_decision_for_non_running_worker_group().num_workers == 2  # what the nodes hold
+    held["now"] = 0  # below min_workers on a static cluster: the min, which the capacity check refuses
+    assert policy.make_decision_for_non_running_worker_group().num_workers == 2
+
+    group = type("Group", (), {"num_workers": 2})()
+
+    def status(metrics):
+        report = _TrainingReport(None, metrics, False) if metrics is not None else None
+        return type(
+            "Status", (), {"worker_statuses": {0: WorkerStatus(running=True, training_report=report)}}
+        )()
+
+    held["now"] = 4
+    assert isinstance(policy.make_decision_for_running_worker_group(group, status(None)), NoopDecision)
+    assert isinstance(
+        policy.make_decision_for_running_worker_group(group, status({"loss": 1.0})), NoopDecision
+    )
+    grown = policy.make_decision_for_running_worker_group(group, status({GROW_KEY: 4}))
+    assert isinstance(grown, ResizeDecision) and grown.num_workers == 4
+    held["now"] = 0  # the nodes went again meanwhile: restart at the same size, never leave them waiting
+    assert policy.make_decision_for_running_worker_group(group, status({GROW_KEY: 4})).num_workers == 2
+
+
 # ------------------------------------------------------------------ a real 2-node cluster
 STALL = {"PRETRAIN_TEST_STALL_AT": "4:0"}  # rank 0 holds in 0-based step 4, once per marker file
 
