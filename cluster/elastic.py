@@ -107,12 +107,14 @@ class GrowAtCommit:
 
 
 def resized_from(run_dir: str, world_size: int) -> dict | None:
-    """When this group's size differs from the previous group's (events.jsonl: the last `start`),
-    the sizes and when the newest commit was made (the start of the time the resize cost)."""
+    """When this group's size differs from the previous group's of the same driver (events.jsonl:
+    the last `start` after the driver's `workers_requested`; a `pretrain resume` on another size is
+    not a resize), the sizes and when the newest commit was made (where the time lost starts)."""
     from trainer.events import EventLog
 
     events = EventLog(run_dir).read()
-    starts = [e for e in events if e.get("event") == "start"]
+    requested = max((i for i, e in enumerate(events) if e.get("event") == "workers_requested"), default=-1)
+    starts = [e for e in events[requested + 1 :] if e.get("event") == "start"]
     commits = [e for e in events if e.get("event") == "checkpoint"]
     if not starts or starts[-1].get("world_size") in (None, world_size) or not commits:
         return None

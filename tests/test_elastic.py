@@ -91,6 +91,21 @@ def test_the_policy_grows_only_when_the_workers_wait_at_a_commit_and_never_waits
     assert policy.make_decision_for_running_worker_group(group, status({GROW_KEY: 4})).num_workers == 2
 
 
+def test_a_resize_is_a_size_change_within_one_driver(tmp_path):
+    from cluster.elastic import resized_from
+    from trainer.events import EventLog
+
+    log = EventLog(str(tmp_path))
+    log.write("workers_requested", workers=2)
+    log.write("start", world_size=2)
+    log.write("checkpoint", step=4)
+    assert resized_from(str(tmp_path), 2) is None  # a restart at the same size
+    resized = resized_from(str(tmp_path), 1)
+    assert resized["from_workers"] == 2 and resized["to_workers"] == 1 and resized["since"] > 0
+    log.write("workers_requested", workers=1)  # `pretrain resume --set cluster.num_workers=1`
+    assert resized_from(str(tmp_path), 1) is None
+
+
 # ------------------------------------------------------------------ a real 2-node cluster
 STALL = {"PRETRAIN_TEST_STALL_AT": "4:0"}  # rank 0 holds in 0-based step 4, once per marker file
 
