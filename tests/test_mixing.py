@@ -40,7 +40,7 @@ def _cfg(sources: list[dict], **data):
     )
 
 
-def _stream(roots, weights=(3, 1), dp_rank=0, dp=1, seed=0) -> MixedStream:
+def _stream(roots, weights=(3, 1), dp_rank=0, dp=1, seed=0, workers=0) -> MixedStream:
     cfg = _cfg([{"path": r, "weight": w} for r, w in zip(roots, weights, strict=True)])
     return MixedStream(
         open_sources(cfg),
@@ -50,6 +50,7 @@ def _stream(roots, weights=(3, 1), dp_rank=0, dp=1, seed=0) -> MixedStream:
         dp_rank=dp_rank,
         dp_size=dp,
         seed=seed,
+        workers=workers,
     )
 
 
@@ -126,12 +127,19 @@ def test_resume_at_random_steps_and_on_other_dp_sizes_gives_the_uninterrupted_ba
     for step in sorted(rng.sample(range(1, 27), 4)):
         used = full.state_dict(step)["samples_used"]
         assert used == {"src0": 9 * step, "src1": 3 * step}
-        for dp in (1, 2, 4):
-            got = _global_steps(roots, step, 3, dp=dp, state=full.state_dict(step))
+        for dp, workers in ((1, 0), (2, 0), (4, 2)):
+            got = _global_steps(roots, step, 3, dp=dp, state=full.state_dict(step), workers=workers)
             for i, batch in enumerate(got):
                 assert torch.equal(batch, uninterrupted[step + i]), (step, dp, i)
     # 9 samples a step of a source with 7 a shard: some of these resumes start inside a shard.
     assert any((9 * s) % 7 for s in range(1, 27))
+
+
+def test_reader_threads_do_not_change_the_batches(roots):
+    inline = _steps(_stream(roots), 3, 10)
+    for workers in (1, 3):
+        threaded = _steps(_stream(roots, workers=workers), 3, 10)
+        assert all(torch.equal(a, b) for a, b in zip(inline, threaded, strict=True))
 
 
 def test_resume_on_another_mixture_is_refused_unless_forced(roots):
@@ -225,7 +233,8 @@ def test_cli_refuses_a_missing_source_before_anything_starts(roots, tmp_path):
 # ---------------------------------------------------------------------------------------- training
 
 
-def test_tiny_run_on_two_sources_logs_tokens_per_source(roots, tmp_path):
+@pytest.mark.slow
+def test_tiny_run_on_two_sources_logs_tokens_per_source_and_resumes_exactly(roots, tmp_path):
     from mlflow.tracking import MlflowClient
 
     from cluster.tracking import create_mlflow_run
@@ -233,27 +242,37 @@ def test_tiny_run_on_two_sources_logs_tokens_per_source(roots, tmp_path):
     from trainer.session import Session
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    cfg = tiny_config(
-        data={
-            "seq_len": BLOCK - 1,
-            "sources": [{"path": roots[0], "weight": 3}, {"path": roots[1], "name": "big"}],
-        },
-        model={"max_seq_len": BLOCK - 1},
-        parallel={"micro_batch_size": 3, "global_batch_size": GB},
-        train={"steps": 4, "log_every": 2},
-        tracking={"enabled": True, "uri": uri},
-        cluster={"run_name": "mix"},
-    )
-    run_id = create_mlflow_run(cfg, tmp_path / "run")
-    result = train(cfg, Session(mlflow_run_id=run_id))
+
+    def cfg(**train_):
+        sources = [{"path": roots[0], "weight": 3}, {"path": roots[1], "name": "big"}]
+        return tiny_config(
+            data={"seq_len": BLOCK - 1, "sources": sources},
+            model={"max_seq_len": BLOCK - 1},
+            parallel={"micro_batch_size": 3, "global_batch_size": GB},
+            train={"steps": 4, "log_every": 2, **train_},
+            tracking={"enabled": True, "uri": uri},
+            cluster={"run_name": "mix"},
+        )
+
+    run_id = create_mlflow_run(cfg(), tmp_path / "run")
+    result = train(cfg(), Session(mlflow_run_id=run_id))
     assert sorted(result.losses) == [1, 2, 4] and all(np.isfinite(list(result.losses.values())))
     client = MlflowClient(uri)
+    assert client.get_run(run_id).data.params["data.sources.1.name"] == "big"
     small = {m.step: m.value for m in client.get_metric_history(run_id, "tokens/src0")}
     big = {m.step: m.value for m in client.get_metric_history(run_id, "tokens/big")}
     per_step = (BLOCK - 1) * np.array([9, 3])  # tokens of each source in one step of 12 samples
     # Windows: step 1 (the first), steps 2, steps 3-4.
     assert small == {1: per_step[0], 2: per_step[0], 4: 2 * per_step[0]}
     assert big == {1: per_step[1], 2: per_step[1], 4: 2 * per_step[1]}
+
+    # Stopped at step 2 with a committed checkpoint, resumed from it: the same losses.
+    run_dir = str(tmp_path / "resumed")
+    first = train(cfg(stop_at=2), Session(run_dir=run_dir))
+    second = train(cfg(), Session(run_dir=run_dir))
+    assert first.losses == pytest.approx({k: result.losses[k] for k in (1, 2)}, abs=1e-6)
+    assert sorted(second.losses) == [3, 4]
+    assert (second.losses[3] + second.losses[4]) / 2 == pytest.approx(result.losses[4], abs=1e-6)
 
 
 def test_single_corpus_stream_is_unchanged(roots):

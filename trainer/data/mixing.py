@@ -19,8 +19,9 @@ Three pure parts, then the reader:
 
 `MixedStream.samples()` yields (source, index) positions before any shard is read: the one place
 to drop or remap samples (a skip list) without touching the schedule. Unlike one corpus, a rank's
-samples come from every stream of every source, so each rank reads the shards it needs samples of
-(up to all of them); `data.loader_workers` does not apply, `data.prefetch` does.
+samples come from every stream of every source, so each rank reads every shard it needs a sample of
+(with many DP ranks, most shards). `data.loader_workers` threads read the next shards ahead in the
+order they are needed (the batches never depend on it), and `data.prefetch` applies as for one corpus.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ import bisect
 import hashlib
 import json
 import math
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -217,14 +220,19 @@ class MixedStream:
         dp_rank: int,
         dp_size: int,
         seed: int,
+        workers: int = 0,
+        read_ahead: int = 2,
         retry: Retry | None = None,
     ):
+        if workers < 0:
+            raise DataError(f"data loader workers must be >= 0, got {workers}", field="data.loader_workers")
         if global_batch % (micro_batch * dp_size):
             raise DataError(
                 f"global batch {global_batch} is not a multiple of micro_batch*dp",
                 field="parallel.global_batch_size",
             )
         self.sources, self.retry = sources, retry
+        self.workers, self.read_ahead = workers, max(1, read_ahead)
         self.seq_len, self.micro_batch, self.global_batch = seq_len, micro_batch, global_batch
         self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
         self.schedule = MixSchedule([s.weight for s in sources])
@@ -286,30 +294,59 @@ class MixedStream:
             yield from zip(src.tolist(), idx.tolist(), strict=True)
             step += 1
 
+    def _shard_reads(self, start_step: int) -> Iterator[tuple[int, int, int, int]]:
+        """(source, stream, epoch, shard) of each shard this rank opens from `start_step`, in the
+        order `batches` needs them (each once: a stream moves on, never back)."""
+        reading: dict[tuple[int, int], tuple[int, int]] = {}
+        for k, j in self.samples(start_step):
+            epoch, stream, shard, _ = self.orders[k].locate(j)
+            if reading.get((k, stream)) != (epoch, shard):
+                reading[(k, stream)] = (epoch, shard)
+                yield k, stream, epoch, shard
+
+    def _load(self, k: int, epoch: int, shard: int) -> np.ndarray:
+        """(samples, block_len) blocks of one shard of source k, verified, in the epoch's shuffled order."""
+        src = self.sources[k]
+        blocks = read_blocks(src.root, src.manifest.splits["train"].shards[shard], src.manifest, self.retry)
+        return blocks[self.orders[k].shuffled_rows(epoch, shard)]
+
     def batches(self, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Endless micro batches from `start_step`; GB / (mb * dp) of them make one optimizer step."""
+        """Endless micro batches from `start_step`; GB / (mb * dp) of them make one optimizer step.
+        With `workers` > 0, that many threads read the next shards ahead, in the order they are needed."""
         import torch
 
+        reads = self._shard_reads(start_step)
+        pool = ThreadPoolExecutor(self.workers, thread_name_prefix="mix-data") if self.workers else None
+        ahead: deque[tuple[tuple[int, int, int, int], Future]] = deque()
+
+        def next_shard() -> tuple[tuple[int, int, int, int], np.ndarray]:
+            if pool is None:
+                key = next(reads)
+                return key, self._load(key[0], key[2], key[3])
+            while len(ahead) < self.workers * self.read_ahead:
+                key = next(reads)
+                ahead.append((key, pool.submit(self._load, key[0], key[2], key[3])))
+            key, future = ahead.popleft()
+            return key, future.result()  # a failed read raises here, when its shard is reached
+
         # Per source and stream, the shard it is reading: ((epoch, shard), its blocks in shuffled order).
-        open_shards: list[dict[int, tuple[tuple[int, int], np.ndarray]]] = [{} for _ in self.sources]
+        held: dict[tuple[int, int], tuple[tuple[int, int], np.ndarray]] = {}
         buf: list[np.ndarray] = []
-        for k, j in self.samples(start_step):
-            epoch, stream, shard, t = self.orders[k].locate(j)
-            held = open_shards[k].get(stream)
-            if held is None or held[0] != (epoch, shard):
-                src = self.sources[k]
-                blocks = read_blocks(
-                    src.root, src.manifest.splits["train"].shards[shard], src.manifest, self.retry
-                )
-                held = open_shards[k][stream] = (
-                    (epoch, shard),
-                    blocks[self.orders[k].shuffled_rows(epoch, shard)],
-                )
-            buf.append(held[1][t, : self.seq_len + 1].astype(np.int64))
-            if len(buf) == self.micro_batch:
-                arr = torch.from_numpy(np.stack(buf))  # (mb, T+1)
-                buf = []
-                yield arr[:, :-1].contiguous(), arr[:, 1:].contiguous()
+        try:
+            for k, j in self.samples(start_step):
+                epoch, stream, shard, t = self.orders[k].locate(j)
+                if held.get((k, stream), ((-1, -1),))[0] != (epoch, shard):
+                    key, blocks = next_shard()
+                    assert key == (k, stream, epoch, shard), (key, k, stream, epoch, shard)  # same walk
+                    held[(k, stream)] = ((epoch, shard), blocks)
+                buf.append(held[(k, stream)][1][t, : self.seq_len + 1].astype(np.int64))
+                if len(buf) == self.micro_batch:
+                    arr = torch.from_numpy(np.stack(buf))  # (mb, T+1)
+                    buf = []
+                    yield arr[:, :-1].contiguous(), arr[:, 1:].contiguous()
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
 
 
 def corpus_stream(cfg: Config, manifest: Manifest, dp_rank: int, dp_size: int, workers: int = 0):
@@ -325,4 +362,5 @@ def corpus_stream(cfg: Config, manifest: Manifest, dp_rank: int, dp_size: int, w
         dp_rank=dp_rank,
         dp_size=dp_size,
         seed=cfg.train.seed,
+        workers=workers,
     )
