@@ -134,6 +134,13 @@ def test_resume_at_random_steps_and_on_other_dp_sizes_gives_the_uninterrupted_ba
     # 9 samples a step of a source with 7 a shard: some of these resumes start inside a shard.
     assert any((9 * s) % 7 for s in range(1, 27))
 
+    # Far into training (millions of epochs of each source) a resume is a lookup, on any DP size.
+    far = 10**9 + 7
+    assert full.state_dict(far)["samples_used"] == {"src0": 9 * far, "src1": 3 * far}
+    alone = _global_steps(roots, far, 2, dp=1)
+    spread = _global_steps(roots, far, 2, dp=4, state=full.state_dict(far))
+    assert all(torch.equal(a, b) for a, b in zip(alone, spread, strict=True))
+
 
 def test_reader_threads_do_not_change_the_batches(roots):
     inline = _steps(_stream(roots), 3, 10)

@@ -87,16 +87,18 @@ def _chairman_order(m: list[int]) -> np.ndarray:
     if k == 1:
         return np.zeros(period, dtype=np.int64)
     d = 2 * k - 2  # sigma = 1 - 1/d
-    scale = math.lcm(*m)  # deadlines (c*d + d - 1) / m_i compared as integers over a common denominator
+    # Deadlines (c*d + d - 1) / m_i, compared as integers over the common denominator lcm(m).
+    over = [math.lcm(*m) // w for w in m]
     c = [0] * k
     out = np.empty(period, dtype=np.int64)
     for n in range(1, period + 1):
         best, best_key = -1, None
         for i in range(k):
             if d * (n * m[i] - c[i] * period) >= period:  # behind by at least 1/d of a sample
-                key = (c[i] * d + d - 1) * (scale // m[i])
+                key = (c[i] * d + d - 1) * over[i]
                 if best_key is None or key < best_key:
                     best, best_key = i, key
+        assert best >= 0, (m, n)  # Tijdeman: some source is always eligible
         c[best] += 1
         out[n - 1] = best
     return out
@@ -108,40 +110,41 @@ def _source_seed(seed: int, index: int) -> int:
 
 
 class SourceOrder:
-    """Sample j of one source over its epochs: (epoch, stream, shard, row of the stored shard)."""
+    """Sample j of one source over its epochs: (epoch, stream, shard, row of the stored shard).
+
+    Every epoch has the same length, S x the fewest samples any stream can get (the n // S smallest
+    shards), whatever that epoch's permutation: the epoch of sample j is j // length, a closed form
+    at any position. A stream that got more samples leaves the rest unused, as the shortest stream
+    does for one corpus."""
 
     def __init__(self, manifest: Manifest, seed: int):
         self.counts = [s.samples for s in manifest.splits["train"].shards]
         self.num_streams = default_num_streams(len(self.counts))
         self.seed = seed
-        self._plans: list[EpochPlan] = []
-        self._starts = [0]  # first j of each epoch built so far, and one past the last
-        self._stream_starts: list[list[list[int]]] = []  # per epoch, per stream: cumulative counts
+        fewest = sum(sorted(self.counts)[: len(self.counts) // self.num_streams])
+        self.epoch_len = self.num_streams * fewest
+        self._epochs: dict[int, tuple[list[list[int]], list[list[int]]]] = {}  # a few recent ones
 
-    def _extend(self) -> None:
-        e = len(self._plans)
-        plan = EpochPlan(self.counts, self.num_streams, 1, self.seed, e)  # global batch 1: every sample
-        self._plans.append(plan)
-        self._starts.append(self._starts[-1] + plan.steps)
-        starts = []
-        for shards in plan.stream_shards:
-            acc = [0]
-            for i in shards:
-                acc.append(acc[-1] + self.counts[i])
-            starts.append(acc)
-        self._stream_starts.append(starts)
+    def _epoch(self, e: int) -> tuple[list[list[int]], list[list[int]]]:
+        """Epoch e's shards of each stream and their cumulative sample counts."""
+        if e not in self._epochs:
+            if len(self._epochs) >= 4:  # the reader moves forward: the oldest is done with
+                del self._epochs[min(self._epochs)]
+            plan = EpochPlan(self.counts, self.num_streams, 1, self.seed, e)  # its shard permutation
+            acc = [
+                np.concatenate([[0], np.cumsum([self.counts[i] for i in sh])]).tolist()
+                for sh in plan.stream_shards
+            ]
+            self._epochs[e] = (plan.stream_shards, acc)
+        return self._epochs[e]
 
     def locate(self, j: int) -> tuple[int, int, int, int]:
         """(epoch, stream, shard, t) of sample j: it is row t of the shard in `shuffled_rows` order."""
-        while self._starts[-1] <= j:  # one loop turn per epoch, not per sample
-            self._extend()
-        e = bisect.bisect_right(self._starts, j) - 1
-        i = j - self._starts[e]
+        e, i = divmod(j, self.epoch_len)
         s, t = i % self.num_streams, i // self.num_streams
-        acc = self._stream_starts[e][s]
-        pos = bisect.bisect_right(acc, t) - 1
-        shard = self._plans[e].stream_shards[s][pos]
-        return e, s, shard, t - acc[pos]
+        shards, acc = self._epoch(e)
+        pos = bisect.bisect_right(acc[s], t) - 1
+        return e, s, shards[s][pos], t - acc[s][pos]
 
     def shuffled_rows(self, epoch: int, shard: int) -> np.ndarray:
         """The order in which one epoch uses a shard's rows."""
