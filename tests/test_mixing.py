@@ -210,6 +210,7 @@ def test_bad_weights_names_and_paths_are_refused_by_the_config(roots):
         _cfg([{"path": a}], path=b)
     assert e.value.field == "data.path"
     assert _cfg([{"path": a}, {"path": b, "weight": 2}]).data.path == a  # the first source by default
+    assert _cfg([{"path": a}, {"path": b}], path="").data.path == a
 
 
 def test_missing_source_and_another_tokenizer_name_the_source(roots, tmp_path):

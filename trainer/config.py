@@ -85,7 +85,7 @@ class DataConfig:
     path: str = _f(
         "data/pystdlib",
         "prepared corpus: directory or http(s)/s3 URL holding manifest.json; with data.sources, the "
-        "source whose val split and tokenizer the run uses (empty = the first source)",
+        "source whose val split and tokenizer the run uses (left out or empty = the first source)",
     )
     sources: list[SourceConfig] = _f(
         [], "weighted mixture of prepared corpora [{path, weight, name}] (one tokenizer); empty = data.path"
@@ -378,7 +378,7 @@ def load_yaml(path: str | Path) -> dict:
 
 def from_dict(raw: dict) -> Config:
     data = raw.get("data")
-    if isinstance(data, dict) and data.get("sources") and "path" not in data:
+    if isinstance(data, dict) and data.get("sources") and not data.get("path"):
         first = data["sources"][0]  # a mixture's val split and tokenizer: the first source's by default
         if isinstance(first, dict) and isinstance(first.get("path"), str):
             raw = {**raw, "data": {**data, "path": first["path"]}}
@@ -729,7 +729,7 @@ def _check_sources(d: DataConfig) -> None:
         d.path in [s.path for s in d.sources],
         "data.path",
         f"data.path ({d.path}) must be one of data.sources' paths (its val split and tokenizer are the "
-        "run's) or left out (the first source's)",
+        "run's), or empty for the first source's",
     )
     period = sum(mix_weights(d.sources))
     _need(
@@ -751,4 +751,7 @@ def describe_fields(cls: type = Config, prefix: str = "") -> list[tuple[str, str
         else:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             out.append((name, repr(default), f.metadata.get("doc", "")))
+            item = typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
+            if dataclasses.is_dataclass(item):  # the fields of each list item: data.sources[].path
+                out += describe_fields(item, name + "[].")
     return out
