@@ -213,6 +213,24 @@ def test_bad_weights_names_and_paths_are_refused_by_the_config(roots):
     assert _cfg([{"path": a}, {"path": b}], path="").data.path == a
 
 
+def test_a_mixture_config_is_made_absolute_and_reloads_from_the_run(tmp_path, monkeypatch):
+    """What the driver does before workers see it: relative paths made absolute (data.path staying
+    one of the sources), then config.yaml written and read back by the workers."""
+    from cluster.driver import absolutize
+    from trainer.config import load_config, save_config
+
+    monkeypatch.chdir(tmp_path)
+    yaml_file = tmp_path / "mix.yaml"
+    yaml_file.write_text(
+        "data:\n  sources:\n    - {path: web, weight: 0.7}\n    - {path: code, weight: 0.3}\n"
+    )
+    cfg = absolutize(load_config(yaml_file, ["data.seq_len=8"]))
+    assert [s.path for s in cfg.data.sources] == [str(tmp_path / "web"), str(tmp_path / "code")]
+    assert cfg.data.path == str(tmp_path / "web")
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+
+
 def test_missing_source_and_another_tokenizer_name_the_source(roots, tmp_path):
     a, _ = roots
     with pytest.raises(DataError, match=r"data.sources\[1\] \(nowhere\).*manifest.json not found") as e:
