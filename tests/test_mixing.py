@@ -198,7 +198,8 @@ def test_bad_weights_names_and_paths_are_refused_by_the_config(roots):
             "must be > 0, got 0",
         ),
         ([{"path": a, "weight": -2}], "data.sources[0].weight", "must be > 0"),
-        ([{"path": a}, {"path": a + "/"}], "data.sources[1].name", "distinct name"),
+        ([{"path": a}, {"path": a + "/"}], "data.sources[1].name", "like another source"),
+        ([{"path": a, "name": "web@2024"}], "data.sources[0].name", "metric name cannot hold"),
         ([{"path": a, "wieght": 1}], "data.sources[0].wieght", "unknown key"),
         ([{"path": a, "weight": 0.1234567}, {"path": b}], "data.sources", "round them"),
     ]

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -682,6 +683,8 @@ def _check_run(c: Config) -> None:
 
 # The mixture repeats every sum-of-integer-weights samples: a schedule longer than this is refused.
 MAX_MIX_PERIOD = 1 << 16
+# A source's name, as its MLflow metric `tokens/<name>` can hold it.
+_SOURCE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 def source_name(src: SourceConfig) -> str:
@@ -718,11 +721,11 @@ def _check_sources(d: DataConfig) -> None:
         )
         name = source_name(src)
         _need(
-            name not in names and "/" not in name,
+            name not in names and _SOURCE_NAME.fullmatch(name) is not None,
             f"{where}.name",
             f"{where} ({src.path}) is named {name!r}, "
-            f"{'like another source' if name in names else 'with a /'}; set {where}.name to a distinct name "
-            "(its metric is tokens/<name>)",
+            f"{'like another source' if name in names else 'which a metric name cannot hold'}; set "
+            f"{where}.name to a distinct name of letters, digits, '_', '-' and '.' (its metric is tokens/<name>)",
         )
         names.add(name)
     _need(
