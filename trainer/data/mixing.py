@@ -57,6 +57,11 @@ if TYPE_CHECKING:
     from trainer.config import Config
 
 
+# Every rank holds the open shard of each stream of every source (it takes samples from all of them),
+# so a source's streams are capped: about 4 shards a stream as for one corpus, at most this many.
+MAX_SOURCE_STREAMS = 64
+
+
 class MixSchedule:
     """Which source each global sample comes from, for integer weights `m` (period P = sum(m))."""
 
@@ -119,7 +124,7 @@ class SourceOrder:
 
     def __init__(self, manifest: Manifest, seed: int):
         self.counts = [s.samples for s in manifest.splits["train"].shards]
-        self.num_streams = default_num_streams(len(self.counts))
+        self.num_streams = min(default_num_streams(len(self.counts)), MAX_SOURCE_STREAMS)
         self.seed = seed
         fewest = sum(sorted(self.counts)[: len(self.counts) // self.num_streams])
         self.epoch_len = self.num_streams * fewest
