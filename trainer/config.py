@@ -16,6 +16,8 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
+from fractions import Fraction
+from math import gcd, lcm
 from pathlib import Path
 from typing import Any, Literal
 
@@ -695,9 +697,6 @@ def source_name(src: SourceConfig) -> str:
 def mix_weights(sources: list[SourceConfig]) -> list[int]:
     """The weights as the smallest integers in the same ratio (0.7, 0.3 -> 7, 3), read as the
     decimals the config wrote: the mixture repeats every sum(weights) samples."""
-    from fractions import Fraction
-    from math import gcd, lcm
-
     exact = [Fraction(repr(s.weight)) for s in sources]
     scale = lcm(*(f.denominator for f in exact))
     ints = [int(f * scale) for f in exact]
