@@ -43,12 +43,15 @@ log = logging.getLogger("pretrain")
 def absolutize(cfg: Config) -> Config:
     """Paths relative to the user's working directory, fixed before workers (other cwd) see them."""
     data_path = cfg.data.path if is_remote(cfg.data.path) else os.path.abspath(cfg.data.path)
+    sources = [
+        replace(s, path=s.path if is_remote(s.path) else os.path.abspath(s.path)) for s in cfg.data.sources
+    ]
     uri = cfg.tracking.uri
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = "sqlite:///" + os.path.abspath(uri[len("sqlite:///") :])
     return replace(
         cfg,
-        data=replace(cfg.data, path=data_path),
+        data=replace(cfg.data, path=data_path, sources=sources),
         tracking=replace(cfg.tracking, uri=uri),
         cluster=replace(cfg.cluster, storage_path=os.path.abspath(cfg.cluster.storage_path)),
     )
@@ -189,17 +192,21 @@ def _main_thread() -> bool:
 def check_corpus(cfg: Config) -> None:
     """Fail here, before any run directory or Ray process exists, if the corpus cannot serve cfg."""
     from trainer.config import resolve_model_config
-    from trainer.data.stream import open_manifest, train_stream
+    from trainer.data.mixing import MixedStream, corpus_stream
+    from trainer.data.stream import open_manifest
 
-    manifest = open_manifest(cfg.data.path)
+    stream = corpus_stream(cfg, None, dp_rank=0, dp_size=cfg.dp()) if cfg.data.sources else None
+    manifest = open_manifest(cfg.data.path)  # a mixture's val split and tokenizer: data.path's
     resolve_model_config(cfg, manifest)
-    train_stream(cfg, manifest, dp_rank=0, dp_size=cfg.dp())
+    if not isinstance(stream, MixedStream):
+        corpus_stream(cfg, manifest, dp_rank=0, dp_size=cfg.dp())
 
 
 def run_training(cfg: Config) -> dict:
     """A new run of `cfg` on Ray, to completion; returns the final summary plus the run's location."""
     t0 = time.perf_counter()
-    check_root(cfg.data.path)  # refuses pipe: and unknown schemes before paths are made absolute
+    for root in (cfg.data.path, *(s.path for s in cfg.data.sources)):
+        check_root(root)  # refuses pipe: and unknown schemes before paths are made absolute
     cfg = absolutize(cfg)
     check_corpus(cfg)
     name, run_dir = new_run_dir(cfg)

@@ -21,7 +21,8 @@ from trainer import library_internals
 from trainer.checkpoint import RESUME_INVARIANT, Checkpointer, CheckpointManager
 from trainer.config import Config, resolve_model_config
 from trainer.data.manifest import Manifest
-from trainer.data.stream import open_manifest, prefetched, train_stream
+from trainer.data.mixing import corpus_stream
+from trainer.data.stream import open_manifest, prefetched
 from trainer.engine import initialize, lr_at, precision, set_lr
 from trainer.evaluate import Evaluator
 from trainer.events import EventLog, StartupClock
@@ -198,7 +199,7 @@ def build(
     stream = (
         None
         if batches is not None
-        else train_stream(cfg, manifest, topo.dp_rank, topo.dp, cfg.data.loader_workers)
+        else corpus_stream(cfg, manifest, topo.dp_rank, topo.dp, cfg.data.loader_workers)
     )
     sink = logger or make_logger(cfg, session, topo.logging_rank)  # under PP: the last stage's
     cleanup.callback(sink.close)
@@ -234,6 +235,7 @@ def build(
         start=start,
         stop=stop,
     )
+    t.logger.data_metrics = getattr(stream, "window_metrics", None)  # a mixture's tokens per source
     _announce(t, cleanup)
     t.logger.window_start = time.perf_counter()  # the first window starts with the first step
     startup.mark("tracking")  # the metrics logger, the event log
