@@ -56,6 +56,8 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str]:
         key = f"{prefix}{k}"
         if isinstance(v, dict) and v:
             out.update(flatten(v, key + "."))
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):  # data.sources.0.path
+            out.update(flatten({str(i): x for i, x in enumerate(v)}, key + "."))
         else:
             out[key] = str(v)
     return out
