@@ -231,6 +231,18 @@ def log_run_artifacts(cfg: Config, run_id: str, paths: list[str] | None = None) 
     client = _client(cfg.tracking.uri)
     for p in paths:
         client.log_artifact(run_id, p, artifact_path="data")
+    # The other sources of a mixture: their quality reports, under data/sources/<name>/.
+    from trainer.data.storage import is_remote
+
+    for src in cfg.data.sources:
+        if src.path == cfg.data.path or is_remote(src.path):
+            continue
+        name = src.name or os.path.basename(os.path.normpath(src.path))
+        for n in ("report.json", "report.png"):
+            p = os.path.join(src.path, n)
+            if os.path.isfile(p):
+                client.log_artifact(run_id, p, artifact_path=f"data/sources/{name}")
+                paths.append(p)
     return paths
 
 

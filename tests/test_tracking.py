@@ -177,6 +177,18 @@ def test_short_run_in_sqlite_store(tmp_path):
         "data/report.json",
         "data/report.png",
     }
+    # A mixture: the other sources' quality reports under data/sources/<name>/.
+    web = tmp_path / "web"
+    web.mkdir()
+    (web / "report.json").write_text("{}")
+    mixed = tiny_config(
+        data={"path": str(corpus), "sources": [{"path": str(corpus)}, {"path": str(web), "name": "webtext"}]},
+        tracking={"uri": cfg.tracking.uri},
+    )
+    assert log_run_artifacts(mixed, run_id)[-1] == str(web / "report.json")
+    assert [a.path for a in _client(cfg.tracking.uri).list_artifacts(run_id, "data/sources/webtext")] == [
+        "data/sources/webtext/report.json"
+    ]
     _client(cfg.tracking.uri).set_terminated(run_id, "FAILED")
     assert reopen_mlflow_run(cfg, run_id) == 2
     logger = MlflowLogger(cfg.tracking.uri, run_id)
