@@ -27,6 +27,7 @@ from cluster.tracking import (
     delete_mlflow_run,
     end_mlflow_run,
     log_event_artifact,
+    log_hang_artifacts,
     log_run_artifacts,
     ray_job_id,
     reopen_mlflow_run,
@@ -294,6 +295,10 @@ RESUMABLE_OVERRIDES = (
     "cluster.placement_strategy",
     "cluster.use_gpu",
     "cluster.lease_timeout_s",
+    "cluster.hang_watchdog",
+    "cluster.collective_timeout_s",
+    "train.hang_",
+    "train.straggler_",
     "data.prefetch",
     "tracking.uri",
 )
@@ -422,12 +427,16 @@ def _fit(cfg: Config, run_dir: Path, mlflow_run_id: str, t0: float) -> dict:
         # From here Ray Train places and starts the workers: on a busy or autoscaling cluster the
         # wait for nodes shows as the gap between this event and the workers' `start`.
         EventLog(str(run_dir)).write("workers_requested", workers=cl.num_workers)
+        watchdog = _start_watchdog(cfg, run_dir, mlflow_run_id)
         try:
             result = trainer.fit()
         except TrainingFailedError as e:  # Ray's word for it, as the user's error and in run.json
             failure = _training_failed(e, run_dir)
             error = str(failure)
             raise failure from None
+        finally:
+            if watchdog is not None:
+                watchdog.stop()
         if result.error:
             raise RunError(
                 f"run {run_dir.name} failed: {result.error}; continue it with `pretrain resume {run_dir}`"
@@ -452,6 +461,20 @@ def _fit(cfg: Config, run_dir: Path, mlflow_run_id: str, t0: float) -> dict:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
         _close_run(cfg, run_dir, mlflow_run_id, state, error)
+
+
+def _start_watchdog(cfg: Config, run_dir: Path, mlflow_run_id: str):
+    """The hang watchdog over this run's worker group (cluster/watchdog.py), unless turned off."""
+    from cluster.watchdog import HangWatchdog
+    from trainer.progress import STOP_RECORD
+
+    (run_dir / STOP_RECORD).unlink(missing_ok=True)  # an earlier attempt's: this one starts afresh
+    if not cfg.cluster.hang_watchdog:
+        return None
+    on_hang = None
+    if cfg.tracking.enabled and mlflow_run_id:
+        on_hang = lambda path: log_hang_artifacts(cfg, mlflow_run_id, path)  # noqa: E731
+    return HangWatchdog(cfg, run_dir, on_hang).start()
 
 
 def _record_ray_job(cfg: Config, run_dir: Path, mlflow_run_id: str) -> None:

@@ -40,6 +40,9 @@ def worker_main(loop_config: dict) -> dict | None:
         extra={"worker_started_at": started_at},
     )
     record_worker(session.run_dir, session.rank, ctx)
+    from trainer.oom import stop_group_alone
+    from trainer.progress import peer_stopped
+
     try:
         train(from_dict(loop_config["config"]), session)
     except PretrainError as e:
@@ -47,7 +50,15 @@ def worker_main(loop_config: dict) -> dict | None:
             raise  # Ray Train restarts the group (up to cluster.max_failures)
         # Every rank raised it alike (agreed) and a restart would only repeat it: the group ends
         # here, and the driver reads rank 0's return value (Ray Train's Result.return_value).
-        return {STOPPED_BY: type(e).__name__, "message": str(e), "field": e.field, "path": e.path}
+        stopped = {STOPPED_BY: type(e).__name__, "message": str(e), "field": e.field, "path": e.path}
+        if getattr(e, "alone", False):  # this rank's alone (out of memory): its peers learn it here
+            stop_group_alone(session.run_dir, stopped)
+        return stopped
+    except Exception:
+        stopped = peer_stopped(session.run_dir)  # a peer's failure that ends the group broke ours
+        if stopped is not None:
+            return stopped
+        raise
     return None
 
 
