@@ -37,6 +37,7 @@ from trainer.config import Config, save_config
 from trainer.data.storage import check_root, is_remote
 from trainer.events import EventLog
 from trainer.fsutil import write_json_atomic
+from trainer.progress import group_stopped
 
 log = logging.getLogger("pretrain")
 
@@ -431,7 +432,9 @@ def _fit(cfg: Config, run_dir: Path, mlflow_run_id: str, t0: float) -> dict:
         try:
             result = trainer.fit()
         except TrainingFailedError as e:  # Ray's word for it, as the user's error and in run.json
-            failure = _training_failed(e, run_dir)
+            failure = _stopped_by_workers(group_stopped(str(run_dir)), run_dir) or _training_failed(
+                e, run_dir
+            )
             error = str(failure)
             raise failure from None
         finally:
@@ -493,6 +496,7 @@ def _make_trainer(cfg: Config, run_dir: Path, mlflow_run_id: str, use_gpu: bool)
     from cluster.backend import TorchEnvConfig
     from cluster.capacity import CapacityCheckBeforeStart
     from cluster.ray_session import worker_main
+    from cluster.watchdog import StopRecordCheckBeforeStart
 
     cl = cfg.cluster
     return trainer_class()(
@@ -514,7 +518,8 @@ def _make_trainer(cfg: Config, run_dir: Path, mlflow_run_id: str, use_gpu: bool)
             name="ray",
             storage_path=str(run_dir),
             failure_config=FailureConfig(max_failures=cl.max_failures),
-            callbacks=[CapacityCheckBeforeStart(cfg, use_gpu)],  # a restart after a node left
+            # a restart after a node left; a restart after a rank's failure that it would repeat
+            callbacks=[CapacityCheckBeforeStart(cfg, use_gpu), StopRecordCheckBeforeStart(run_dir)],
         ),
         backend_config=TorchEnvConfig(),  # the loop creates the process group: nccl or gloo
     )

@@ -40,8 +40,7 @@ def worker_main(loop_config: dict) -> dict | None:
         extra={"worker_started_at": started_at},
     )
     record_worker(session.run_dir, session.rank, ctx)
-    from trainer.oom import stop_group_alone
-    from trainer.progress import peer_stopped
+    from trainer.progress import record_group_stop
 
     try:
         train(from_dict(loop_config["config"]), session)
@@ -51,14 +50,10 @@ def worker_main(loop_config: dict) -> dict | None:
         # Every rank raised it alike (agreed) and a restart would only repeat it: the group ends
         # here, and the driver reads rank 0's return value (Ray Train's Result.return_value).
         stopped = {STOPPED_BY: type(e).__name__, "message": str(e), "field": e.field, "path": e.path}
-        if getattr(e, "alone", False):  # this rank's alone (out of memory): its peers learn it here
-            stop_group_alone(session.run_dir, stopped)
+        if getattr(e, "alone", False):  # this rank's alone (out of memory), its peers wait for it:
+            record_group_stop(session.run_dir, stopped)  # the driver ends the run with this record,
+            raise  # once Ray Train has ended the group, before it could restart it
         return stopped
-    except Exception:
-        stopped = peer_stopped(session.run_dir)  # a peer's failure that ends the group broke ours
-        if stopped is not None:
-            return stopped
-        raise
     return None
 
 

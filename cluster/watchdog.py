@@ -22,9 +22,10 @@ import threading
 import time
 from pathlib import Path
 
+from cluster.library_internals import ControllerCallback
 from trainer.config import Config
 from trainer.events import EventLog
-from trainer.progress import LONG_PHASES, PHASES, read_progress
+from trainer.progress import LONG_PHASES, PHASES, group_stopped, read_progress
 
 log = logging.getLogger("pretrain")
 STUCK_STATES = ("stopped", "tracing-stop", "zombie", "dead", "disk-sleep")  # psutil's names
@@ -141,7 +142,7 @@ class HangWatchdog:
     def check(self, now: float) -> Path | None:
         """One look at the group; the hang directory when this look found a hang."""
         group = self._group()
-        if group is None:
+        if group is None or group_stopped(str(self.run_dir)) is not None:  # ending already
             return None
         records, workers = group
         attempt = tuple(r["pid"] for r in records)
@@ -230,3 +231,17 @@ def _this_node() -> str:
         return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
     except Exception:
         return ""
+
+
+class StopRecordCheckBeforeStart(ControllerCallback):
+    """Runs in the Ray Train controller: before each (re)start of the worker group, refuses when a
+    rank recorded a failure that a restart would repeat (trainer.progress.record_group_stop: out of
+    memory). `fit()` then raises, and the driver reports the recorded failure."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = str(run_dir)
+
+    def before_controller_execute_resize_decision(self, resize_decision) -> None:
+        record = group_stopped(self.run_dir)
+        if record is not None:
+            raise RuntimeError(f"not restarting the worker group: {record.get('message', record)}")

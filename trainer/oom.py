@@ -4,12 +4,11 @@ change, as one expected failure that ends the run (a restart would run out again
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 
 from trainer.errors import PretrainError
-from trainer.progress import STOP_RECORD, Progress
+from trainer.progress import Progress
 
 
 class OutOfMemory(PretrainError, RuntimeError):
@@ -69,17 +68,3 @@ def reports_out_of_memory(progress: Progress, device: torch.device, parallel, ra
         yield
     except torch.OutOfMemoryError as e:
         raise out_of_memory(e, rank, progress.phase, progress.step, device, parallel) from e
-
-
-def stop_group_alone(run_dir: str, record: dict) -> None:
-    """This rank alone hit a failure a restart would repeat (out of memory): leave the record its
-    peers read (`peer_stopped`) and close the process group, so that a peer waiting for this rank
-    in a collective fails now (gloo: the connection closes) rather than at the collective timeout."""
-    import torch.distributed as dist
-
-    from trainer.fsutil import write_json_atomic
-
-    if run_dir:
-        write_json_atomic(os.path.join(run_dir, STOP_RECORD), record)
-    if dist.is_initialized():
-        dist.destroy_process_group()

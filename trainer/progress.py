@@ -96,8 +96,17 @@ def read_progress(run_dir: str, rank: int) -> dict | None:
 STOP_RECORD = "stopped.json"  # <run_dir>/stopped.json: one rank's failure that ends the whole group
 
 
-def peer_stopped(run_dir: str) -> dict | None:
-    """The record of a peer's failure that ends the group (`stop_group_alone`), if there is one."""
+def record_group_stop(run_dir: str, record: dict) -> None:
+    """One rank's failure that a restart would repeat (out of memory) while its peers wait for it
+    in a collective: the record the launcher ends the run with instead of restarting the group."""
+    from trainer.fsutil import write_json_atomic
+
+    if run_dir:
+        write_json_atomic(os.path.join(run_dir, STOP_RECORD), record)
+
+
+def group_stopped(run_dir: str) -> dict | None:
+    """The record of a rank's failure that ends the run (`record_group_stop`), if there is one."""
     try:
         with open(os.path.join(run_dir, STOP_RECORD)) as f:
             record = json.load(f)
