@@ -89,6 +89,37 @@ def test_hang_timeout_is_generous_at_start_and_follows_the_step_time_after():
     assert hang_timeout(cfg, [{**running, "median_step_s": 9.0}] * 2) == 90
 
 
+def _group_timeout_s() -> float:
+    import torch
+    from torch.distributed import distributed_c10d as c10d
+
+    return c10d._get_default_group()._get_backend(torch.device("cpu")).options._timeout.total_seconds()
+
+
+def test_collective_timeout_is_long_until_the_first_step_is_done_then_short(tmp_path):
+    from tests.test_loop import affine_stream
+    from trainer.session import Session
+
+    seen = []  # the world group's timeout when each step's data is fetched
+
+    def batches():
+        for batch in affine_stream(0):
+            seen.append(_group_timeout_s())
+            yield batch
+
+    cfg = tiny_config(
+        model={"vocab_size": 64},
+        train={"steps": 5, "hang_startup_timeout_s": 999},
+        cluster={"collective_timeout_s": 77},
+        checkpoint={"every": 2},
+    )
+    train(cfg, Session(run_dir=str(tmp_path)), batches=batches())
+    # Two micro batches a step; the checkpoints of steps 2 and 4 set 999 and the next step 77 again.
+    assert seen[::2] == [999, 77, 77, 77, 77] and seen[1::2] == seen[::2], seen
+    record = json.loads((tmp_path / "progress" / "rank0.json").read_text())
+    assert record["steps_done"] == 5 and record["phase"] == "checkpoint" and record["pid"] == os.getpid()
+
+
 def _args(overrides):
     return [a for o in overrides for a in ("--set", o)]
 

@@ -206,9 +206,10 @@ class ClusterConfig:
     )
     hang_watchdog: bool = _f(True, "watch the ranks' progress from the driver (train.hang_timeout_s)")
     collective_timeout_s: float = _f(
-        1800.0,
-        "seconds a rank waits in one collective before its process group fails it (covers the longest "
-        "checkpoint save or evaluation another rank may be in); the hang watchdog acts sooner",
+        900.0,
+        "seconds a rank waits in one collective, once the first step is done, before its process group "
+        "fails it (start-up, checkpoint saves and evaluations get train.hang_startup_timeout_s); keep it "
+        "above the hang timeout, so that the watchdog dumps the stacks first",
     )
 
 

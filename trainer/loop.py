@@ -39,6 +39,7 @@ from trainer.preemption import Preemption
 from trainer.progress import Progress
 from trainer.session import Session, session_from_env
 from trainer.step_metrics import StepLogger, make_logger, start_node_metrics
+from trainer.timeouts import CollectiveTimeouts
 
 log = logging.getLogger("pretrain")
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -190,7 +191,9 @@ def build(
     """Assemble one rank's training: process group and layout, model and engine, data positioned
     at the newest committed checkpoint, evaluator, metrics, GC schedule, preemption handling."""
     startup = StartupClock(session.extra.get("worker_started_at"))
-    progress = Progress(session.run_dir, session.rank)  # first, so a rank stuck in start-up shows
+    # First, so that a rank stuck in start-up shows; it also sets the collective timeout by phase.
+    timeouts = CollectiveTimeouts(cfg.cluster.collective_timeout_s, cfg.train.hang_startup_timeout_s)
+    progress = Progress(session.run_dir, session.rank, on_phase=timeouts.phase)
     cleanup.callback(progress.close)
     startup.mark("imports")  # since the launcher's worker entry, when it tells us
     device, topo = _setup_process(cfg, session)
@@ -255,9 +258,9 @@ def _setup_process(cfg: Config, session: Session) -> tuple[torch.device, Topolog
     torch.set_num_threads(
         cfg.train.torch_threads or max(1, (os.cpu_count() or 1) // session.local_world_size)
     )
-    session.ensure_process_group(
-        "nccl" if device.type == "cuda" else "gloo", cfg.cluster.collective_timeout_s
-    )
+    # Start-up's timeout; steady state gets cluster.collective_timeout_s after the first step (timeouts.py).
+    timeout_s = max(cfg.train.hang_startup_timeout_s, cfg.cluster.collective_timeout_s)
+    session.ensure_process_group("nccl" if device.type == "cuda" else "gloo", timeout_s)
     topo = Topology(session.world_size, session.rank, cfg.parallel.tp, cfg.parallel.pp).init_groups()
     return device, topo  # TP peers share a DP rank: identical batches
 

@@ -31,8 +31,8 @@ class Progress:
     a few microseconds, and a reader never sees half of it on a local filesystem (a torn read on a
     shared one is retried by the watchdog at its next look)."""
 
-    def __init__(self, run_dir: str, rank: int, window: int = 50):
-        self.rank, self.fd = rank, -1
+    def __init__(self, run_dir: str, rank: int, window: int = 50, on_phase=None):
+        self.rank, self.fd, self.on_phase = rank, -1, on_phase  # on_phase(phase, steps_done)
         self.step, self.phase, self.phase_since = 0, "start", time.time()
         self.steps_done, self.step_done_at, self.step_began = 0, 0.0, time.time()
         self.durations: deque[float] = deque(maxlen=window)
@@ -47,6 +47,8 @@ class Progress:
             self.step = step
         self.phase, self.phase_since = phase, time.time()
         self._write()
+        if self.on_phase is not None:
+            self.on_phase(phase, self.steps_done)
 
     def begin_step(self, step: int) -> None:
         self.step_began = time.time()

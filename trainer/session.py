@@ -54,7 +54,9 @@ class Session:
             return
         if self.world_size != 1:
             raise RuntimeError("a multi-process session needs a process group from its launcher")
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(
+            backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timedelta(seconds=timeout_s)
+        )
 
     def preemption_requested(self) -> bool:
         """The launcher's own notice that this run's nodes are about to go (collective)."""
