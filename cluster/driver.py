@@ -432,9 +432,9 @@ def _fit(cfg: Config, run_dir: Path, mlflow_run_id: str, t0: float) -> dict:
         try:
             result = trainer.fit()
         except TrainingFailedError as e:  # Ray's word for it, as the user's error and in run.json
-            failure = _stopped_by_workers(group_stopped(str(run_dir)), run_dir) or _training_failed(
-                e, run_dir
-            )
+            # A rank's failure that a restart would repeat (out of memory) ended the group.
+            failure = _stopped_by_workers(group_stopped(str(run_dir)), run_dir)
+            failure = failure or _training_failed(e, run_dir)
             error = str(failure)
             raise failure from None
         finally:

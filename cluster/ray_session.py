@@ -20,6 +20,7 @@ def worker_main(loop_config: dict) -> dict | None:
     from trainer.config import from_dict
     from trainer.errors import PretrainError
     from trainer.loop import train
+    from trainer.progress import record_group_stop
     from trainer.session import Session
 
     class RaySession(Session):
@@ -40,8 +41,6 @@ def worker_main(loop_config: dict) -> dict | None:
         extra={"worker_started_at": started_at},
     )
     record_worker(session.run_dir, session.rank, ctx)
-    from trainer.progress import record_group_stop
-
     try:
         train(from_dict(loop_config["config"]), session)
     except PretrainError as e:

@@ -38,7 +38,8 @@ class Session:
 
     def ensure_process_group(self, backend: str, timeout_s: float = 1800.0) -> None:
         """A launcher (Ray Train, torchrun) normally created it; a plain process gets a world of 1.
-        `timeout_s` (cluster.collective_timeout_s): how long a collective may wait for a peer."""
+        `timeout_s`: how long a collective may wait for a peer at start-up (trainer/timeouts.py
+        shortens it once steps run)."""
         if dist.is_initialized():
             return
         if "MASTER_ADDR" in os.environ and "RANK" in os.environ:  # torchrun, Ray (cluster/backend.py)

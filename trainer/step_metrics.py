@@ -127,6 +127,7 @@ class StepLogger:
         self.losses: dict[int, float] = {}  # logged step -> mean loss
         self.loss_sum = torch.zeros((), device=self.device)
         self.window_start, self.window_steps, self.data_wait = time.perf_counter(), 0, 0.0
+        self.step_began = self.window_start
 
     def due(self, step: int) -> bool:
         """Whether 0-based `step` is a logged one."""
