@@ -27,6 +27,7 @@ from cluster.tracking import (
     delete_mlflow_run,
     end_mlflow_run,
     log_event_artifact,
+    log_hang_artifacts,
     log_run_artifacts,
     ray_job_id,
     reopen_mlflow_run,
@@ -36,6 +37,7 @@ from trainer.config import Config, save_config
 from trainer.data.storage import check_root, is_remote
 from trainer.events import EventLog
 from trainer.fsutil import write_json_atomic
+from trainer.progress import group_stopped
 
 log = logging.getLogger("pretrain")
 
@@ -303,6 +305,10 @@ RESUMABLE_OVERRIDES = (
     "cluster.placement_strategy",
     "cluster.use_gpu",
     "cluster.lease_timeout_s",
+    "cluster.hang_watchdog",
+    "cluster.collective_timeout_s",
+    "train.hang_",
+    "train.straggler_",
     "data.prefetch",
     "tracking.uri",
 )
@@ -433,12 +439,18 @@ def _fit(cfg: Config, run_dir: Path, mlflow_run_id: str, t0: float) -> dict:
         # From here Ray Train places and starts the workers: on a busy or autoscaling cluster the
         # wait for nodes shows as the gap between this event and the workers' `start`.
         EventLog(str(run_dir)).write("workers_requested", workers=cl.num_workers, min_workers=sizes[-1])
+        watchdog = _start_watchdog(cfg, run_dir, mlflow_run_id)
         try:
             result = trainer.fit()
         except TrainingFailedError as e:  # Ray's word for it, as the user's error and in run.json
-            failure = _training_failed(e, run_dir)
+            # A rank's failure that a restart would repeat (out of memory) ended the group.
+            failure = _stopped_by_workers(group_stopped(str(run_dir)), run_dir)
+            failure = failure or _training_failed(e, run_dir)
             error = str(failure)
             raise failure from None
+        finally:
+            if watchdog is not None:
+                watchdog.stop()
         if result.error:
             raise RunError(
                 f"run {run_dir.name} failed: {result.error}; continue it with `pretrain resume {run_dir}`"
@@ -463,6 +475,20 @@ def _fit(cfg: Config, run_dir: Path, mlflow_run_id: str, t0: float) -> dict:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
         _close_run(cfg, run_dir, mlflow_run_id, state, error)
+
+
+def _start_watchdog(cfg: Config, run_dir: Path, mlflow_run_id: str):
+    """The hang watchdog over this run's worker group (cluster/watchdog.py), unless turned off."""
+    from cluster.watchdog import HangWatchdog
+    from trainer.progress import STOP_RECORD
+
+    (run_dir / STOP_RECORD).unlink(missing_ok=True)  # an earlier attempt's: this one starts afresh
+    if not cfg.cluster.hang_watchdog:
+        return None
+    on_hang = None
+    if cfg.tracking.enabled and mlflow_run_id:
+        on_hang = lambda path: log_hang_artifacts(cfg, mlflow_run_id, path)  # noqa: E731
+    return HangWatchdog(cfg, run_dir, on_hang).start()
 
 
 def _record_ray_job(cfg: Config, run_dir: Path, mlflow_run_id: str) -> None:
@@ -503,6 +529,7 @@ def _make_trainer(cfg: Config, run_dir: Path, mlflow_run_id: str, use_gpu: bool,
     from cluster.capacity import CapacityCheckBeforeStart
     from cluster.elastic import GROW_KEY, GroupSizes
     from cluster.ray_session import worker_main
+    from cluster.watchdog import StopRecordCheckBeforeStart
 
     cl = cfg.cluster
     resizable = len(sizes) > 1
@@ -527,7 +554,8 @@ def _make_trainer(cfg: Config, run_dir: Path, mlflow_run_id: str, use_gpu: bool,
             name="ray",
             storage_path=str(run_dir),
             failure_config=FailureConfig(max_failures=cl.max_failures),
-            callbacks=[CapacityCheckBeforeStart(cfg, use_gpu)],  # a restart after a node left
+            # a restart after a node left; a restart after a rank's failure that it would repeat
+            callbacks=[CapacityCheckBeforeStart(cfg, use_gpu), StopRecordCheckBeforeStart(run_dir)],
         ),
         backend_config=TorchEnvConfig(),  # the loop creates the process group: nccl or gloo
     )

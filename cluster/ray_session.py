@@ -20,6 +20,7 @@ def worker_main(loop_config: dict) -> dict | None:
     from trainer.config import from_dict
     from trainer.errors import PretrainError
     from trainer.loop import train
+    from trainer.progress import record_group_stop
     from trainer.session import Session
 
     class RaySession(Session):
@@ -61,7 +62,11 @@ def worker_main(loop_config: dict) -> dict | None:
             raise  # Ray Train restarts the group (up to cluster.max_failures)
         # Every rank raised it alike (agreed) and a restart would only repeat it: the group ends
         # here, and the driver reads rank 0's return value (Ray Train's Result.return_value).
-        return {STOPPED_BY: type(e).__name__, "message": str(e), "field": e.field, "path": e.path}
+        stopped = {STOPPED_BY: type(e).__name__, "message": str(e), "field": e.field, "path": e.path}
+        if getattr(e, "alone", False):  # this rank's alone (out of memory), its peers wait for it:
+            record_group_stop(session.run_dir, stopped)  # the driver ends the run with this record,
+            raise  # once Ray Train has ended the group, before it could restart it
+        return stopped
     return None
 
 
@@ -77,6 +82,7 @@ def record_worker(run_dir: str, rank: int, ctx) -> None:
         os.path.join(run_dir, "workers", f"rank{rank}.json"),
         {
             "rank": rank,
+            "world_size": ctx.get_world_size(),  # this group's (an elastic run's changes)
             "local_rank": ctx.get_local_rank(),
             "node_rank": ctx.get_node_rank(),
             "node_id": ray.get_runtime_context().get_node_id(),

@@ -283,6 +283,16 @@ def log_event_artifact(cfg: Config, run_id: str, path: Path) -> None:
         log.warning("could not log %s to MLflow: %s", path, e)
 
 
+def log_hang_artifacts(cfg: Config, run_id: str, path: Path) -> None:
+    """A hang's dump directory (stacks, summary) as artifacts under hangs/<time>/; never raises."""
+    try:
+        client = _client(cfg.tracking.uri)
+        client.log_artifacts(run_id, str(path), artifact_path=f"hangs/{path.name}")
+        client.log_metric(run_id, "hangs", float(len(list(path.parent.iterdir()))))
+    except Exception as e:  # the restart matters more than the record
+        log.warning("could not log %s to MLflow: %s", path, e)
+
+
 def delete_mlflow_run(cfg: Config, run_id: str) -> None:
     """Delete a run that never started (MLflow keeps it restorable); never raises."""
     try:

@@ -181,3 +181,19 @@ def test_the_embedded_trainer_drops_exactly_the_named_callbacks():
 def _python(code: str) -> list[str]:
     """Output lines of `code` run in a fresh interpreter (nothing imported yet)."""
     return run_python(code, "/tmp").strip().splitlines()
+
+
+def test_torch_still_lets_a_process_group_timeout_change_after_creation():
+    code = """
+    from datetime import timedelta
+    import torch
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d as c10d
+    from trainer import library_internals
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1, timeout=timedelta(seconds=1800))
+    sub = dist.new_group([0])
+    library_internals.set_collective_timeout(42)
+    print(sorted(g._get_backend(torch.device("cpu")).options._timeout.total_seconds() for g in (c10d._get_default_group(), sub)))
+    """
+    assert _python(code) == ["[42.0, 42.0]"]

@@ -163,6 +163,20 @@ class TrainConfig:
         50,
         "Python garbage collection every N steps, the same step on every rank (no stragglers); 0 = Python's own",
     )
+    hang_timeout_s: float = _f(
+        0.0,
+        "seconds without a finished step (on any rank) before the watchdog dumps every rank's stacks and "
+        "restarts the group; 0 = hang_step_multiple x the median step time, at least hang_timeout_floor_s",
+    )
+    hang_startup_timeout_s: float = _f(
+        1800.0, "the hang timeout before the first step and during a checkpoint or evaluation (generous)"
+    )
+    hang_step_multiple: float = _f(10.0, "automatic hang timeout: this many median step times")
+    hang_timeout_floor_s: float = _f(300.0, "automatic hang timeout: at least this many seconds")
+    straggler_ratio: float = _f(
+        1.2, "a straggler event when the slowest rank's step time exceeds the median by this ratio"
+    )
+    straggler_windows: int = _f(3, "... for this many log windows in a row")
 
 
 @dataclass
@@ -214,6 +228,13 @@ class ClusterConfig:
         180.0,
         "seconds a driver's run lease may go without a heartbeat before another driver takes the run "
         "over; raise it on a filesystem that stalls for longer",
+    )
+    hang_watchdog: bool = _f(True, "watch the ranks' progress from the driver (train.hang_timeout_s)")
+    collective_timeout_s: float = _f(
+        900.0,
+        "seconds a rank waits in one collective, once the first step is done, before its process group "
+        "fails it (start-up, checkpoint saves and evaluations get train.hang_startup_timeout_s); keep it "
+        "above the hang timeout, so that the watchdog dumps the stacks first",
     )
 
 
@@ -506,14 +527,30 @@ _POSITIVE = {
     "model": ("d_model", "n_layers", "n_heads", "max_seq_len"),
     "data": ("seq_len",),
     "parallel": ("tp", "pp", "micro_batch_size", "global_batch_size"),
-    "train": ("steps", "log_every"),
-    "cluster": ("num_workers",),
+    "train": (
+        "steps",
+        "log_every",
+        "hang_startup_timeout_s",
+        "hang_step_multiple",
+        "hang_timeout_floor_s",
+        "straggler_ratio",
+    ),
+    "cluster": ("num_workers", "collective_timeout_s"),
 }
 _NON_NEGATIVE = {
     "model": ("vocab_size", "n_kv_heads", "d_ff"),
     "optim": ("warmup_steps", "weight_decay", "grad_clip", "min_lr"),
     "checkpoint": ("every", "keep_every"),
-    "train": ("eval_every", "eval_batches", "torch_threads", "peak_tflops", "stop_at", "gc_every"),
+    "train": (
+        "eval_every",
+        "eval_batches",
+        "torch_threads",
+        "peak_tflops",
+        "stop_at",
+        "gc_every",
+        "hang_timeout_s",
+        "straggler_windows",
+    ),
     "cluster": ("max_failures", "min_workers", "elastic_check_s"),
     "data": ("num_streams", "prefetch", "loader_workers"),
     "tracking": ("system_metrics_every_s",),

@@ -38,10 +38,14 @@ class Evaluator:
         self.accum, self.dp_size, self.dp_group = accum, dp_size, dp_group
         self._batches = None  # read once, reused at every evaluation
 
+    def due(self, step: int, *, last: bool) -> bool:
+        """Whether an evaluation runs after `step` finished steps."""
+        return self.enabled and bool((self.every and step % self.every == 0) or last)
+
     def maybe_run(self, step: int, *, last: bool) -> dict[str, float]:
         """Collective when due (the same steps on every rank): validation metrics after `step`
         finished steps, else {}."""
-        if not self.enabled or not ((self.every and step % self.every == 0) or last):
+        if not self.due(step, last=last):
             return {}
         metrics = self(*self.run)
         self.val_losses[step] = metrics["val_loss"]

@@ -276,3 +276,18 @@ def checkpoint_writes_through(engine, run):
     finally:
         engine.checkpoint_engine = inner
         del engine._copy_recovery_script  # the class's method again
+
+
+# ------------------------------------------------------------------ collective timeout after creation
+# torch 2.13.0. A process group's timeout is given when it is created; torch's private
+# `_set_pg_timeout` changes it afterwards (torchtitan does the same after its first step), and
+# `distributed_c10d._world.pg_map` holds every group of this process: the world, the layout's and
+# DeepSpeed's. Needed for correctness, not speed: a hang fails in minutes instead of half an hour.
+def set_collective_timeout(seconds: float) -> None:
+    """Every process group of this process now times a collective out after `seconds`."""
+    from datetime import timedelta
+
+    from torch.distributed import distributed_c10d as c10d
+
+    for group in list(c10d._world.pg_map):
+        c10d._set_pg_timeout(timedelta(seconds=seconds), group)

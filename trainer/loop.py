@@ -30,14 +30,17 @@ from trainer.fsutil import write_json_atomic
 from trainer.gc_schedule import StepAlignedGC
 from trainer.metrics import NullLogger
 from trainer.model import cross_entropy, param_count
+from trainer.oom import reports_out_of_memory
 from trainer.parallel.pipeline import build_pipeline_engine, pipeline_step
 from trainer.parallel.plan import check_device_switches, sdpa_context
 from trainer.parallel.tensor import vocab_parallel_cross_entropy
 from trainer.parallel.topology import Topology
 from trainer.parallel.zero_init import build_model
 from trainer.preemption import Preemption
+from trainer.progress import Progress
 from trainer.session import Session, session_from_env
 from trainer.step_metrics import StepLogger, make_logger, start_node_metrics
+from trainer.timeouts import CollectiveTimeouts
 
 log = logging.getLogger("pretrain")
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -80,6 +83,7 @@ class Trainer:
     preemption: Preemption
     events: EventLog
     startup: StartupClock
+    progress: Progress  # what the hang watchdog sees of this rank
     start: int  # first step of this attempt (0-based: the number of steps already committed)
     stop: int  # this attempt ends after this many steps
     started_at: float | None = None  # wall clock at the end of the first step (steady state begins)
@@ -111,6 +115,7 @@ def train(
             cfg, session or session_from_env(), cleanup, batches=batches, manifest=manifest, logger=logger
         )
         sink = t.logger.sink
+        cleanup.enter_context(reports_out_of_memory(t.progress, t.device, cfg.parallel, t.session.rank))
         for step in range(t.start, t.stop):
             done, last = step + 1, step + 1 == t.stop
             t.logger.begin_step(step)
@@ -122,11 +127,15 @@ def train(
             preempted = t.preemption.should_stop(t.device, check_now=t.logger.due(step))
             metrics.update(t.logger.maybe_log(step))
             t_eval = time.perf_counter()
+            if t.evaluator.due(done, last=last):
+                t.progress.enter("eval")
             if evaluated := t.evaluator.maybe_run(done, last=last):
                 metrics.update(evaluated)
                 t.logger.pause(time.perf_counter() - t_eval)  # evaluation is not training throughput
             if metrics:
                 sink.log(metrics, done)
+            if t.checkpointer.due(done, last=last, forced=preempted):
+                t.progress.enter("checkpoint")
             if saved := t.checkpointer.maybe_save(done, last=last, forced=preempted):
                 sink.log(saved, done)
                 if "checkpoint_save_s" in saved and not (last or preempted):
@@ -189,6 +198,10 @@ def build(
     """Assemble one rank's training: process group and layout, model and engine, data positioned
     at the newest committed checkpoint, evaluator, metrics, GC schedule, preemption handling."""
     startup = StartupClock(session.extra.get("worker_started_at"))
+    # First, so that a rank stuck in start-up shows; it also sets the collective timeout by phase.
+    timeouts = CollectiveTimeouts(cfg.cluster.collective_timeout_s, cfg.train.hang_startup_timeout_s)
+    progress = Progress(session.run_dir, session.rank, on_phase=timeouts.phase)
+    cleanup.callback(progress.close)
     startup.mark("imports")  # since the launcher's worker entry, when it tells us
     device, topo = _setup_process(cfg, session)
     startup.mark("process_group")
@@ -227,11 +240,12 @@ def build(
         batches=batches,
         checkpointer=checkpointer,
         evaluator=evaluator,
-        logger=StepLogger(cfg, sink, engine, topo, device, (start, stop)),
+        logger=StepLogger(cfg, sink, engine, topo, device, (start, stop), progress, events),
         gc=StepAlignedGC(cfg.train.gc_every),
         preemption=preemption,
         events=events,
         startup=startup,
+        progress=progress,
         start=start,
         stop=stop,
     )
@@ -252,7 +266,9 @@ def _setup_process(cfg: Config, session: Session) -> tuple[torch.device, Topolog
     torch.set_num_threads(
         cfg.train.torch_threads or max(1, (os.cpu_count() or 1) // session.local_world_size)
     )
-    session.ensure_process_group("nccl" if device.type == "cuda" else "gloo")
+    # Start-up's timeout; steady state gets cluster.collective_timeout_s after the first step (timeouts.py).
+    timeout_s = max(cfg.train.hang_startup_timeout_s, cfg.cluster.collective_timeout_s)
+    session.ensure_process_group("nccl" if device.type == "cuda" else "gloo", timeout_s)
     topo = Topology(session.world_size, session.rank, cfg.parallel.tp, cfg.parallel.pp).init_groups()
     return device, topo  # TP peers share a DP rank: identical batches
 

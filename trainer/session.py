@@ -36,14 +36,14 @@ class Session:
             return torch.device("cuda", self.local_rank if torch.cuda.device_count() > 1 else 0)
         return torch.device("cpu")
 
-    def ensure_process_group(self, backend: str) -> None:
-        """A launcher (Ray Train, torchrun) normally created it; a plain process gets a world of 1."""
+    def ensure_process_group(self, backend: str, timeout_s: float = 1800.0) -> None:
+        """A launcher (Ray Train, torchrun) normally created it; a plain process gets a world of 1.
+        `timeout_s`: how long a collective may wait for a peer at start-up (trainer/timeouts.py
+        shortens it once steps run)."""
         if dist.is_initialized():
             return
         if "MASTER_ADDR" in os.environ and "RANK" in os.environ:  # torchrun, Ray (cluster/backend.py)
-            # 30 minutes for a collective, not NCCL's default 10: ranks wait at a barrier while
-            # rank 0 writes a large checkpoint or evaluates.
-            timeout = timedelta(minutes=30)
+            timeout = timedelta(seconds=timeout_s)
             if os.environ.get(STORE_BIND_ENV):
                 rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
                 store = rendezvous_store(os.environ[STORE_BIND_ENV], timeout)
@@ -55,7 +55,9 @@ class Session:
             return
         if self.world_size != 1:
             raise RuntimeError("a multi-process session needs a process group from its launcher")
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(
+            backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timedelta(seconds=timeout_s)
+        )
 
     def preemption_requested(self) -> bool:
         """The launcher's own notice that this run's nodes are about to go (collective)."""

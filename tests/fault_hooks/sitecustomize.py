@@ -12,8 +12,12 @@ one of its files deleted, the rest not yet).
 
 With `PRETRAIN_TEST_STALL_AT=<step>:<rank>` set, that rank stops in the middle of that step (once
 per run: it creates the marker `test-stalled` in the run directory, then sleeps until the test
-creates `test-continue` there), so that a test can act at a known point of a run of any speed. Nothing in
-the project imports this module."""
+creates `test-continue` there), so that a test can act at a known point of a run of any speed.
+
+With `PRETRAIN_TEST_SLOW_RANK=<rank>:<seconds>` set, that rank waits that long for every step's
+data (a slow loader or node: a straggler). With `PRETRAIN_TEST_OOM_AT=<n>:<rank>` set, that rank's
+n-th loss computation (0-based; one per micro batch) raises `torch.OutOfMemoryError`, as a GPU out of
+memory does. Nothing in the project imports this module."""
 
 from __future__ import annotations
 
@@ -31,6 +35,8 @@ import time
 ENV = "PRETRAIN_TEST_FAIL_WRITES"
 KILL_ENV = "PRETRAIN_TEST_KILL_AT"
 STALL_ENV = "PRETRAIN_TEST_STALL_AT"
+SLOW_ENV = "PRETRAIN_TEST_SLOW_RANK"
+OOM_ENV = "PRETRAIN_TEST_OOM_AT"
 
 
 def _failing(save, pattern: str):
@@ -174,11 +180,55 @@ def stall_at(loop_module, spec: str) -> None:
     loop_module.train_step = patched
 
 
+def slow_rank(loop_module, spec: str) -> None:
+    """Patch the loop so that rank `rank` waits `seconds` for every step's data."""
+    rank, seconds = spec.split(":")
+    rank, seconds = int(rank), float(seconds)
+    fetch = loop_module.Trainer.next_micro_batches
+
+    @functools.wraps(fetch)
+    def patched(self):
+        if self.session.rank == rank:
+            time.sleep(seconds)
+        return fetch(self)
+
+    loop_module.Trainer.next_micro_batches = patched
+
+
+def oom_at(loop_module, spec: str) -> None:
+    """Patch the loss so that rank `rank`'s `n`-th computation of it raises torch.OutOfMemoryError."""
+    n, rank = (int(x) for x in spec.split(":"))
+    loss = loop_module.cross_entropy
+    calls = [0]
+
+    @functools.wraps(loss)
+    def patched(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] - 1 == n and int(os.environ.get("RANK", "0")) == rank:
+            import torch
+
+            raise torch.OutOfMemoryError(
+                "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.10 GiB"
+            )
+        return loss(*args, **kwargs)
+
+    loop_module.cross_entropy = patched
+
+
+def _patch_loop(module) -> None:
+    if os.environ.get(STALL_ENV):
+        stall_at(module, os.environ[STALL_ENV])
+    if os.environ.get(SLOW_ENV):
+        slow_rank(module, os.environ[SLOW_ENV])
+    if os.environ.get(OOM_ENV):
+        oom_at(module, os.environ[OOM_ENV])
+
+
 if os.environ.get(ENV):
     sys.meta_path.insert(0, _PatchTorchOnImport(os.environ[ENV]))
 if os.environ.get(KILL_ENV):
     sys.meta_path.insert(
         0, _PatchOnImport("trainer.checkpoint.manager", lambda m: kill_at(m, os.environ[KILL_ENV]))
     )
-if os.environ.get(STALL_ENV):
-    sys.meta_path.insert(0, _PatchOnImport("trainer.loop", lambda m: stall_at(m, os.environ[STALL_ENV])))
+if any(os.environ.get(v) for v in (STALL_ENV, SLOW_ENV, OOM_ENV)):
+    sys.meta_path.insert(0, _PatchOnImport("trainer.loop", _patch_loop))
