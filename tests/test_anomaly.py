@@ -157,6 +157,8 @@ def test_a_nonfinite_window_is_rolled_back_over_and_trains_as_if_skipped_from_th
     window = (40, 56)  # global batches 5 and 6: both poisoned, 2 = nonfinite_tolerance in a row
     ids = {i for step in _step_ids(_stream(ids_corpus), 5, 2) for i in step}
     sink = Recorded()
+    (tmp_path / "hit").mkdir()
+    (tmp_path / "told").mkdir()
     with poisoned_samples(ids):
         hit = train(_run_cfg(ids_corpus), Session(run_dir=str(tmp_path / "hit")), logger=sink)
     told = train(_run_cfg(ids_corpus, skip_samples=[list(window)]), Session(run_dir=str(tmp_path / "told")))
@@ -169,7 +171,8 @@ def test_a_nonfinite_window_is_rolled_back_over_and_trains_as_if_skipped_from_th
     assert [(e["step"], e["samples"]) for e in nonfinite] == [(5, [40, 48]), (5, [48, 56])]
     (rollback,) = [e for e in events if e["event"] == "rollback"]
     assert (rollback["to_step"], rollback["skipped_samples"]) == (4, [list(window)])
-    skipped = {k: v for _, m in sink.logged for k, v in m.items() if k.startswith(("skipped", "nonfinite"))}
+    mine = ("nonfinite_steps", "skipped_samples", "skipped_from", "skipped_to")
+    skipped = {k: v for _, m in sink.logged for k, v in m.items() if k in mine}
     assert skipped == {
         "nonfinite_steps": 2.0,
         "skipped_samples": 16.0,
