@@ -111,9 +111,9 @@ def test_skip_samples_config_is_checked():
 
 
 @contextmanager
-def poisoned_samples(ids: set[int], block_len: int = BLOCK):
-    """While active, the loss of a micro batch holding one of the sample ids `ids` is NaN (so are
-    its gradients): a test-only patch of the loss the loop builds its engine with."""
+def poisoned_samples(ids: set[int], factor: float = float("nan"), block_len: int = BLOCK):
+    """While active, the loss of a micro batch holding one of the sample ids `ids` is multiplied by
+    `factor` (NaN: so are its gradients): a test-only patch of the loss the loop builds its engine with."""
     import trainer.loop as loop
 
     real = loop.cross_entropy
@@ -121,7 +121,7 @@ def poisoned_samples(ids: set[int], block_len: int = BLOCK):
     def loss(logits, targets):
         out = real(logits, targets)
         hit = {(int(r[0]) - 2) // block_len for r in targets} & ids  # targets are inputs shifted by one
-        return out * float("nan") if hit else out
+        return out * factor if hit else out
 
     loop.cross_entropy = loss
     try:
@@ -140,12 +140,12 @@ class Recorded(NullLogger):
         self.logged.append((step, dict(metrics)))
 
 
-def _run_cfg(corpus: str, **data):
+def _run_cfg(corpus: str, train=None, **data):
     return tiny_config(
         model={"max_seq_len": BLOCK - 1},
         data={"path": corpus, "seq_len": BLOCK - 1, **data},
         parallel={"micro_batch_size": 4, "global_batch_size": GB},
-        train={"steps": 9, "nonfinite_tolerance": 2, "seed": 7},
+        train={"steps": 9, "nonfinite_tolerance": 2, "seed": 7, **(train or {})},
         checkpoint={"every": 2, "keep": 2},
     )
 
@@ -185,6 +185,45 @@ def test_a_nonfinite_window_is_rolled_back_over_and_trains_as_if_skipped_from_th
     assert json.loads((tmp_path / "hit" / "skipped_samples.json").read_text())["skipped_samples"] == [
         list(window)
     ]
+
+
+@pytest.mark.slow
+def test_a_loss_spike_is_rolled_back_over_with_its_window_skipped_and_the_lr_scaled(ids_corpus, tmp_path):
+    from trainer.loop import train
+
+    ids = {i for step in _step_ids(_stream(ids_corpus), 5, 1) for i in step}
+    spike = {"spike": {"k": 50.0, "window": 3}, "rollback_lr_scale": 0.5, "rollback_lr_steps": 2}
+    (tmp_path / "hit").mkdir()
+    with poisoned_samples(ids, factor=100.0):  # 100x the loss: far past 50 deviations of a flat curve
+        hit = train(_run_cfg(ids_corpus, train=spike), Session(run_dir=str(tmp_path / "hit")))
+    told = train(_run_cfg(ids_corpus, skip_samples=[[40, 48]]), Session())
+    events = [json.loads(line) for line in (tmp_path / "hit" / "events.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e["event"] == "loss_spike"] == [5]
+    (rollback,) = [e for e in events if e["event"] == "rollback"]
+    assert (rollback["to_step"], rollback["skipped_samples"]) == (4, [[40, 48]])
+    assert {k: v for k, v in hit.losses.items() if k <= 5} == {k: v for k, v in told.losses.items() if k <= 5}
+    # steps 4 and 5 were trained again at half the LR: from there on the runs differ
+    assert hit.losses[6] != told.losses[6] and all(math.isfinite(v) for v in hit.losses.values())
+
+
+@pytest.mark.parametrize("zero_stage", [0, 1, 2, 3])
+def test_a_nonfinite_gradient_with_a_finite_loss_leaves_the_step_out(zero_stage):
+    """The check reads the reduced gradients wherever the ZeRO stage keeps them."""
+    from contextlib import ExitStack
+
+    from tests.test_loop import affine_stream
+    from trainer import loop
+
+    cfg = tiny_config(model={"vocab_size": 64}, parallel={"zero_stage": zero_stage})
+    with ExitStack() as cleanup:
+        t = loop.build(cfg, Session(), cleanup, batches=affine_stream(0, 4))
+        hook = next(t.engine.module.parameters()).register_hook(lambda g: g * float("nan"))
+        losses = loop.train_step(t, 0, t.next_micro_batches()[0])
+        assert math.isfinite(float(sum(losses)))
+        assert (t.anomaly.verdict, t.engine.global_steps) == ("nonfinite", 0)
+        hook.remove()
+        loop.train_step(t, 0, t.next_micro_batches()[0])
+        assert (t.anomaly.verdict, t.engine.global_steps) == ("ok", 1)
 
 
 # ---------------------------------------------------------------------------------- a left-out step, multi-rank
