@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 from contextlib import contextmanager
+from dataclasses import replace
 
 import pytest
 import torch
@@ -184,6 +185,36 @@ def test_a_nonfinite_window_is_rolled_back_over_and_trains_as_if_skipped_from_th
     assert commit["data"]["skipped_samples"] == [list(window)]
     assert json.loads((tmp_path / "hit" / "skipped_samples.json").read_text())["skipped_samples"] == [
         list(window)
+    ]
+
+
+@pytest.mark.slow
+def test_a_restart_between_the_anomaly_and_the_next_commit_keeps_the_skip_list(ids_corpus, tmp_path):
+    """The run stops at its rollback (train.max_rollbacks 0); the restart resumes at the commit of
+    step 4 with the window from `<run>/skipped_samples.json`, then a second resume keeps it from the
+    commit record; together they train as a run told to skip the window from the start."""
+    from trainer.anomaly import DivergedError
+    from trainer.loop import train
+
+    ids = {i for step in _step_ids(_stream(ids_corpus), 5, 2) for i in step}
+    cfg = _run_cfg(ids_corpus)
+    run = Session(run_dir=str(tmp_path))
+    with poisoned_samples(ids):  # the samples stay poisoned: the restarts must not read them
+        with pytest.raises(DivergedError, match="train.max_rollbacks"):
+            train(_run_cfg(ids_corpus, train={"max_rollbacks": 0}), run)
+        first = train(replace(cfg, train=replace(cfg.train, stop_at=7)), run)
+        second = train(cfg, run)
+    told = train(_run_cfg(ids_corpus, skip_samples=[[40, 56]]), Session())
+    assert (first.steps, second.steps) == (7, 9)
+    resumed = {k: v for k, v in first.losses.items() if k > 4} | second.losses
+    assert resumed == {k: v for k, v in told.losses.items() if k > 4}
+    events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events if e["event"] in ("nonfinite_step", "rollback", "start")] == [
+        "start",
+        "nonfinite_step",
+        "nonfinite_step",
+        "start",  # the window is never read again
+        "start",
     ]
 
 
