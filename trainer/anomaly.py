@@ -19,11 +19,13 @@ the stream goes on from there without the skipped samples. The skip list is part
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -47,15 +49,17 @@ class DivergedError(PretrainError, RuntimeError):
 
 def load_skips(run_dir: str, skip: SkipList) -> None:
     """Collective: add the ranges of `<run_dir>/skipped_samples.json` (read by rank 0) to `skip`."""
-    got = [None]
-    if dist.get_rank() == 0 and run_dir:
-        path = os.path.join(run_dir, SKIP_FILE)
-        if os.path.exists(path):
-            import json
-
-            got[0] = json.loads(open(path).read()).get("skipped_samples")
+    got: list = [None]
+    path = os.path.join(run_dir, SKIP_FILE) if run_dir else ""
+    if dist.get_rank() == 0 and path and os.path.exists(path):
+        try:  # written atomically by us: unreadable only if edited by hand
+            got[0] = json.loads(Path(path).read_text())["skipped_samples"]
+        except (ValueError, KeyError) as e:
+            got[0] = e
     if dist.get_world_size() > 1:
         dist.broadcast_object_list(got, src=0)
+    if isinstance(got[0], Exception):
+        raise PretrainError(f"{path} is not a skip list ({got[0]!r}); restore or delete it", path=path)
     for a, b in got[0] or ():
         skip.add(a, b, where=SKIP_FILE)
 
