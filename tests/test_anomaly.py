@@ -344,3 +344,14 @@ def test_a_left_out_step_changes_nothing_on_zero3_dp2_and_under_pp(tmp_path):
             assert [s[0] for s in seen] == [0, 1, 2, 2, 3, 4], name
             assert seen[2][1:] == (seen[3][1], "nonfinite") and seen[3][2] == "ok", name
             assert hit == told, name  # and from there on exactly as without the poisoned batch
+
+
+@pytest.mark.slow
+def test_the_benchmark_measures_the_check_and_the_recovery():
+    """benchmarks/resilience_nan.py's two figures, on its real path, shortened."""
+    from benchmarks.resilience_nan import check_cost, recovery_seconds
+
+    cost = check_cost(rounds=1, steps=1)
+    assert cost["step_s_with_check"] > 0 and cost["step_s_without"] > 0 and 0 < cost["check_share"] < 1
+    rec = recovery_seconds()
+    assert rec["seconds_past_window"] > rec["plain_step_s"] > 0
