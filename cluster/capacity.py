@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from dataclasses import replace
 
 import ray
 
@@ -33,7 +34,7 @@ def worker_resources(cfg: Config, use_gpu: bool) -> dict[str, float]:
     return {k: v for k, v in need.items() if v > 0}
 
 
-def _fits_on(node: dict[str, float], need: dict[str, float]) -> int:
+def fits_on(node: dict[str, float], need: dict[str, float]) -> int:
     """How many workers one node can hold."""
     return min(math.floor(node.get(k, 0.0) / v + 1e-9) for k, v in need.items())
 
@@ -52,7 +53,7 @@ def shortfall(
     ]
     if short:
         return "; ".join(short)
-    per_node = [_fits_on(node, need) for node in nodes]
+    per_node = [fits_on(node, need) for node in nodes]
     shown = ", ".join(f"{k}={v:g}" for k, v in need.items())
     if not any(per_node):
         return f"no node can hold one worker ({shown}); the largest nodes have {_largest(nodes, need)}"
@@ -78,7 +79,7 @@ def _largest(nodes: list[dict[str, float]], need: dict[str, float]) -> str:
     return ", ".join(f"{k}={max((nd.get(k, 0.0) for nd in nodes), default=0.0):g}" for k in need)
 
 
-def _alive_nodes(ray) -> list[dict[str, float]]:
+def alive_nodes(ray) -> list[dict[str, float]]:
     return [dict(nd.get("Resources", {})) for nd in ray.nodes() if nd.get("Alive")]
 
 
@@ -92,7 +93,7 @@ def check_capacity(
             cfg.cluster.use_gpu == "auto" and ray.cluster_resources().get("GPU", 0) > 0
         )
     need = worker_resources(cfg, use_gpu)
-    why = shortfall(cfg, need, _alive_nodes(ray), ray.cluster_resources())
+    why = shortfall(cfg, need, alive_nodes(ray), ray.cluster_resources())
     if not why:
         return
     ceiling = max_autoscaled_resources()
@@ -108,7 +109,7 @@ def check_capacity(
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         time.sleep(poll_s)
-        why = shortfall(cfg, need, _alive_nodes(ray), ray.cluster_resources())
+        why = shortfall(cfg, need, alive_nodes(ray), ray.cluster_resources())
         if not why:
             return
     raise CapacityError(
@@ -129,4 +130,14 @@ class CapacityCheckBeforeStart(ControllerCallback):
 
     def before_controller_execute_resize_decision(self, resize_decision) -> None:
         if max_autoscaled_resources() is None:
-            check_capacity(self.cfg, ray, use_gpu=self.use_gpu)
+            # the group size decided (an elastic run's may be below cluster.num_workers)
+            n = resize_decision.num_workers
+            cl = replace(self.cfg.cluster, num_workers=n)
+            try:
+                check_capacity(replace(self.cfg, cluster=cl), ray, use_gpu=self.use_gpu)
+            except CapacityError as e:
+                if n == self.cfg.cluster.num_workers:
+                    raise
+                raise CapacityError(
+                    f"{e} (the smallest group of this elastic run: cluster.min_workers={n})"
+                ) from None

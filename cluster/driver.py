@@ -43,12 +43,15 @@ log = logging.getLogger("pretrain")
 def absolutize(cfg: Config) -> Config:
     """Paths relative to the user's working directory, fixed before workers (other cwd) see them."""
     data_path = cfg.data.path if is_remote(cfg.data.path) else os.path.abspath(cfg.data.path)
+    sources = [
+        replace(s, path=s.path if is_remote(s.path) else os.path.abspath(s.path)) for s in cfg.data.sources
+    ]
     uri = cfg.tracking.uri
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = "sqlite:///" + os.path.abspath(uri[len("sqlite:///") :])
     return replace(
         cfg,
-        data=replace(cfg.data, path=data_path),
+        data=replace(cfg.data, path=data_path, sources=sources),
         tracking=replace(cfg.tracking, uri=uri),
         cluster=replace(cfg.cluster, storage_path=os.path.abspath(cfg.cluster.storage_path)),
     )
@@ -169,11 +172,11 @@ def check_ray_address(address: str, field: str, timeout_s: float = 5.0) -> None:
 _embedded = False  # whether this process's Ray is the embedded cluster start_ray started
 
 
-def trainer_class():
+def trainer_class(elastic_sizes=None, grow_key: str = ""):
     """Ray Train's trainer for this process's Ray (cluster/library_internals.py says what it drops)."""
     from cluster.library_internals import trainer_class as lean_trainer_class
 
-    return lean_trainer_class(_embedded)
+    return lean_trainer_class(_embedded, elastic_sizes, grow_key)
 
 
 def _raise_stopped(signum, frame):
@@ -189,17 +192,21 @@ def _main_thread() -> bool:
 def check_corpus(cfg: Config) -> None:
     """Fail here, before any run directory or Ray process exists, if the corpus cannot serve cfg."""
     from trainer.config import resolve_model_config
-    from trainer.data.stream import open_manifest, train_stream
+    from trainer.data.mixing import MixedStream, corpus_stream
+    from trainer.data.stream import open_manifest
 
-    manifest = open_manifest(cfg.data.path)
+    stream = corpus_stream(cfg, None, dp_rank=0, dp_size=cfg.dp()) if cfg.data.sources else None
+    manifest = open_manifest(cfg.data.path)  # a mixture's val split and tokenizer: data.path's
     resolve_model_config(cfg, manifest)
-    train_stream(cfg, manifest, dp_rank=0, dp_size=cfg.dp())
+    if not isinstance(stream, MixedStream):
+        corpus_stream(cfg, manifest, dp_rank=0, dp_size=cfg.dp())
 
 
 def run_training(cfg: Config) -> dict:
     """A new run of `cfg` on Ray, to completion; returns the final summary plus the run's location."""
     t0 = time.perf_counter()
-    check_root(cfg.data.path)  # refuses pipe: and unknown schemes before paths are made absolute
+    for root in (cfg.data.path, *(s.path for s in cfg.data.sources)):
+        check_root(root)  # refuses pipe: and unknown schemes before paths are made absolute
     cfg = absolutize(cfg)
     check_corpus(cfg)
     name, run_dir = new_run_dir(cfg)
@@ -275,6 +282,8 @@ def start_ray_logged(cfg: Config, run_dir: Path):
 # checkpoint is converted when the layout changes; the global batch, and so the data order, stays).
 RESUMABLE_OVERRIDES = (
     "cluster.num_workers",
+    "cluster.min_workers",
+    "cluster.elastic_check_s",
     "parallel.tp",
     "parallel.pp",
     "parallel.zero_stage",
@@ -412,16 +421,18 @@ def _fit(cfg: Config, run_dir: Path, mlflow_run_id: str, t0: float) -> dict:
     _record_ray_job(cfg, run_dir, mlflow_run_id)
     cl = cfg.cluster
     use_gpu = cl.use_gpu == "true" or (cl.use_gpu == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
-    trainer = _make_trainer(cfg, run_dir, mlflow_run_id, use_gpu)
+    sizes = elastic_sizes(cfg)
+    trainer = _make_trainer(cfg, run_dir, mlflow_run_id, use_gpu, sizes)
     state, error = "failed", ""
     # `pretrain stop` / a scheduler ends the driver with SIGTERM: turn it into an exception so the
     # run record and the MLflow run are closed below instead of staying "running".
     previous = signal.signal(signal.SIGTERM, _raise_stopped) if _main_thread() else None
     try:
-        check_capacity(cfg, ray, use_gpu=use_gpu)
+        # an elastic run starts at the largest valid size the cluster holds, at least its smallest
+        check_capacity(replace(cfg, cluster=replace(cl, num_workers=sizes[-1])), ray, use_gpu=use_gpu)
         # From here Ray Train places and starts the workers: on a busy or autoscaling cluster the
         # wait for nodes shows as the gap between this event and the workers' `start`.
-        EventLog(str(run_dir)).write("workers_requested", workers=cl.num_workers)
+        EventLog(str(run_dir)).write("workers_requested", workers=cl.num_workers, min_workers=sizes[-1])
         try:
             result = trainer.fit()
         except TrainingFailedError as e:  # Ray's word for it, as the user's error and in run.json
@@ -463,25 +474,50 @@ def _record_ray_job(cfg: Config, run_dir: Path, mlflow_run_id: str) -> None:
         write_run_record(run_dir, {**json.loads((run_dir / "run.json").read_text()), "ray_job_id": job})
 
 
-def _make_trainer(cfg: Config, run_dir: Path, mlflow_run_id: str, use_gpu: bool):
-    """The Ray Train trainer of the run's worker group: placement, restarts, storage."""
+def elastic_sizes(cfg: Config) -> list[int]:
+    """The group sizes the run may take, largest first: [num_workers] unless it is elastic."""
+    from cluster.elastic import elastic, valid_sizes
+
+    if not elastic(cfg):
+        return [cfg.cluster.num_workers]
+    from trainer.data.stream import open_manifest, train_stream
+
+    streams = train_stream(cfg, open_manifest(cfg.data.path), dp_rank=0, dp_size=cfg.dp()).num_streams
+    sizes = valid_sizes(cfg, streams)
+    if sizes[-1] != cfg.cluster.min_workers:
+        raise RunError(
+            f"cluster.min_workers ({cfg.cluster.min_workers}) gives dp={cfg.dp(cfg.cluster.min_workers)}, which "
+            f"does not divide the corpus's {streams} data streams (data.num_streams); set min_workers to one of "
+            f"{', '.join(map(str, sizes))}",
+            field="cluster.min_workers",
+        )
+    return sizes
+
+
+def _make_trainer(cfg: Config, run_dir: Path, mlflow_run_id: str, use_gpu: bool, sizes: list[int]):
+    """The Ray Train trainer of the run's worker group: placement, restarts, storage; elastic
+    (Ray Train's (min, max) worker count) when the run has more than one size."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
 
     from cluster.backend import TorchEnvConfig
     from cluster.capacity import CapacityCheckBeforeStart
+    from cluster.elastic import GROW_KEY, GroupSizes
     from cluster.ray_session import worker_main
 
     cl = cfg.cluster
-    return trainer_class()(
+    resizable = len(sizes) > 1
+    return trainer_class(GroupSizes(cfg, sizes, use_gpu).now if resizable else None, GROW_KEY)(
         worker_main,
         train_loop_config={
             "config": cfg.to_dict(),
             "run_dir": str(run_dir),
             "mlflow_run_id": mlflow_run_id,
             "use_gpu": use_gpu,
+            "elastic_sizes": sizes if resizable else [],
         },
         scaling_config=ScalingConfig(
-            num_workers=cl.num_workers,
+            num_workers=(sizes[-1], sizes[0]) if resizable else cl.num_workers,
+            elastic_resize_monitor_interval_s=cl.elastic_check_s,
             use_gpu=use_gpu,
             resources_per_worker={"CPU": cl.cpus_per_worker, **cl.resources_per_worker},
             placement_strategy=cl.placement_strategy,

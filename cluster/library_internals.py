@@ -82,11 +82,66 @@ def _cluster_sized_scaling_policy():
     return ClusterSizedScalingPolicy
 
 
+@functools.cache
+def _elastic_group_policy():
+    from ray.train.v2._internal.execution.scaling_policy import NoopDecision
+    from ray.train.v2._internal.execution.scaling_policy.elastic import ElasticScalingPolicy
+
+    class ElasticGroupPolicy(ElasticScalingPolicy):
+        """Ray Train's elastic policy (ScalingConfig num_workers=(min, max)), with two changes:
+        the size comes from `sizes()` (the largest valid layout the live nodes hold: the
+        autoscaling coordinator's reservations know nothing of TP/PP or the global batch), and a
+        running group is resized only when its workers ask, waiting at a commit (a report with
+        `grow_key`), so that no step is lost. On a static cluster, too few nodes for the smallest
+        size is decided as that size, which the capacity check then refuses with the numbers
+        (Ray's policy would wait forever); the coordinator is asked only on an autoscaling one."""
+
+        def __init__(self, scaling_config, sizes, grow_key: str):
+            super().__init__(scaling_config)
+            self.sizes, self.grow_key, self.autoscaling = sizes, grow_key, False
+
+        def after_controller_start(self, train_run_context) -> None:
+            self.autoscaling = max_autoscaled_resources() is not None
+            if self.autoscaling:
+                super().after_controller_start(train_run_context)
+
+        def _maybe_send_resource_request(self) -> None:
+            if self.autoscaling:
+                super()._maybe_send_resource_request()
+
+        def _cancel_resource_request(self) -> None:
+            if self.autoscaling:
+                super()._cancel_resource_request()
+
+        def make_decision_for_non_running_worker_group(self):
+            self._maybe_send_resource_request()
+            n = self.sizes()
+            if n:
+                return self._get_resize_decision(n)
+            return (
+                NoopDecision()
+                if self.autoscaling
+                else self._get_resize_decision(self.scaling_config.min_workers)
+            )
+
+        def make_decision_for_running_worker_group(self, worker_group_state, worker_group_status):
+            self._maybe_send_resource_request()
+            reports = [s.training_report for s in worker_group_status.worker_statuses.values()]
+            if not any(r is not None and r.metrics.get(self.grow_key) for r in reports):
+                return NoopDecision()
+            # the workers wait at a commit: resize even to the same size rather than leave them waiting
+            return self._get_resize_decision(max(self.sizes(), worker_group_state.num_workers))
+
+    return ElasticGroupPolicy
+
+
 def __getattr__(name: str):
     """Ray Train's internals are imported when first used, not with this module: the driver imports
     Ray Train on a thread while Ray starts, and two threads importing it at once break its imports."""
     if name == "ClusterSizedScalingPolicy":
         return _cluster_sized_scaling_policy()
+    if name == "ElasticGroupPolicy":  # cluster/elastic.py's sizes in Ray Train's elastic policy
+        return _elastic_group_policy()
     if name == "ControllerCallback":  # capacity.py's hook into Ray Train's controller
         from ray.train.v2._internal.execution.callback import ControllerCallback
 
@@ -100,7 +155,7 @@ DATASETS_CALLBACK = "DatasetsCallback"
 PLACEMENT_GROUP_CLEANER = "PlacementGroupCleanerCallback"
 
 
-def trainer_class(embedded: bool):
+def trainer_class(embedded: bool, elastic_sizes=None, grow_key: str = ""):
     """Ray Train's DataParallelTrainer, for our torch-free backend (cluster/backend.py), less what
     would only cost start-up here:
 
@@ -113,6 +168,9 @@ def trainer_class(embedded: bool):
       with someone's `ray start` cluster on the machine it asks that one, hears that our controller
       is gone, and removes the running workers' placement group;
     - on the embedded cluster, the fixed scaling policy's requests to the autoscaling coordinator.
+
+    With `elastic_sizes` (a callable: the group size the cluster holds now), Ray Train's elastic
+    policy becomes ElasticGroupPolicy, sized by it.
     """
     from ray.train.v2._internal.execution.scaling_policy.fixed import FixedScalingPolicy
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
@@ -128,6 +186,10 @@ def trainer_class(embedded: bool):
         def _initialize_and_run_controller(self, **kwargs):
             if embedded and type(kwargs.get("scaling_policy")) is FixedScalingPolicy:
                 kwargs["scaling_policy"] = policy(self.scaling_config)
+            if elastic_sizes is not None and self.scaling_config.elasticity_enabled:
+                kwargs["scaling_policy"] = _elastic_group_policy()(
+                    self.scaling_config, elastic_sizes, grow_key
+                )
             return super()._initialize_and_run_controller(**kwargs)
 
     return Trainer

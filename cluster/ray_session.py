@@ -23,6 +23,12 @@ def worker_main(loop_config: dict) -> dict | None:
     from trainer.session import Session
 
     class RaySession(Session):
+        grow = None  # cluster.elastic.GrowAtCommit in an elastic run
+
+        def committed(self, step: int) -> None:
+            if self.grow is not None:
+                self.grow.at_commit(step)
+
         def preemption_requested(self) -> bool:
             # Ray Train's notice of a node being reclaimed (spot instances, drains); a collective,
             # called by every rank at the same logged steps.
@@ -40,8 +46,16 @@ def worker_main(loop_config: dict) -> dict | None:
         extra={"worker_started_at": started_at},
     )
     record_worker(session.run_dir, session.rank, ctx)
+    cfg = from_dict(loop_config["config"])
+    if loop_config.get("elastic_sizes"):
+        from cluster.elastic import GroupSizes, GrowAtCommit, resized_from
+
+        sizes = GroupSizes(cfg, loop_config["elastic_sizes"], loop_config["use_gpu"])
+        session.grow = GrowAtCommit(sizes, session.world_size, session.rank)
+        if session.rank == 0 and (resized := resized_from(session.run_dir, session.world_size)):
+            session.extra["resized"] = resized
     try:
-        train(from_dict(loop_config["config"]), session)
+        train(cfg, session)
     except PretrainError as e:
         if e.restartable:
             raise  # Ray Train restarts the group (up to cluster.max_failures)

@@ -56,6 +56,8 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str]:
         key = f"{prefix}{k}"
         if isinstance(v, dict) and v:
             out.update(flatten(v, key + "."))
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):  # data.sources.0.path
+            out.update(flatten({str(i): x for i, x in enumerate(v)}, key + "."))
         else:
             out[key] = str(v)
     return out
@@ -206,14 +208,18 @@ def create_mlflow_run(cfg: Config, run_dir: Path) -> str:
 
 
 def run_artifact_paths(cfg: Config) -> list[str]:
-    """The tokenizer and the data manifest of a local corpus (none for a remote `data.path`)."""
+    """The tokenizer, the data manifest and the quality report (`prepare` with cleaning stages) of a
+    local corpus (none for a remote `data.path`)."""
     from trainer.data.storage import is_remote
 
     if is_remote(cfg.data.path):
         return []
     return [
         p
-        for p in (os.path.join(cfg.data.path, n) for n in ("tokenizer.json", "manifest.json"))
+        for p in (
+            os.path.join(cfg.data.path, n)
+            for n in ("tokenizer.json", "manifest.json", "report.json", "report.png")
+        )
         if os.path.isfile(p)
     ]
 
@@ -225,6 +231,18 @@ def log_run_artifacts(cfg: Config, run_id: str, paths: list[str] | None = None) 
     client = _client(cfg.tracking.uri)
     for p in paths:
         client.log_artifact(run_id, p, artifact_path="data")
+    # The other sources of a mixture: their quality reports, under data/sources/<name>/.
+    from trainer.data.storage import is_remote
+
+    for src in cfg.data.sources:
+        if src.path == cfg.data.path or is_remote(src.path):
+            continue
+        name = src.name or os.path.basename(os.path.normpath(src.path))
+        for n in ("report.json", "report.png"):
+            p = os.path.join(src.path, n)
+            if os.path.isfile(p):
+                client.log_artifact(run_id, p, artifact_path=f"data/sources/{name}")
+                paths.append(p)
     return paths
 
 

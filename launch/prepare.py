@@ -33,10 +33,26 @@ OPTIONS = {
         help="blocks at the end of the stream held out as the val split (default: max(1, 0.5%% of blocks))",
     ),
     "text_field": dict(default="text", help="JSON Lines / Parquet field holding the text (default 'text')"),
-    "workers": dict(type=int, default=None, help="tokenizer processes (default: all CPU cores)"),
+    "workers": dict(type=int, default=None, help="cleaning and tokenizer processes (default: all CPU cores)"),
     "max_docs": dict(type=int, default=None, help="stop after this many documents"),
     "tokenizer_sample_docs": dict(
         type=int, default=None, help="train the tokenizer on only the first N documents (default: all)"
+    ),
+    "filters": dict(
+        metavar="NAMES",
+        default=None,
+        help="cleaning filters to run, in order, comma-separated: gopher_quality, gopher_repetition, c4, "
+        "fineweb, min_length, language (default thresholds: docs/data.md#cleaning-and-deduplication; default: none)",
+    ),
+    "dedup": dict(
+        metavar="KINDS",
+        default=None,
+        help="remove duplicates: exact, near or exact,near (MinHash LSH 14x8 over 5-word shingles)",
+    ),
+    "recipe": dict(
+        metavar="YAML",
+        default=None,
+        help="a cleaning recipe: filters with their thresholds and dedup settings (docs/data.md#cleaning-and-deduplication)",
     ),
     "overwrite": dict(
         action="store_true",

@@ -139,3 +139,34 @@ def upload_dir(directory: str, bucket: str, prefix: str) -> None:
     s3.create_bucket(Bucket=bucket)
     for name in sorted(os.listdir(directory)):
         s3.upload_file(os.path.join(directory, name), bucket, f"{prefix}/{name}")
+
+
+def identity_corpora(
+    out: Path, train_blocks: list[int], *, samples_per_shard: int, block_len: int = 9, val_blocks: int = 2
+) -> list[str]:
+    """Corpora that share one word-level tokenizer (a mixture's sources): corpus i holds blocks whose
+    token ids run on from corpus i-1's, so `sample_ids` names both the corpus and the block. Returns
+    their directories, `<out>/src<i>`."""
+    sizes = [(n + val_blocks) * block_len for n in train_blocks]
+    n_tokens = sum(sizes)
+    vocab = {EOS_TOKEN: 0, **{f"w{i}": i + 1 for i in range(n_tokens)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=EOS_TOKEN))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    roots, first = [], 0
+    for i, size in enumerate(sizes):
+        text = out / f"src{i}-words.txt"
+        text.write_text(" ".join(f"w{j}" for j in range(first, first + size)))
+        first += size
+        prepare(
+            [str(text)],
+            str(out / f"src{i}"),
+            tokenizer=str(out / "tokenizer.json"),
+            block_len=block_len,
+            samples_per_shard=samples_per_shard,
+            val_blocks=val_blocks,
+            workers=1,
+        )
+        roots.append(str(out / f"src{i}"))
+    return roots

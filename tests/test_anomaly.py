@@ -91,6 +91,51 @@ def test_skipped_ranges_leave_the_order_otherwise_as_it_was_on_any_layout(ids_co
         late.check_resume(_stream(ids_corpus).state_dict(4))
 
 
+def test_a_mixture_leaves_the_same_global_batches_out(tmp_path):
+    from tests.data_fixtures import identity_corpora
+    from trainer.data.mixing import MixedStream, open_sources
+
+    roots = identity_corpora(tmp_path, [20, 53], samples_per_shard=7)
+    sources = [{"path": r, "weight": w} for r, w in zip(roots, (3, 1), strict=True)]
+    cfg = tiny_config(data={"seq_len": BLOCK - 1, "sources": sources}, model={"max_seq_len": BLOCK - 1})
+
+    def ids(skip=(), start=0, steps=9, dp=1):
+        out = []
+        for r in range(dp):
+            s = MixedStream(
+                open_sources(cfg),
+                seq_len=BLOCK - 1,
+                micro_batch=2,
+                global_batch=GB,
+                dp_rank=r,
+                dp_size=dp,
+                seed=0,
+                skip=skip,
+            )
+            out.append(_step_ids(s, start, steps))
+        return [sorted(sum(parts, [])) for parts in zip(*out, strict=True)]
+
+    plain = ids(steps=12)
+    skip = [(16, 24), (40, 56)]
+    kept = [plain[u] for u in range(12) if u not in (2, 5, 6)]
+    assert ids(skip) == ids(skip, dp=2) == kept
+    assert ids(skip, start=4, steps=5) == kept[4:]
+    mixed = MixedStream(
+        open_sources(cfg), seq_len=BLOCK - 1, micro_batch=2, global_batch=GB, dp_rank=0, dp_size=1, seed=0
+    )
+    state = MixedStream(
+        open_sources(cfg),
+        seq_len=BLOCK - 1,
+        micro_batch=2,
+        global_batch=GB,
+        dp_rank=0,
+        dp_size=1,
+        seed=0,
+        skip=skip,
+    ).state_dict(4)
+    assert mixed.check_resume(state) == 4 and mixed.skip.ranges == [[16, 24], [40, 56]]
+
+
 def test_skip_list_counts_steps_around_the_ranges():
     s = SkipList(8, [(40, 48), (16, 24), (48, 56)])
     assert s.ranges == [[16, 24], [40, 56]] and s.samples == 24

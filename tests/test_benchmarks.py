@@ -90,3 +90,26 @@ def test_overhead_benchmark_prints_both_ratios():
     assert len(ratios) == 2 and all(r > 0 for r in ratios), p.stdout
     assert len(re.findall(r"tokens/s -> ratio [\d.]+ \(against", p.stdout)) == 2, p.stdout
     assert "steps 2-4 (start-up's tail)" in p.stdout
+
+
+def test_prepare_benchmark_prints_cleaning_and_minhash_rates(tmp_path):
+    out = tmp_path / "prepare.json"
+    p = subprocess.run(
+        [sys.executable, "benchmarks/prepare.py", "--mb", "0.2", "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert figures["mb_per_cpu_s"]["rensa (chosen)"] > 0 and figures["mb_per_cpu_s"]["numpy (ours)"] > 0
+    assert set(figures["cleaning"]) == {
+        "min_length",
+        "gopher_quality",
+        "gopher_repetition",
+        "c4",
+        "fineweb",
+        "all five",
+    }
+    assert "rensa (chosen) / numpy (ours)" in p.stdout

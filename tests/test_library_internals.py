@@ -124,6 +124,41 @@ def test_ray_still_has_what_the_embedded_head_and_trainer_override():
     assert PlacementGroupCleanerCallback.__name__ == library_internals.PLACEMENT_GROUP_CLEANER
 
 
+def test_ray_still_has_what_the_elastic_group_policy_overrides():
+    """cluster/library_internals.py's ElasticGroupPolicy: Ray Train's elastic policy, the decisions
+    and the worker reports it reads, and the (min, max) ScalingConfig it is chosen for."""
+    from ray.train import ScalingConfig
+    from ray.train.v2._internal.execution.scaling_policy import NoopDecision, ResizeDecision
+    from ray.train.v2._internal.execution.scaling_policy.elastic import ElasticScalingPolicy
+    from ray.train.v2._internal.execution.scaling_policy.factory import create_scaling_policy
+    from ray.train.v2._internal.execution.training_report import _TrainingReport
+    from ray.train.v2._internal.execution.worker_group.poll import WorkerStatus
+    from ray.train.v2._internal.execution.worker_group.state import WorkerGroupState
+
+    from cluster.library_internals import ElasticGroupPolicy
+
+    for name in (
+        "make_decision_for_non_running_worker_group",
+        "make_decision_for_running_worker_group",
+        "_get_resize_decision",
+        "after_controller_start",
+        "_maybe_send_resource_request",
+        "_cancel_resource_request",
+    ):
+        assert hasattr(ElasticScalingPolicy, name), name
+    elastic = ScalingConfig(num_workers=(1, 2), elastic_resize_monitor_interval_s=5)
+    assert type(create_scaling_policy(elastic)) is ElasticScalingPolicy
+    assert (elastic.min_workers, elastic.max_workers, elastic.elasticity_enabled) == (1, 2, True)
+    assert hasattr(WorkerGroupState, "num_workers")
+    assert "training_report" in WorkerStatus.__dataclass_fields__
+    assert _TrainingReport(None, {"k": 1}, False).metrics == {"k": 1}
+
+    policy = ElasticGroupPolicy(elastic, lambda: 1, "grow")
+    assert isinstance(policy.make_decision_for_non_running_worker_group(), ResizeDecision)
+    status = type("Status", (), {"worker_statuses": {0: WorkerStatus(running=True)}})()
+    assert isinstance(policy.make_decision_for_running_worker_group(None, status), NoopDecision)
+
+
 @pytest.mark.slow
 def test_the_embedded_trainer_drops_exactly_the_named_callbacks():
     """On a real embedded Ray: Ray Train's default callbacks, less the datasets callback and the

@@ -163,17 +163,32 @@ def test_short_run_in_sqlite_store(tmp_path):
     loss = {m.step: m.value for m in _client(cfg.tracking.uri).get_metric_history(run_id, "loss")}
     assert loss == pytest.approx(result.losses, abs=1e-6)
 
-    # Tokenizer and manifest of a local corpus; a resumed attempt continues, never repeats a step.
+    # Tokenizer, manifest and quality report of a local corpus; a resumed attempt continues, never
+    # repeats a step.
     corpus = tmp_path / "corpus"
     corpus.mkdir()
-    for name in ("tokenizer.json", "manifest.json"):
+    for name in ("tokenizer.json", "manifest.json", "report.json", "report.png"):
         (corpus / name).write_text("{}")
     cfg_data = tiny_config(data={"path": str(corpus)}, tracking={"uri": cfg.tracking.uri})
-    assert len(log_run_artifacts(cfg_data, run_id)) == 2
+    assert len(log_run_artifacts(cfg_data, run_id)) == 4
     assert {a.path for a in _client(cfg.tracking.uri).list_artifacts(run_id, "data")} == {
         "data/tokenizer.json",
         "data/manifest.json",
+        "data/report.json",
+        "data/report.png",
     }
+    # A mixture: the other sources' quality reports under data/sources/<name>/.
+    web = tmp_path / "web"
+    web.mkdir()
+    (web / "report.json").write_text("{}")
+    mixed = tiny_config(
+        data={"path": str(corpus), "sources": [{"path": str(corpus)}, {"path": str(web), "name": "webtext"}]},
+        tracking={"uri": cfg.tracking.uri},
+    )
+    assert log_run_artifacts(mixed, run_id)[-1] == str(web / "report.json")
+    assert [a.path for a in _client(cfg.tracking.uri).list_artifacts(run_id, "data/sources/webtext")] == [
+        "data/sources/webtext/report.json"
+    ]
     _client(cfg.tracking.uri).set_terminated(run_id, "FAILED")
     assert reopen_mlflow_run(cfg, run_id) == 2
     logger = MlflowLogger(cfg.tracking.uri, run_id)

@@ -12,9 +12,12 @@ import hashlib
 import json
 import logging
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
+from fractions import Fraction
+from math import gcd, lcm
 from pathlib import Path
 from typing import Any, Literal
 
@@ -74,8 +77,22 @@ class ModelConfig:
 
 
 @dataclass
+class SourceConfig:
+    path: str = _f("", "a prepared corpus of the mixture: directory or http(s)/s3 URL holding manifest.json")
+    weight: float = _f(1.0, "its share of the samples is weight / (sum of the weights)")
+    name: str = _f("", "its name in metrics (tokens/<name>); empty = the path's last part")
+
+
+@dataclass
 class DataConfig:
-    path: str = _f("data/pystdlib", "prepared corpus: directory or http(s)/s3 URL holding manifest.json")
+    path: str = _f(
+        "data/pystdlib",
+        "prepared corpus: directory or http(s)/s3 URL holding manifest.json; with data.sources, the "
+        "source whose val split and tokenizer the run uses (left out or empty = the first source)",
+    )
+    sources: list[SourceConfig] = _f(
+        [], "weighted mixture of prepared corpora [{path, weight, name}] (one tokenizer); empty = data.path"
+    )
     seq_len: int = _f(256, "training sequence length; may be shorter than the stored block length")
     num_streams: int = _f(
         0, "logical streams S (a multiple of every DP size you will use); 0 = from the manifest"
@@ -192,6 +209,14 @@ class CheckpointConfig:
 class ClusterConfig:
     address: str = _f("", "Ray cluster address (ray://, auto, host:port); empty = start a local Ray")
     num_workers: int = _f(2, "Ray Train workers = DeepSpeed ranks")
+    min_workers: int = _f(
+        0,
+        "elastic: fewest workers the run goes on with when nodes leave (DP shrinks, TP/PP stay; "
+        "the run grows back later); 0 = num_workers (off)",
+    )
+    elastic_check_s: float = _f(
+        60.0, "elastic: seconds between checks, at a commit, whether the cluster can hold more workers"
+    )
     use_gpu: Literal["auto", "true", "false"] = _f(
         "auto", "one GPU per worker; auto = when the cluster has GPUs"
     )
@@ -306,6 +331,16 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {value!r}", field=where)
         return list(value)
+    if origin is list:  # a list of sections (data.sources): each item built like a section
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}", field=where)
+        (item_tp,) = typing.get_args(tp)
+        return [
+            _build(item_tp, v, f"{where}[{i}]")
+            if dataclasses.is_dataclass(item_tp)
+            else _coerce(v, item_tp, where)
+            for i, v in enumerate(value)
+        ]
     if tp is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}", field=where)
@@ -377,6 +412,11 @@ def load_yaml(path: str | Path) -> dict:
 
 
 def from_dict(raw: dict) -> Config:
+    data = raw.get("data")
+    if isinstance(data, dict) and data.get("sources") and not data.get("path"):
+        first = data["sources"][0]  # a mixture's val split and tokenizer: the first source's by default
+        if isinstance(first, dict) and isinstance(first.get("path"), str):
+            raw = {**raw, "data": {**data, "path": first["path"]}}
     tracking = raw.get("tracking")
     if isinstance(tracking, dict) and isinstance(tracking.get("uri"), str):
         raw = {**raw, "tracking": {**tracking, "uri": take_tracking_credentials(tracking["uri"])}}
@@ -478,6 +518,7 @@ def _validate(c: Config) -> None:
     _check_layout(c)
     _check_run(c)
     _check_skips(c)
+    _check_sources(c.data)
 
 
 def _need(ok: bool, field: str, msg: str) -> None:
@@ -507,7 +548,7 @@ _NON_NEGATIVE = {
         "rollback_lr_steps",
         "max_rollbacks",
     ),
-    "cluster": ("max_failures",),
+    "cluster": ("max_failures", "min_workers", "elastic_check_s"),
     "data": ("num_streams", "prefetch", "loader_workers"),
     "tracking": ("system_metrics_every_s",),
 }
@@ -630,6 +671,7 @@ def _check_layout(c: Config) -> None:
         f"cluster.num_workers ({world}) must be divisible by parallel.tp*parallel.pp ({p.tp * p.pp})",
     )
     dp = c.dp()
+    _check_min_workers(c)
     _need(
         p.global_batch_size % (p.micro_batch_size * dp) == 0,
         "parallel.global_batch_size",
@@ -655,6 +697,26 @@ def _check_layout(c: Config) -> None:
         "model.tie_embeddings",
         f"model.tie_embeddings is not supported with parallel.pp={p.pp} (the shared matrix would live on "
         "the first and the last stage); set tie_embeddings: false or pp: 1",
+    )
+
+
+def _check_min_workers(c: Config) -> None:
+    """An elastic run's smallest group must be a layout of its own (same TP/PP, same global batch)."""
+    p, least, most = c.parallel, c.cluster.min_workers, c.cluster.num_workers
+    if least == 0:
+        return
+    _need(
+        least <= most,
+        "cluster.min_workers",
+        f"cluster.min_workers ({least}) must be <= cluster.num_workers ({most}) (0 = elastic off)",
+    )
+    _need(
+        least % (p.tp * p.pp) == 0
+        and p.global_batch_size % (p.micro_batch_size * (least // (p.tp * p.pp))) == 0,
+        "cluster.min_workers",
+        f"cluster.min_workers ({least}) must be a multiple of parallel.tp*parallel.pp ({p.tp * p.pp}) whose "
+        f"dp divides parallel.global_batch_size/parallel.micro_batch_size "
+        f"({p.global_batch_size}/{p.micro_batch_size})",
     )
 
 
@@ -700,6 +762,65 @@ def _check_run(c: Config) -> None:
     )
 
 
+# The mixture repeats every sum-of-integer-weights samples: a schedule longer than this is refused.
+MAX_MIX_PERIOD = 1 << 16
+# A source's name, as its MLflow metric `tokens/<name>` can hold it.
+_SOURCE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def source_name(src: SourceConfig) -> str:
+    """A source's name in metrics: its `name`, else the last part of its path."""
+    return src.name or src.path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def mix_weights(sources: list[SourceConfig]) -> list[int]:
+    """The weights as the smallest integers in the same ratio (0.7, 0.3 -> 7, 3), read as the
+    decimals the config wrote: the mixture repeats every sum(weights) samples."""
+    exact = [Fraction(repr(s.weight)) for s in sources]
+    scale = lcm(*(f.denominator for f in exact))
+    ints = [int(f * scale) for f in exact]
+    g = gcd(*ints)
+    return [i // g for i in ints]
+
+
+def _check_sources(d: DataConfig) -> None:
+    """A mixture's static rules; what needs the corpora (missing ones, tokenizers) is checked when
+    they are opened, before anything starts (trainer/data/mixing.py)."""
+    if not d.sources:
+        return
+    names = set()
+    for i, src in enumerate(d.sources):
+        where = f"data.sources[{i}]"
+        _need(src.path != "", f"{where}.path", f"{where}.path must name a prepared corpus")
+        _need(
+            src.weight > 0 and src.weight != float("inf"),
+            f"{where}.weight",
+            f"{where}.weight must be > 0, got {src.weight} (leave a corpus out of data.sources instead)",
+        )
+        name = source_name(src)
+        _need(
+            name not in names and _SOURCE_NAME.fullmatch(name) is not None,
+            f"{where}.name",
+            f"{where} ({src.path}) is named {name!r}, "
+            f"{'like another source' if name in names else 'which a metric name cannot hold'}; set "
+            f"{where}.name to a distinct name of letters, digits, '_', '-' and '.' (its metric is tokens/<name>)",
+        )
+        names.add(name)
+    _need(
+        d.path in [s.path for s in d.sources],
+        "data.path",
+        f"data.path ({d.path}) must be one of data.sources' paths (its val split and tokenizer are the "
+        "run's), or empty for the first source's",
+    )
+    period = sum(mix_weights(d.sources))
+    _need(
+        period <= MAX_MIX_PERIOD,
+        "data.sources",
+        f"data.sources weights {[s.weight for s in d.sources]} repeat only every {period} samples "
+        f"(more than {MAX_MIX_PERIOD}); round them to fewer decimals",
+    )
+
+
 def describe_fields(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
     """(dotted name, default, doc) for every field, for `pretrain train --help-config`."""
     out = []
@@ -711,4 +832,7 @@ def describe_fields(cls: type = Config, prefix: str = "") -> list[tuple[str, str
         else:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             out.append((name, repr(default), f.metadata.get("doc", "")))
+            item = typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
+            if dataclasses.is_dataclass(item):  # the fields of each list item: data.sources[].path
+                out += describe_fields(item, name + "[].")
     return out

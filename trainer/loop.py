@@ -22,7 +22,8 @@ from trainer.anomaly import AnomalyGuard, load_skips
 from trainer.checkpoint import RESUME_INVARIANT, Checkpointer, CheckpointManager
 from trainer.config import Config, resolve_model_config
 from trainer.data.manifest import Manifest
-from trainer.data.stream import SkipList, open_manifest, prefetched, train_stream
+from trainer.data.mixing import corpus_stream
+from trainer.data.stream import SkipList, open_manifest, prefetched
 from trainer.engine import initialize, lr_at, precision, set_lr
 from trainer.evaluate import Evaluator
 from trainer.events import EventLog, StartupClock
@@ -139,6 +140,8 @@ def train(
                 sink.log(metrics, done)
             if saved := t.checkpointer.maybe_save(done, last=last, forced=preempted):
                 sink.log(saved, done)
+                if "checkpoint_save_s" in saved and not (last or preempted):
+                    t.session.committed(done)  # an elastic launcher may grow the group here
             if preempted:
                 log.warning("SIGTERM received: checkpoint committed at step %d, stopping", done)
                 t.events.write("preempted", step=done)
@@ -186,6 +189,10 @@ def first_step_done(t: Trainer, cleanup: ExitStack) -> None:
     t.started_at = time.perf_counter()  # steady state starts after the first step (warm-up, allocs)
     t.startup.mark("first_step")
     t.events.write("startup", first_batch_wait_s=round(t.logger.data_wait, 3), **t.startup.fields())
+    if resized := t.session.extra.get("resized"):  # the launcher changed the group size: time it cost
+        lost_s = round(time.time() - resized["since"], 3)  # from the commit resumed to this first step
+        t.events.write("resize", **resized, step=t.start, lost_s=lost_s)
+        t.logger.sink.log({"resize_lost_s": lost_s}, t.start)
     # MLflow's system-metrics monitor (its import and first contact with the store) would otherwise
     # compete with the first step for the cores.
     stop_node_metrics = start_node_metrics(t.cfg, t.session)
@@ -217,7 +224,7 @@ def build(
     stream = (
         None
         if batches is not None
-        else train_stream(cfg, manifest, topo.dp_rank, topo.dp, cfg.data.loader_workers)
+        else corpus_stream(cfg, manifest, topo.dp_rank, topo.dp, cfg.data.loader_workers)
     )
     sink = logger or make_logger(cfg, session, topo.logging_rank)  # under PP: the last stage's
     cleanup.callback(sink.close)
@@ -276,6 +283,7 @@ def build(
             else None
         )
         t.reposition = lambda step: prefetched(stream.batches(step), cfg.data.prefetch)
+    t.logger.data_metrics = getattr(stream, "window_metrics", None)  # a mixture's tokens per source
     _announce(t, cleanup)
     t.logger.window_start = time.perf_counter()  # the first window starts with the first step
     startup.mark("tracking")  # the metrics logger, the event log
@@ -354,8 +362,9 @@ def _announce(t: Trainer, cleanup: ExitStack) -> None:
     attempt = t.events.attempts() + 1
     t.events.write("start", attempt=attempt, resumed_from=t.start, world_size=t.session.world_size)
     cleanup.callback(lambda: t.events.write("stop", step=int(t.engine.global_steps)))
-    if attempt > 1 or t.start:  # resilience, visible in MLflow next to the loss
-        t.logger.sink.log({"restarts": float(attempt - 1), "resumed_from_step": float(t.start)}, t.start)
+    if attempt > 1 or t.start:  # resilience, visible in MLflow next to the loss (workers: elastic resizes)
+        metrics = {"restarts": float(attempt - 1), "resumed_from_step": float(t.start)}
+        t.logger.sink.log({**metrics, "workers": float(t.session.world_size)}, t.start)
 
 
 def finish(t: Trainer) -> TrainResult:

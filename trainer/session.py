@@ -61,6 +61,10 @@ class Session:
         """The launcher's own notice that this run's nodes are about to go (collective)."""
         return False
 
+    def committed(self, step: int) -> None:
+        """A checkpoint of `step` was committed (every rank calls it): a launcher may end the group
+        here to restart it at another size (cluster/elastic.py), nothing being lost."""
+
     def report(self, metrics: dict) -> None:
         """Hand final metrics to the launcher (Ray Train's Result); nothing to do locally."""
 

@@ -105,6 +105,7 @@ class StepLogger:
         self.losses: dict[int, float] = {}  # logged step -> mean loss
         self.loss_sum = torch.zeros((), device=self.device)
         self.window_start, self.window_steps, self.data_wait = time.perf_counter(), 0, 0.0
+        self.data_metrics = None  # (first step, end step) -> the data's metrics of that window, or None
 
     def due(self, step: int) -> bool:
         """Whether 0-based `step` is a logged one."""
@@ -150,6 +151,8 @@ class StepLogger:
             "skipped_steps": float(engine.skipped_steps),
             **{f"{k}_s": v for k, v in self.timer.pop().items()},
         }
+        if self.data_metrics is not None:
+            metrics |= self.data_metrics(step + 1 - self.window_steps, step + 1)
         if self.peak_tflops:
             metrics["mfu"] = mfu(tps, self.flops_per_token, self.peak_tflops, self.world)
         self.losses[step + 1] = metrics["loss"]

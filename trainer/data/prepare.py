@@ -40,7 +40,10 @@ from typing import IO, Any
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from trainer.data.clean import CleanRecipe, make_recipe
+from trainer.data.curate import Curated, curate
 from trainer.data.manifest import MANIFEST_NAME, Manifest, ShardInfo, SplitInfo, write_manifest
+from trainer.data.report import REPORT_JSON, REPORT_PNG, QualityReport
 from trainer.errors import PretrainError
 from trainer.fsutil import fsync_dir, sha256_file
 
@@ -75,6 +78,7 @@ class _Options:
     workers: int | None  # None: every CPU core
     max_docs: int | None
     tokenizer_sample_docs: int | None
+    clean: CleanRecipe = CleanRecipe()  # cleaning + dedup stages; empty: none (the default)
 
 
 # ---- entry point ------------------------------------------------------------------------------
@@ -93,9 +97,16 @@ def prepare(
     workers: int | None = None,
     max_docs: int | None = None,
     tokenizer_sample_docs: int | None = None,
+    filters: str | None = None,
+    dedup: str | None = None,
+    recipe: str | None = None,
     overwrite: bool = False,
 ) -> Manifest:
-    """Tokenize `inputs` into WebDataset shards under `out`; returns the manifest written last."""
+    """Tokenize `inputs` into WebDataset shards under `out`; returns the manifest written last.
+
+    `filters` ("gopher_quality,c4"), `dedup` ("exact,near") and `recipe` (a YAML file) switch on
+    the cleaning stages (trainer/data/clean.py); with any of them a quality report is written too.
+    """
     start = time.monotonic()
     opts = _Options(
         tokenizer=tokenizer,
@@ -107,6 +118,7 @@ def prepare(
         workers=workers,
         max_docs=max_docs,
         tokenizer_sample_docs=tokenizer_sample_docs,
+        clean=make_recipe(filters, dedup, recipe),
     )
     _check_options(opts)
     out = os.path.abspath(out)
@@ -118,31 +130,39 @@ def prepare(
     # Same filesystem as `out`, so the final moves are renames; the dot hides it from directory inputs.
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.prepare-", dir=parent)
     progress = _Progress()
+    report = None
     try:
-        manifest = _build_dataset(tmp, list(inputs), sources, opts, progress)
+        manifest, report = _build_dataset(tmp, list(inputs), sources, opts, progress)
         names = [s.name for split in manifest.splits.values() for s in split.shards] + [TOKENIZER_NAME]
+        if report is not None:
+            names += report.write(tmp)
         _commit(tmp, out, names, manifest)
     finally:
         progress.done()
         shutil.rmtree(tmp, ignore_errors=True)
-    _print_summary(manifest, out, time.monotonic() - start)
+    _print_summary(manifest, out, time.monotonic() - start, report)
     return manifest
 
 
 def _build_dataset(
     tmp: str, inputs: list[str], sources: list[str], opts: _Options, progress: _Progress
-) -> Manifest:
-    """Tokenizer, token stream, shards and the sealed manifest, all in `tmp`."""
+) -> tuple[Manifest, QualityReport | None]:
+    """Tokenizer, token stream, shards and the sealed manifest, all in `tmp`; and the quality report
+    when cleaning stages ran."""
+    curated = _curate(tmp, sources, opts, progress) if opts.clean.enabled else None
     tok_path = os.path.join(tmp, TOKENIZER_NAME)
-    tok, tokenizer_source = _make_tokenizer(sources, tok_path, opts, progress)
+    tok, tokenizer_source = _make_tokenizer(sources, tok_path, opts, progress, curated)
     eos_id = tok.token_to_id(EOS_TOKEN)
     vocab = tok.get_vocab_size(with_added_tokens=True)
     dtype = "uint16" if vocab <= 1 << 16 else "uint32"
 
     tokens_path = os.path.join(tmp, "tokens.bin")
-    docs = iter_documents(sources, opts.text_field, opts.max_docs)
+    docs = curated.documents() if curated else iter_documents(sources, opts.text_field, opts.max_docs)
     workers = opts.workers or os.cpu_count() or 1
-    n_docs, n_tokens = _tokenize_to_file(docs, tok, eos_id, dtype, workers, tokens_path, progress)
+    doc_tokens: list[np.ndarray] | None = [] if curated else None
+    n_docs, n_tokens = _tokenize_to_file(docs, tok, eos_id, dtype, workers, tokens_path, progress, doc_tokens)
+    if curated:
+        _finish_report(curated, tok, doc_tokens)
     n_blocks, n_val = _count_blocks(inputs, n_docs, n_tokens, opts)
     n_train = n_blocks - n_val
 
@@ -154,7 +174,20 @@ def _build_dataset(
     del blocks  # release the mapping before the temp dir goes
     progress.done()
 
-    return Manifest(
+    source: dict[str, Any] = {
+        "inputs": inputs,
+        "documents": n_docs,
+        "tokens": n_tokens,
+        "dropped_tail_tokens": n_tokens - n_blocks * opts.block_len,
+        "text_field": opts.text_field,
+        "max_docs": opts.max_docs,
+        "tokenizer": tokenizer_source,
+        "tool_version": _tool_version(),
+    }
+    if curated:
+        # Only with cleaning on, so the quick start's manifest (and fingerprint) stay as they were.
+        source["cleaning"] = curated.report.recipe
+    manifest = Manifest(
         version=1,
         dtype=dtype,
         block_len=opts.block_len,
@@ -163,30 +196,56 @@ def _build_dataset(
         tokenizer_file=TOKENIZER_NAME,
         tokenizer_sha256=sha256_file(tok_path),
         splits=splits,
-        source={
-            "inputs": inputs,
-            "documents": n_docs,
-            "tokens": n_tokens,
-            "dropped_tail_tokens": n_tokens - n_blocks * opts.block_len,
-            "text_field": opts.text_field,
-            "max_docs": opts.max_docs,
-            "tokenizer": tokenizer_source,
-            "tool_version": _tool_version(),
-        },
+        source=source,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     ).seal()
+    return manifest, (curated.report if curated else None)
+
+
+def _curate(tmp: str, sources: list[str], opts: _Options, progress: _Progress) -> Curated:
+    """Run the cleaning and dedup stages over the inputs (read once) into `tmp`."""
+    docs = _iter_sourced(sources, opts.text_field, opts.max_docs)
+    workers = opts.workers or os.cpu_count() or 1
+    curated = curate(docs, opts.clean, sources, tmp, lambda n: progress.update("cleaning", docs=n), workers)
+    progress.reset()
+    report = curated.report
+    if report.input_documents and not curated.keep.any():
+        removed = ", ".join(f"{name} {r.documents}" for name, r in report.removed.items())
+        raise PrepareError(
+            f"the cleaning stages removed all {report.input_documents} documents ({removed}); "
+            "loosen the thresholds (--recipe) or drop filters",
+            field="--filters",
+        )
+    return curated
+
+
+def _finish_report(curated: Curated, tok: Tokenizer, doc_tokens: list[np.ndarray] | None) -> None:
+    """Token counts for the report: per kept document, and removed by each stage."""
+    counter = Tokenizer.from_str(tok.to_str())
+    counter.encode_special_tokens = True  # as the tokenization pass encodes
+
+    def count(texts: list[str]) -> list[int]:
+        return [len(e.ids) for e in counter.encode_batch(texts, add_special_tokens=False)]
+
+    curated.count_removed_tokens(count)
+    curated.report.kept_tokens = np.concatenate(doc_tokens) if doc_tokens else np.zeros(0, dtype=np.int64)
 
 
 def _make_tokenizer(
-    sources: list[str], tok_path: str, opts: _Options, progress: _Progress
+    sources: list[str], tok_path: str, opts: _Options, progress: _Progress, curated: Curated | None = None
 ) -> tuple[Tokenizer, dict[str, Any]]:
-    """The given tokenizer (copied to `tok_path`) or one trained on the inputs; and how it was made."""
+    """The given tokenizer (copied to `tok_path`) or one trained on the inputs (the kept documents
+    when cleaning ran); and how it was made."""
     if opts.tokenizer:
         return _load_tokenizer(opts.tokenizer, tok_path), {"file": opts.tokenizer}
     sample = opts.tokenizer_sample_docs
-    if opts.max_docs is not None:
-        sample = min(opts.max_docs, sample or opts.max_docs)
-    tok = _train_tokenizer(iter_documents(sources, opts.text_field, sample), opts.vocab_size, progress)
+    if curated:
+        docs = curated.documents(sample)
+    else:
+        if opts.max_docs is not None:
+            sample = min(opts.max_docs, sample or opts.max_docs)
+        docs = iter_documents(sources, opts.text_field, sample)
+    tok = _train_tokenizer(docs, opts.vocab_size, progress)
     tok.save(tok_path)
     return tok, {"trained": {"vocab_size": opts.vocab_size, "sample_docs": opts.tokenizer_sample_docs}}
 
@@ -210,7 +269,11 @@ def _count_blocks(inputs: list[str], n_docs: int, n_tokens: int, opts: _Options)
     return n_blocks, n_val
 
 
-def _print_summary(manifest: Manifest, out: str, seconds: float) -> None:
+def _print_summary(manifest: Manifest, out: str, seconds: float, report: QualityReport | None = None) -> None:
+    if report is not None:
+        for line in report.summary_lines():
+            print(line, file=sys.stderr)
+        print(f"[prepare] quality report: {os.path.join(out, REPORT_JSON)}, {REPORT_PNG}", file=sys.stderr)
     train, val = manifest.splits["train"], manifest.splits["val"]
     n_shards = sum(len(s.shards) for s in manifest.splits.values())
     print(
@@ -262,15 +325,21 @@ def resolve_inputs(inputs: Sequence[str]) -> list[str]:
 
 def iter_documents(sources: Iterable[str], text_field: str, max_docs: int | None = None) -> Iterator[str]:
     """Yield non-empty documents from resolved sources in order, at most `max_docs`."""
+    for _, doc in _iter_sourced(sources, text_field, max_docs):
+        yield doc
+
+
+def _iter_sourced(sources: Iterable[str], text_field: str, max_docs: int | None) -> Iterator[tuple[int, str]]:
+    """(index of the source, document) for `iter_documents`' documents."""
     if max_docs is not None and max_docs < 1:
         return
     count = 0
-    for source in sources:
+    for index, source in enumerate(sources):
         for doc in _read_source(source, text_field):
             if not doc:
                 continue
             count += 1
-            yield doc
+            yield index, doc
             if max_docs is not None and count >= max_docs:
                 return  # before opening the next file or URL
 
@@ -519,9 +588,17 @@ def _ordered_map(
 
 
 def _tokenize_to_file(
-    docs: Iterator[str], tok: Tokenizer, eos_id: int, dtype: str, workers: int, path: str, progress: _Progress
+    docs: Iterator[str],
+    tok: Tokenizer,
+    eos_id: int,
+    dtype: str,
+    workers: int,
+    path: str,
+    progress: _Progress,
+    doc_tokens: list[np.ndarray] | None = None,
 ) -> tuple[int, int]:
-    """Write the EOS-separated token stream of `docs` to `path`; returns (documents, tokens)."""
+    """Write the EOS-separated token stream of `docs` to `path`; returns (documents, tokens).
+    `doc_tokens`, if given, collects each document's token count (EOS not counted)."""
     np_dtype = _np_dtype(dtype)
     limit = np.iinfo(np_dtype).max
     n_docs = n_tokens = 0
@@ -532,6 +609,9 @@ def _tokenize_to_file(
                     f"tokenizer produced id {int(ids.max())}, which does not fit {dtype}", field="--tokenizer"
                 )
             f.write(ids.astype(np_dtype).tobytes())
+            if doc_tokens is not None:
+                # EOS only ends documents (a literal <|endoftext|> in text is encoded as text).
+                doc_tokens.append(np.diff(np.flatnonzero(ids == eos_id), prepend=-1) - 1)
             n_docs += n
             n_tokens += ids.size
             progress.update("tokenizing", docs=n, tokens=ids.size)
@@ -613,7 +693,7 @@ def _commit(tmp: str, out: str, names: list[str], manifest: Manifest) -> None:
     if os.path.exists(old_manifest):
         os.remove(old_manifest)
     for name in os.listdir(out):
-        if name.endswith(".tar") or name == TOKENIZER_NAME:
+        if name.endswith(".tar") or name in (TOKENIZER_NAME, REPORT_JSON, REPORT_PNG):
             os.remove(os.path.join(out, name))
     for name in names:
         os.replace(os.path.join(tmp, name), os.path.join(out, name))
