@@ -292,6 +292,7 @@ RESUMABLE_OVERRIDES = (
     "parallel.micro_batch_size",
     "parallel.activation_checkpointing",
     "data.path",
+    "data.skip_samples",  # only ranges past the resumed commit (the stream checks)
     "train.steps",
     "train.stop_at",
     "train.log_every",

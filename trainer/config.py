@@ -101,6 +101,11 @@ class DataConfig:
     loader_workers: int = _f(
         0, "shard reader threads per rank (network latency); the order never depends on it"
     )
+    skip_samples: list = _f(
+        [],
+        "global sample ranges [[start, end], ...] the order leaves out (whole global batches, numbered "
+        "as if nothing were skipped), e.g. a window a rollback skipped; the run adds its own to these",
+    )
 
 
 @dataclass
@@ -142,6 +147,12 @@ class OptimConfig:
 
 
 @dataclass
+class SpikeConfig:
+    k: float = _f(0.0, "a loss above the running mean by k running standard deviations is a spike (0 = off)")
+    window: int = _f(50, "steps in the running mean and deviation; no spike is called before that many")
+
+
+@dataclass
 class TrainConfig:
     steps: int = _f(300, "optimizer steps to train for (the LR schedule spans these)")
     stop_at: int = _f(0, "end this job at this step with a committed checkpoint (time-boxed jobs); 0 = steps")
@@ -177,6 +188,15 @@ class TrainConfig:
         1.2, "a straggler event when the slowest rank's step time exceeds the median by this ratio"
     )
     straggler_windows: int = _f(3, "... for this many log windows in a row")
+    nonfinite_tolerance: int = _f(
+        3,
+        "consecutive non-finite steps (each skipped, its samples with it) before rolling back to the "
+        "newest commit",
+    )
+    spike: SpikeConfig = field(default_factory=SpikeConfig)
+    rollback_lr_scale: float = _f(1.0, "LR factor for the steps right after a rollback (1 = unchanged)")
+    rollback_lr_steps: int = _f(0, "steps after a rollback that train at rollback_lr_scale x the LR")
+    max_rollbacks: int = _f(10, "rollbacks in one attempt before the run stops as diverged")
 
 
 @dataclass
@@ -328,6 +348,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}", field=where)
         return value
+    if tp is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}", field=where)
+        return list(value)
     if origin is list:  # a list of sections (data.sources): each item built like a section
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {value!r}", field=where)
@@ -514,6 +538,7 @@ def _validate(c: Config) -> None:
     _check_model(c.model, c.data)
     _check_layout(c)
     _check_run(c)
+    _check_skips(c)
     _check_sources(c.data)
 
 
@@ -530,6 +555,8 @@ _POSITIVE = {
     "train": (
         "steps",
         "log_every",
+        "nonfinite_tolerance",
+        "rollback_lr_scale",
         "hang_startup_timeout_s",
         "hang_step_multiple",
         "hang_timeout_floor_s",
@@ -550,6 +577,8 @@ _NON_NEGATIVE = {
         "gc_every",
         "hang_timeout_s",
         "straggler_windows",
+        "rollback_lr_steps",
+        "max_rollbacks",
     ),
     "cluster": ("max_failures", "min_workers", "elastic_check_s"),
     "data": ("num_streams", "prefetch", "loader_workers"),
@@ -592,6 +621,22 @@ def _check_ranges(c: Config) -> None:
             for n in names:
                 v = getattr(getattr(c, sec), n)
                 _need(ok(v), f"{sec}.{n}", f"{sec}.{n} must be {bound}, got {v}")
+
+
+def _check_skips(c: Config) -> None:
+    """data.skip_samples: [start, end] pairs of whole global batches; train.spike in range."""
+    gb = c.parallel.global_batch_size
+    for r in c.data.skip_samples:
+        ok = isinstance(r, list) and len(r) == 2 and all(type(v) is int for v in r)
+        _need(
+            ok and 0 <= r[0] < r[1] and r[0] % gb == 0 and r[1] % gb == 0,
+            "data.skip_samples",
+            f"data.skip_samples: {r!r} is not a range [start, end] of global sample numbers with "
+            f"0 <= start < end, both multiples of parallel.global_batch_size ({gb}): whole steps are skipped",
+        )
+    s = c.train.spike
+    _need(s.k >= 0, "train.spike.k", f"train.spike.k must be >= 0 (0 = off), got {s.k}")
+    _need(s.window >= 2, "train.spike.window", f"train.spike.window must be >= 2, got {s.window}")
 
 
 def _check_optim(o: OptimConfig) -> None:

@@ -291,3 +291,56 @@ def set_collective_timeout(seconds: float) -> None:
 
     for group in list(c10d._world.pg_map):
         c10d._set_pg_timeout(timedelta(seconds=seconds), group)
+
+
+# ------------------------------------------------------------------ the finite check before each step
+# DeepSpeed 0.19.8. Every engine (plain, ZeRO-1/2/3, PipelineEngine) applies an optimizer step in
+# `_take_model_step`, called at the accumulation boundary after the gradients were reduced (by
+# `step()`, or by `train_batch`'s OptimizerStep under PP). Guarding it is the one place where all
+# layouts can decide, on reduced gradients and before anything changes, to leave the step out.
+
+
+def guard_model_step(engine, apply_step) -> None:
+    """Before each optimizer step call `apply_step()` (collective); when it returns False the step
+    is left out: no weight, optimizer, step-count or sample-count change, gradients discarded."""
+    take = engine._take_model_step
+
+    def guarded(lr_kwargs=None) -> None:
+        if apply_step():
+            take(lr_kwargs)
+        else:
+            discard_gradients(engine)
+
+    engine._take_model_step = guarded
+
+
+def local_gradients(engine) -> list[torch.Tensor]:
+    """The reduced gradients this rank holds at the accumulation boundary: the parameters' own
+    (ZeRO-0, ZeRO-1) and ZeRO's partitions (`averaged_gradients`, ZeRO-2/3)."""
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    held = getattr(engine.optimizer, "averaged_gradients", None) or {}
+    for group in held.values() if isinstance(held, dict) else held:
+        if isinstance(group, torch.Tensor):  # a flat partition
+            grads.append(group)
+        elif group is not None:
+            grads += [g for g in group if g is not None]
+    return grads
+
+
+def discard_gradients(engine) -> None:
+    """Drop the accumulated gradients as DeepSpeed's own overflow path does when it skips a step
+    (stage3 `_overflow_clean_up`, stage_1_and_2 `step`), so the next step starts from zero."""
+    opt = engine.optimizer
+    if not engine.zero_optimization():
+        engine.zero_grad()
+        return
+    opt.zero_grad(set_to_none=True)
+    if engine.zero_optimization_stage() == 3:
+        opt.averaged_gradients = {}
+        return
+    release = getattr(opt, "_release_preflattened_grad_buffers", None)
+    if release is not None:
+        release()
+    for k in list(opt.averaged_gradients.keys()):
+        opt.averaged_gradients[k] = None
+        opt.all_grad_tensors[k] = None

@@ -18,11 +18,12 @@ from functools import partial
 import torch
 
 from trainer import library_internals
+from trainer.anomaly import AnomalyGuard, load_skips
 from trainer.checkpoint import RESUME_INVARIANT, Checkpointer, CheckpointManager
 from trainer.config import Config, resolve_model_config
 from trainer.data.manifest import Manifest
 from trainer.data.mixing import corpus_stream
-from trainer.data.stream import open_manifest, prefetched
+from trainer.data.stream import SkipList, open_manifest, prefetched
 from trainer.engine import initialize, lr_at, precision, set_lr
 from trainer.evaluate import Evaluator
 from trainer.events import EventLog, StartupClock
@@ -87,6 +88,9 @@ class Trainer:
     start: int  # first step of this attempt (0-based: the number of steps already committed)
     stop: int  # this attempt ends after this many steps
     started_at: float | None = None  # wall clock at the end of the first step (steady state begins)
+    anomaly: AnomalyGuard | None = None  # the agreed finite/spike check before each optimizer step
+    restore: Callable[[], int | None] | None = None  # reload the newest commit (None: nothing committed)
+    reposition: Callable[[int], Iterator[Batch]] | None = None  # the micro batches from a step (a stream)
 
     @property
     def accum(self) -> int:
@@ -116,11 +120,18 @@ def train(
         )
         sink = t.logger.sink
         cleanup.enter_context(reports_out_of_memory(t.progress, t.device, cfg.parallel, t.session.rank))
-        for step in range(t.start, t.stop):
+        step = t.start
+        while step < t.stop:
             done, last = step + 1, step + 1 == t.stop
             t.logger.begin_step(step)
             micro, waited = t.next_micro_batches()
-            t.logger.end_step(train_step(t, step, micro), waited)
+            losses = train_step(t, step, micro)
+            verdict, anomaly_metrics = t.anomaly.settle(step)
+            if verdict != "ok":  # left out: nothing changed, nothing to log, save or evaluate
+                sink.log(anomaly_metrics, done)
+                step = roll_back(t, step) if verdict == "rollback" else step
+                continue
+            t.logger.end_step(losses, waited)
             if t.started_at is None:
                 first_step_done(t, cleanup)
             metrics = t.gc.maybe_collect(done)
@@ -145,13 +156,14 @@ def train(
                 t.events.write("preempted", step=done)
                 t.stop = done
                 break
+            step = done
         return finish(t)
 
 
 def train_step(t: Trainer, step: int, micro: list[Batch]) -> list[torch.Tensor]:
     """One optimizer step (0-based `step`) over this rank's micro batches. Returns the detached
     loss terms whose sum is the step's mean loss (device tensors: no host sync)."""
-    set_lr(t.optimizer, lr_at(step, t.cfg.optim, t.cfg.train.steps))
+    set_lr(t.optimizer, lr_at(step, t.cfg.optim, t.cfg.train.steps) * t.anomaly.lr_factor(step))
     timer, device = t.logger.timer, t.device
     if t.topo.pp > 1:  # train_batch: forward, backward (1F1B) and the step of all micro batches
         with timer("pipeline"), sdpa_context(t.cfg):
@@ -162,10 +174,23 @@ def train_step(t: Trainer, step: int, micro: list[Batch]) -> list[torch.Tensor]:
             loss = t.loss_fn(t.engine(x.to(device, non_blocking=True)), y.to(device, non_blocking=True))
         with timer("backward"):
             t.engine.backward(loss)
+        losses.append(loss.detach().float() / len(micro))
+        t.anomaly.losses = losses  # the finite check before the optimizer step reads them
         with timer("optimizer"):
             t.engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
-        losses.append(loss.detach().float() / len(micro))
     return losses
+
+
+def roll_back(t: Trainer, step: int) -> int:
+    """Reload the newest commit and reopen the data there, without the skipped samples; the step to
+    go on at (`step` itself when nothing is committed or the batches are not a corpus stream)."""
+    restore = t.restore if t.reposition is not None else (lambda: None)
+    target = t.anomaly.roll_back(step, restore)
+    if target != step:
+        getattr(t.batches, "close", lambda: None)()  # its reader threads
+        t.batches = t.reposition(target)
+        t.logger.restart_window()
+    return target
 
 
 def first_step_done(t: Trainer, cleanup: ExitStack) -> None:
@@ -218,11 +243,26 @@ def build(
     cleanup.callback(sink.close)
     events = EventLog(session.run_dir, enabled=session.rank == 0)
     checkpointer, layout = _checkpointer(cfg, session, topo, engine, manifest, stream, sink, events)
+    if stream is not None:
+        load_skips(session.run_dir, stream.skip)  # skipped since the newest commit
     start = checkpointer.restore(cfg, manifest, stream, layout, topo.tp_rank)
     stop = min(cfg.train.stop_at or cfg.train.steps, cfg.train.steps)
     accum = cfg.grad_accum(session.world_size)
     evaluator = Evaluator(
         cfg, manifest, topo.dp_rank, topo.dp, accum, topo.dp_group, run=(engine, loss_fn, device, topo.pp > 1)
+    )
+    skip = (
+        stream.skip if stream is not None else SkipList(cfg.parallel.global_batch_size, cfg.data.skip_samples)
+    )
+    anomaly = AnomalyGuard(
+        cfg.train,
+        engine,
+        device,
+        skip,
+        events=events,
+        run_dir=session.run_dir,
+        rank=session.rank,
+        pipeline=topo.pp > 1,
     )
     if stream is not None:
         batches = prefetched(stream.batches(start), cfg.data.prefetch)
@@ -248,7 +288,15 @@ def build(
         progress=progress,
         start=start,
         stop=stop,
+        anomaly=anomaly,
     )
+    if stream is not None and checkpointer.manager is not None:
+        t.restore = lambda: (
+            checkpointer.restore(cfg, manifest, stream, layout, topo.tp_rank)
+            if checkpointer.manager.latest() is not None
+            else None
+        )
+        t.reposition = lambda step: prefetched(stream.batches(step), cfg.data.prefetch)
     t.logger.data_metrics = getattr(stream, "window_metrics", None)  # a mixture's tokens per source
     _announce(t, cleanup)
     t.logger.window_start = time.perf_counter()  # the first window starts with the first step

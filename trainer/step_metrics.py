@@ -152,6 +152,11 @@ class StepLogger:
         self.window_steps += 1
         self.data_wait += data_wait_s
 
+    def restart_window(self) -> None:
+        """A rollback: the steps summed so far are trained again, so the window starts anew."""
+        self.loss_sum.zero_()
+        self.window_start, self.window_steps, self.data_wait = time.perf_counter(), 0, 0.0
+
     def pause(self, seconds: float) -> None:
         """Time that is not training throughput (evaluation) leaves the window."""
         self.window_start += seconds

@@ -14,7 +14,7 @@ class CollectiveTimeouts:
 
     def __init__(self, steady_s: float, long_s: float):
         self.steady_s, self.long_s = steady_s, max(long_s, steady_s)
-        self.current = self.long_s  # the process group was created with it
+        self.current = None  # set at the first phase: the group may predate this run (in-process runs)
 
     def phase(self, phase: str, steps_done: int) -> None:
         want = self.long_s if phase in LONG_PHASES or steps_done == 0 else self.steady_s

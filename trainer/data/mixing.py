@@ -44,6 +44,7 @@ from trainer.data.storage import Retry, check_root
 from trainer.data.stream import (
     DataError,
     EpochPlan,
+    SkipList,
     default_num_streams,
     open_manifest,
     read_blocks,
@@ -231,6 +232,7 @@ class MixedStream:
         workers: int = 0,
         read_ahead: int = 2,
         retry: Retry | None = None,
+        skip=(),
     ):
         if workers < 0:
             raise DataError(f"data loader workers must be >= 0, got {workers}", field="data.loader_workers")
@@ -246,11 +248,12 @@ class MixedStream:
         self.schedule = MixSchedule([s.weight for s in sources])
         self.orders = [SourceOrder(s.manifest, _source_seed(seed, i)) for i, s in enumerate(sources)]
         self.fingerprint = mixture_fingerprint(sources)
+        self.skip = SkipList(global_batch, skip)  # global sample ranges the order leaves out (stream.py)
 
     # ------------------------------------------------------------------ positions
     def samples_used(self, step: int) -> dict[str, int]:
         """Samples taken from each source in the first `step` optimizer steps."""
-        counts = self.schedule.counts(step * self.global_batch)
+        counts = self.schedule.counts(self.skip.unskipped_step(step) * self.global_batch)
         return {s.name: int(c) for s, c in zip(self.sources, counts, strict=True)}
 
     def window_metrics(self, first_step: int, end_step: int) -> dict[str, float]:
@@ -270,6 +273,7 @@ class MixedStream:
                 s.name: {"manifest": s.manifest.fingerprint, "weight": s.weight} for s in self.sources
             },
             "samples_used": self.samples_used(step),
+            "skipped_samples": self.skip.ranges,
         }
 
     def check_resume(self, state: dict, force: bool = False) -> int:
@@ -277,6 +281,9 @@ class MixedStream:
         (sources, manifests, weights), seed or global batch, unless `force`. The DP size may differ."""
         if not isinstance(state.get("step"), int) or state["step"] < 0:
             raise DataError(f"not a data state (needs a 'step' >= 0): {state}")
+        if state.get("global_batch") == self.global_batch:  # ranges skipped before stay skipped
+            for a, b in state.get("skipped_samples") or ():
+                self.skip.add(a, b, where="the checkpoint's skipped_samples")
         mine = self.state_dict(state["step"])
         fields = ("manifest_fingerprint", "seed", "global_batch", "sources")
         diffs = [
@@ -297,7 +304,8 @@ class MixedStream:
         gb, dp = self.global_batch, self.dp_size
         step = start_step
         while True:
-            g = np.arange(step * gb + self.dp_rank, (step + 1) * gb, dp, dtype=np.int64)
+            u = self.skip.unskipped_step(step)  # skipped global batches are never read
+            g = np.arange(u * gb + self.dp_rank, (u + 1) * gb, dp, dtype=np.int64)
             src, idx = self.schedule.at(g)
             yield from zip(src.tolist(), idx.tolist(), strict=True)
             step += 1
@@ -371,4 +379,5 @@ def corpus_stream(cfg: Config, manifest: Manifest, dp_rank: int, dp_size: int, w
         dp_size=dp_size,
         seed=cfg.train.seed,
         workers=workers,
+        skip=[tuple(r) for r in cfg.data.skip_samples],
     )

@@ -17,6 +17,11 @@ their manifest counts), so a resume reads no more than one shard per stream to g
 checkpoint keeps `TokenStream.state_dict(step)`; `check_resume` refuses a state written for another
 manifest fingerprint, seed, stream count or global batch.
 
+Skipped samples: a `SkipList` of global sample ranges (whole global batches, numbered over all
+epochs as if nothing were skipped) that the order leaves out: step k is the k-th global batch that
+is not skipped. The ranges come from `data.skip_samples` and from the anomaly rollback
+(trainer/anomaly.py); they travel in the data state, so a resume on any layout leaves them out too.
+
 Reading: each shard a rank needs is a task (epoch, stream, shard, skip, take), and the tasks are
 ordered by the global index of their first sample, which is the order the batch assembly asks for
 them. With `workers=W` > 0, worker thread w owns every W-th of the rank's streams and reads its
@@ -27,6 +32,7 @@ the owner's queue: the batches are the same for any W. A shard is only used once
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 from collections import deque
@@ -89,6 +95,66 @@ def default_num_streams(num_shards: int) -> int:
 
 def _rng(*seed: int) -> np.random.Generator:
     return np.random.default_rng(list(seed))
+
+
+class SkipList:
+    """Global sample ranges [start, end) the order leaves out, each a whole number of global batches
+    and numbered as if nothing were skipped; kept sorted and merged."""
+
+    def __init__(self, global_batch: int, ranges=()):
+        self.global_batch = global_batch
+        self._steps: list[tuple[int, int]] = []  # the same ranges in global batches
+        for a, b in ranges:
+            self.add(a, b)
+
+    def add(self, start: int, end: int, where: str = "data.skip_samples") -> None:
+        gb = self.global_batch
+        if not (0 <= start < end) or start % gb or end % gb:
+            raise DataError(
+                f"{where}: [{start}, {end}) must be a non-empty range of global sample numbers whose "
+                f"ends are multiples of parallel.global_batch_size ({gb}): whole steps are skipped",
+                field=where,
+            )
+        merged = sorted([*self._steps, (start // gb, end // gb)])
+        self._steps = []
+        for a, b in merged:
+            if self._steps and a <= self._steps[-1][1]:
+                self._steps[-1] = (self._steps[-1][0], max(b, self._steps[-1][1]))
+            else:
+                self._steps.append((a, b))
+
+    @property
+    def ranges(self) -> list[list[int]]:
+        """The ranges as global sample numbers, [[start, end], ...] (JSON-ready)."""
+        return [[a * self.global_batch, b * self.global_batch] for a, b in self._steps]
+
+    @property
+    def samples(self) -> int:
+        return sum(b - a for a, b in self._steps) * self.global_batch
+
+    def unskipped_step(self, step: int) -> int:
+        """The global batch (counted as if nothing were skipped) that step `step` trains on."""
+        for a, b in self._steps:
+            if a > step:
+                break
+            step += b - a
+        return step
+
+    def step_samples(self, step: int) -> tuple[int, int]:
+        """The global sample range [start, end) of step `step`."""
+        u = self.unskipped_step(step)
+        return u * self.global_batch, (u + 1) * self.global_batch
+
+    def segments(self, step: int) -> Iterator[tuple[int, int | None]]:
+        """From step `step` on: the runs [first, end) of global batches that are not skipped
+        (counted as if nothing were skipped; end None = endless)."""
+        u = self.unskipped_step(step)
+        for a, b in self._steps:
+            if b <= u:
+                continue
+            yield u, a
+            u = b
+        yield u, None
 
 
 @dataclass(frozen=True)
@@ -161,6 +227,7 @@ class TokenStream:
         shuffle: bool = True,
         read_ahead: int = 2,
         retry: Retry | None = None,
+        skip=(),
     ):
         check_root(root)
         self.root, self.manifest = root, manifest
@@ -198,6 +265,7 @@ class TokenStream:
                 field="parallel.global_batch_size",
             )
         self._counts = [s.samples for s in self.shards]
+        self.skip = SkipList(global_batch, skip)  # global sample ranges the order leaves out
         # This rank's streams, and the worker (if any) that reads each.
         self.owned_streams = list(range(dp_rank, self.num_streams, dp_size))
         self.workers = min(workers, len(self.owned_streams))
@@ -216,13 +284,18 @@ class TokenStream:
 
     # ------------------------------------------------------------------ positions
     def position(self, step: int) -> DataPosition:
-        """Position after `step` optimizer steps (pure function of manifest, seed, step)."""
-        epoch, left = 0, step
+        """Position after `step` optimizer steps (pure function of manifest, seed, skips, step)."""
+        epoch, left = self._unskipped_position(self.skip.unskipped_step(step))
+        return DataPosition(epoch, left, step)
+
+    def _unskipped_position(self, u: int) -> tuple[int, int]:
+        """(epoch, global batch within it) of global batch `u`, counted as if nothing were skipped."""
+        epoch = 0
         while True:
             n = self._plan(epoch).steps
-            if left < n:
-                return DataPosition(epoch, left, step)
-            epoch, left = epoch + 1, left - n
+            if u < n:
+                return epoch, u
+            epoch, u = epoch + 1, u - n
 
     def state_dict(self, step: int) -> dict:
         """The data state after `step` optimizer steps: all a checkpoint needs to resume the stream."""
@@ -233,6 +306,7 @@ class TokenStream:
             "global_batch": self.global_batch,
             "shuffle": self.shuffle,
             "manifest_fingerprint": self.manifest.fingerprint,
+            "skipped_samples": self.skip.ranges,
         }
 
     def check_resume(self, state: dict, force: bool = False) -> int:
@@ -246,6 +320,9 @@ class TokenStream:
             raise DataError(
                 f"not a data state (needs a 'step' >= 0, as TokenStream.state_dict writes): {state}"
             )
+        if state.get("global_batch") == self.global_batch:  # ranges skipped before stay skipped
+            for a, b in state.get("skipped_samples") or ():
+                self.skip.add(a, b, where="the checkpoint's skipped_samples")
         mine = self.state_dict(state["step"])
         fields = ("manifest_fingerprint", "seed", "num_streams", "global_batch", "shuffle")
         theirs = {"shuffle": True, **state}  # states written before `shuffle` existed were shuffled
@@ -263,6 +340,17 @@ class TokenStream:
                 path=self.root,
             )
         pos = (state.get("epoch"), state.get("step_in_epoch"))
+        if (
+            not diffs
+            and pos != (mine["epoch"], mine["step_in_epoch"])
+            and state.get("skipped_samples") != mine["skipped_samples"]
+        ):
+            raise DataError(
+                f"data.skip_samples {mine['skipped_samples']} skips samples before the checkpoint's "
+                f"position (step {mine['step']}, which skipped {state.get('skipped_samples') or []}); "
+                "only samples after the resumed step can be added",
+                field="data.skip_samples",
+            )
         if not diffs and pos != (mine["epoch"], mine["step_in_epoch"]):
             raise DataError(
                 f"corrupt data state: step {mine['step']} is epoch {mine['epoch']} step "
@@ -292,9 +380,8 @@ class TokenStream:
         tasks.sort(key=lambda t: t.first_g)
         return tasks
 
-    def _epochs(self, start_step: int) -> Iterator[tuple[EpochPlan, int]]:
-        pos = self.position(start_step)
-        epoch, first = pos.epoch, pos.step_in_epoch
+    def _epochs(self, u: int) -> Iterator[tuple[EpochPlan, int]]:
+        epoch, first = self._unskipped_position(u)  # u: global batch counted as if nothing were skipped
         while True:
             yield self._plan(epoch), first
             epoch, first = epoch + 1, 0
@@ -308,11 +395,11 @@ class TokenStream:
         rows = order[task.skip : task.skip + task.take]
         return blocks[rows, : self.seq_len + 1].astype(np.int64)
 
-    def _worker(self, w: int, start_step: int, out: queue.Queue, stop: threading.Event) -> None:
+    def _worker(self, w: int, start: int, out: queue.Queue, stop: threading.Event) -> None:
         """Read the shards of worker w's streams in need order, `read_ahead` ahead of the consumer."""
         mine = set(self.owned_streams[w :: self.workers])
         try:
-            for plan, first in self._epochs(start_step):
+            for plan, first in self._epochs(start):
                 for task in self._tasks(plan, first):
                     if task.stream not in mine:
                         continue
@@ -326,7 +413,21 @@ class TokenStream:
             _put(out, (None, e), stop)
 
     def batches(self, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Endless micro batches from `start_step`; GB / (mb * dp) of them make one optimizer step."""
+        """Endless micro batches from `start_step`; GB / (mb * dp) of them make one optimizer step.
+        Skipped ranges are not read: each run of unskipped global batches is opened at its start."""
+        per_step = self.global_batch // (self.micro_batch * self.dp_size)
+        for first, end in self.skip.segments(start_step):
+            run = self._unskipped_batches(first)
+            if end is None:
+                yield from run
+                return
+            try:
+                yield from itertools.islice(run, (end - first) * per_step)
+            finally:
+                run.close()  # stops its reader threads
+
+    def _unskipped_batches(self, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Endless micro batches from global batch `start`, counted as if nothing were skipped."""
         stop = threading.Event()
         queues: list[queue.Queue] = []
         owner: dict[int, int] = {}
@@ -335,7 +436,7 @@ class TokenStream:
             for s in self.owned_streams[w :: self.workers]:
                 owner[s] = w
             threading.Thread(
-                target=self._worker, args=(w, start_step, queues[w], stop), daemon=True, name=f"data-{w}"
+                target=self._worker, args=(w, start, queues[w], stop), daemon=True, name=f"data-{w}"
             ).start()
 
         def fetch(task: _ShardTask) -> np.ndarray:
@@ -348,7 +449,7 @@ class TokenStream:
             return rows
 
         try:
-            for plan, first in self._epochs(start_step):
+            for plan, first in self._epochs(start):
                 yield from self._epoch_batches(plan, first, fetch)
         finally:
             stop.set()
@@ -394,6 +495,7 @@ def train_stream(
         seed=cfg.train.seed,
         num_streams=cfg.data.num_streams,
         workers=workers,
+        skip=[tuple(r) for r in cfg.data.skip_samples],
     )
 
 
@@ -414,24 +516,31 @@ def prefetched(it: Iterator, depth: int) -> Iterator:
         yield from it
         return
     q: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
+    done, stop = object(), threading.Event()  # stop: the consumer closed this (a rollback)
 
     def work() -> None:
         try:
             for item in it:
-                q.put(item)
+                if not _put(q, item, stop):
+                    break
+            else:
+                _put(q, done, stop)
         except BaseException as e:  # surfaced in the consumer
-            q.put(e)
-        q.put(done)
+            _put(q, e, stop)
+        finally:
+            getattr(it, "close", lambda: None)()
 
     threading.Thread(target=work, daemon=True, name="data-prefetch").start()
-    while True:
-        item = q.get()
-        if item is done:
-            return
-        if isinstance(item, BaseException):
-            raise item
-        yield item
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
 
 
 class ValStream:
