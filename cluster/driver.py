@@ -18,7 +18,7 @@ from pathlib import Path
 
 from cluster.commits import newest_commit
 from cluster.commits import where as store_where
-from cluster.errors import CapacityError, RunError, RunStopped
+from cluster.errors import CapacityError, RunError, RunStopped, save_traceback
 from cluster.lease import RunLease
 from cluster.ray_session import STOPPED_BY
 from cluster.tracking import (
@@ -34,6 +34,7 @@ from cluster.tracking import (
 )
 from trainer.config import Config, save_config
 from trainer.data.storage import check_root, is_remote
+from trainer.errors import PretrainError
 from trainer.events import EventLog
 from trainer.fsutil import write_json_atomic
 
@@ -445,8 +446,10 @@ def _fit(cfg: Config, run_dir: Path, mlflow_run_id: str, t0: float) -> dict:
             "wall_s": time.perf_counter() - t0,
             "mlflow_run_id": mlflow_run_id,
         }
-    except RunStopped:
-        state = "stopped"
+    except PretrainError as e:
+        state = "stopped" if isinstance(e, RunStopped) else state
+        e.run_dir = str(run_dir)  # launch/errors.py keeps the traceback there
+        ray.shutdown()  # stops the forwarding of worker lines, so that the error's message is the last
         raise
     finally:
         if previous is not None:
@@ -465,7 +468,7 @@ def _record_ray_job(cfg: Config, run_dir: Path, mlflow_run_id: str) -> None:
 
 def _make_trainer(cfg: Config, run_dir: Path, mlflow_run_id: str, use_gpu: bool):
     """The Ray Train trainer of the run's worker group: placement, restarts, storage."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 
     from cluster.backend import TorchEnvConfig
     from cluster.capacity import CapacityCheckBeforeStart
@@ -492,6 +495,9 @@ def _make_trainer(cfg: Config, run_dir: Path, mlflow_run_id: str, use_gpu: bool)
             storage_path=str(run_dir),
             failure_config=FailureConfig(max_failures=cl.max_failures),
             callbacks=[CapacityCheckBeforeStart(cfg, use_gpu)],  # a restart after a node left
+            # Ray Train's own notes (worker group started, a failure's traceback again) stay in its
+            # log files; the console keeps the run's lines and the errors of its workers.
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
         backend_config=TorchEnvConfig(),  # the loop creates the process group: nccl or gloo
     )
@@ -506,6 +512,15 @@ def _training_failed(e: Exception, run_dir: Path) -> RunError:
             f"run {run_dir.name} failed and cannot restart its worker group: {cause}; once it can, {resume} "
             "(or now, on fewer workers: add `--set cluster.num_workers=N`, the checkpoint is converted)"
         )
+    # An expected failure on a worker: its one message (the lowest rank's); tracebacks in errors/.
+    failures = getattr(e, "worker_failures", None) or {}
+    expected = [failures[r] for r in sorted(failures) if isinstance(failures[r], PretrainError)]
+    if expected:
+        where = save_traceback(str(run_dir), "driver", f"{e}\n")
+        errors = f"; tracebacks in {Path(where).parent}" if where else ""
+        failure = RunError(f"run {run_dir.name} failed: {expected[0]}{errors}; {resume}")
+        failure.traceback_saved = bool(where)
+        return failure
     return RunError(f"run {run_dir.name} failed: {e}; {resume}")
 
 

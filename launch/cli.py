@@ -168,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("PRETRAIN_LOG_LEVEL", "INFO"), format="%(message)s")
     args = build_parser().parse_args(argv)
+    if not (sys.stdout.isatty() and sys.stderr.isatty()):
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # worker lines in a log file: no colour codes
     return run_command(args.fn, args)
 
 

@@ -7,6 +7,7 @@ timing: the step logger (`maybe_log`), the evaluator (`maybe_run`), the checkpoi
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -324,13 +325,30 @@ def finish(t: Trainer) -> TrainResult:
         val_losses=t.evaluator.val_losses,
     )
     if t.session.rank == 0 and t.session.run_dir:
+        path = os.path.join(t.session.run_dir, "summary.json")
+        before = _read_summary(path)  # the earlier attempts' history: the run's, not this attempt's
+        attempt = {"attempt": t.events.attempts(), "resumed_from": t.start, **result.summary()}
         write_json_atomic(
-            os.path.join(t.session.run_dir, "summary.json"),
+            path,
             {
                 **result.summary(),
                 "resumed_from": t.start,
-                "losses": {str(k): v for k, v in result.losses.items()},
-                "val_losses": {str(k): v for k, v in result.val_losses.items()},
+                "losses": {**before.get("losses", {}), **{str(k): v for k, v in result.losses.items()}},
+                "val_losses": {
+                    **before.get("val_losses", {}),
+                    **{str(k): v for k, v in result.val_losses.items()},
+                },
+                "attempts": [*before.get("attempts", []), attempt],
             },
         )
     return result
+
+
+def _read_summary(path: str) -> dict:
+    """A run's summary.json so far; {} when there is none or it cannot be read."""
+    try:
+        with open(path) as f:
+            summary = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return summary if isinstance(summary, dict) else {}
