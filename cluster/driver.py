@@ -30,6 +30,7 @@ from cluster.tracking import (
     log_run_artifacts,
     ray_job_id,
     reopen_mlflow_run,
+    run_link,
     tag_ray_job,
 )
 from trainer.config import Config, save_config
@@ -411,6 +412,8 @@ def _fit(cfg: Config, run_dir: Path, mlflow_run_id: str, t0: float) -> dict:
     from cluster.capacity import check_capacity
 
     _record_ray_job(cfg, run_dir, mlflow_run_id)
+    if cfg.tracking.enabled and (link := run_link(cfg.tracking.uri, mlflow_run_id)):
+        log.info("mlflow: %s", link)  # the run's charts, while it runs
     cl = cfg.cluster
     use_gpu = cl.use_gpu == "true" or (cl.use_gpu == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
     trainer = _make_trainer(cfg, run_dir, mlflow_run_id, use_gpu)

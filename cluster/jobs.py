@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
+from cluster.tracking import MODEL_TRAINING_VIEW, run_charts_url
 from trainer.config import Config, apply_overrides, load_config, load_yaml, save_config
 from trainer.errors import PretrainError
 from trainer.metrics import mask_uri_credentials, split_uri_credentials
@@ -218,7 +219,9 @@ def mlflow_link(cfg: Config, run_id: str = "") -> str:
                 [exp.experiment_id], f"attributes.run_name = '{cfg.cluster.run_name}'", max_results=1
             )
             run_id = runs[0].info.run_id if runs else ""
-        return f"{base}/#/experiments/{exp.experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+        if not run_id:
+            return f"{base}/#/experiments/{exp.experiment_id}?{MODEL_TRAINING_VIEW}"
+        return run_charts_url(uri, exp.experiment_id, run_id)
     except Exception:
         return base
 

@@ -26,8 +26,13 @@ def add_submit_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_status_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run", nargs="?", help="run name (default: every run, like `list`)")
+    p.add_argument("run", nargs="?", help="run name (default: every run, like `list` or `runs`)")
     add_address(p)
+    p.add_argument(
+        "--storage-path",
+        default="runs",
+        help="without --address: where this machine's runs live (cluster.storage_path), default: runs",
+    )
 
 
 def add_logs_arguments(p: argparse.ArgumentParser) -> None:
@@ -97,6 +102,13 @@ def _row(s: dict) -> str:
 def run_status(args: argparse.Namespace) -> int:
     from cluster import jobs
 
+    if not args.address:  # a run on this machine: its directory says it all
+        from cluster.driver import find_run
+        from launch import runs
+
+        if not args.run:
+            return runs.run_runs(args)
+        return runs.print_local_status(find_run(args.run, args.storage_path))
     if not args.run:
         return run_list(args)
     s = jobs.status(jobs.connect(args.address), args.run)
