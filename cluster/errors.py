@@ -24,6 +24,8 @@ def save_traceback(run_dir: str, who: str, text: str) -> str:
     import os
     import time
 
+    if not run_dir:  # a loop run without a run directory (tests, torchrun) keeps nothing
+        return ""
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     path = os.path.join(run_dir, "errors", f"{stamp}-{who}.txt")
     try:
