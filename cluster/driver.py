@@ -532,11 +532,15 @@ def _stopped_by_workers(value, run_dir: Path) -> RunError | None:
     on and that a restart would repeat (a full disk at a save): rank 0 returned it."""
     if not isinstance(value, dict) or STOPPED_BY not in value:
         return None
-    return RunError(
-        f"run {run_dir.name} failed: {value['message']}; continue it with `pretrain resume {run_dir}`",
+    errors = run_dir / "errors"  # the ranks' tracebacks, when the disk took them
+    where = f"; tracebacks in {errors}" if errors.is_dir() else ""
+    failure = RunError(
+        f"run {run_dir.name} failed: {value['message']}{where}; continue it with `pretrain resume {run_dir}`",
         field=value.get("field", ""),
         path=value.get("path", ""),
     )
+    failure.traceback_saved = bool(where)
+    return failure
 
 
 def _close_run(cfg: Config, run_dir: Path, mlflow_run_id: str, state: str, error: str) -> None:
