@@ -45,10 +45,11 @@ def worker_main(loop_config: dict) -> dict | None:
     try:
         train(from_dict(loop_config["config"]), session)
     except PretrainError as e:
-        # The full traceback goes to <run>/errors/; Ray prints the short one raised here.
+        # The full traceback goes to <run>/errors/; Ray prints the short one raised here, and Ray
+        # Train restarts the group (up to cluster.max_failures).
         save_traceback(session.run_dir, f"rank{session.rank}", traceback.format_exc())
         if e.restartable:
-            raise e.with_traceback(None) from None  # Ray Train restarts the group (cluster.max_failures)
+            raise e.with_traceback(None) from None
         # Every rank raised it alike (agreed) and a restart would only repeat it: the group ends
         # here, and the driver reads rank 0's return value (Ray Train's Result.return_value).
         return {STOPPED_BY: type(e).__name__, "message": str(e), "field": e.field, "path": e.path}
