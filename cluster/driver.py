@@ -18,7 +18,7 @@ from pathlib import Path
 
 from cluster.commits import newest_commit
 from cluster.commits import where as store_where
-from cluster.errors import CapacityError, RunError, RunStopped
+from cluster.errors import CapacityError, RunError, RunStopped, save_traceback
 from cluster.lease import RunLease
 from cluster.ray_session import STOPPED_BY
 from cluster.tracking import (
@@ -31,10 +31,12 @@ from cluster.tracking import (
     log_run_artifacts,
     ray_job_id,
     reopen_mlflow_run,
+    run_link,
     tag_ray_job,
 )
 from trainer.config import Config, save_config
 from trainer.data.storage import check_root, is_remote
+from trainer.errors import PretrainError
 from trainer.events import EventLog
 from trainer.fsutil import write_json_atomic
 from trainer.progress import group_stopped
@@ -426,6 +428,8 @@ def _fit(cfg: Config, run_dir: Path, mlflow_run_id: str, t0: float) -> dict:
     from cluster.capacity import check_capacity
 
     _record_ray_job(cfg, run_dir, mlflow_run_id)
+    if cfg.tracking.enabled and (link := run_link(cfg.tracking.uri, mlflow_run_id)):
+        log.info("mlflow: %s", link)  # the run's charts, while it runs
     cl = cfg.cluster
     use_gpu = cl.use_gpu == "true" or (cl.use_gpu == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
     sizes = elastic_sizes(cfg)
@@ -469,8 +473,10 @@ def _fit(cfg: Config, run_dir: Path, mlflow_run_id: str, t0: float) -> dict:
             "wall_s": time.perf_counter() - t0,
             "mlflow_run_id": mlflow_run_id,
         }
-    except RunStopped:
-        state = "stopped"
+    except PretrainError as e:
+        state = "stopped" if isinstance(e, RunStopped) else state
+        e.run_dir = str(run_dir)  # launch/errors.py keeps the traceback there
+        ray.shutdown()  # stops the forwarding of worker lines, so that the error's message is the last
         raise
     finally:
         if previous is not None:
@@ -524,7 +530,7 @@ def elastic_sizes(cfg: Config) -> list[int]:
 def _make_trainer(cfg: Config, run_dir: Path, mlflow_run_id: str, use_gpu: bool, sizes: list[int]):
     """The Ray Train trainer of the run's worker group: placement, restarts, storage; elastic
     (Ray Train's (min, max) worker count) when the run has more than one size."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 
     from cluster.backend import TorchEnvConfig
     from cluster.capacity import CapacityCheckBeforeStart
@@ -557,6 +563,9 @@ def _make_trainer(cfg: Config, run_dir: Path, mlflow_run_id: str, use_gpu: bool,
             failure_config=FailureConfig(max_failures=cl.max_failures),
             # a restart after a node left; a restart after a rank's failure that it would repeat
             callbacks=[CapacityCheckBeforeStart(cfg, use_gpu), StopRecordCheckBeforeStart(run_dir)],
+            # Ray Train's own notes (worker group started, a failure's traceback again) stay in its
+            # log files; the console keeps the run's lines and the errors of its workers.
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
         backend_config=TorchEnvConfig(),  # the loop creates the process group: nccl or gloo
     )
@@ -571,6 +580,15 @@ def _training_failed(e: Exception, run_dir: Path) -> RunError:
             f"run {run_dir.name} failed and cannot restart its worker group: {cause}; once it can, {resume} "
             "(or now, on fewer workers: add `--set cluster.num_workers=N`, the checkpoint is converted)"
         )
+    # An expected failure on a worker: its one message (the lowest rank's); tracebacks in errors/.
+    failures = getattr(e, "worker_failures", None) or {}
+    expected = [failures[r] for r in sorted(failures) if isinstance(failures[r], PretrainError)]
+    if expected:
+        where = save_traceback(str(run_dir), "driver", f"{e}\n")
+        errors = f"; tracebacks in {Path(where).parent}" if where else ""
+        failure = RunError(f"run {run_dir.name} failed: {expected[0]}{errors}; {resume}")
+        failure.traceback_saved = bool(where)
+        return failure
     return RunError(f"run {run_dir.name} failed: {e}; {resume}")
 
 
@@ -579,11 +597,15 @@ def _stopped_by_workers(value, run_dir: Path) -> RunError | None:
     on and that a restart would repeat (a full disk at a save): rank 0 returned it."""
     if not isinstance(value, dict) or STOPPED_BY not in value:
         return None
-    return RunError(
-        f"run {run_dir.name} failed: {value['message']}; continue it with `pretrain resume {run_dir}`",
+    errors = run_dir / "errors"  # the ranks' tracebacks, when the disk took them
+    where = f"; tracebacks in {errors}" if errors.is_dir() else ""
+    failure = RunError(
+        f"run {run_dir.name} failed: {value['message']}{where}; continue it with `pretrain resume {run_dir}`",
         field=value.get("field", ""),
         path=value.get("path", ""),
     )
+    failure.traceback_saved = bool(where)
+    return failure
 
 
 def _close_run(cfg: Config, run_dir: Path, mlflow_run_id: str, state: str, error: str) -> None:

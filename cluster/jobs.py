@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
+from cluster.tracking import MODEL_TRAINING_VIEW, run_charts_url
 from trainer.config import Config, apply_overrides, load_config, load_yaml, save_config
 from trainer.errors import PretrainError
 from trainer.metrics import mask_uri_credentials, split_uri_credentials
@@ -166,6 +167,93 @@ def load_submitted_config(path: str, overrides: list[str]) -> Config:
     return load_config(path, overrides)
 
 
+def head_is_local(address: str) -> bool:
+    """Whether the job API at `address` runs on this machine (loopback, or this host's address):
+    then the job's driver sees this machine's files at the same paths."""
+    import socket
+    from urllib.parse import urlsplit
+
+    host = urlsplit(address if "://" in address else "http://" + address).hostname or ""
+    try:
+        ip = socket.gethostbyname(host)
+    except OSError:
+        return False
+    try:
+        own = {socket.gethostbyname(socket.gethostname())}
+    except OSError:
+        own = set()
+    return ip.startswith("127.") or ip in own
+
+
+def _local_path(value: str) -> bool:
+    return "://" not in value
+
+
+def _relative_sqlite(uri: str) -> bool:
+    return uri.startswith("sqlite:///") and not uri.startswith("sqlite:////")
+
+
+def check_for_cluster(cfg: Config, address: str) -> Config:
+    """`cfg` as the job on the cluster at `address` must get it, checked before anything is
+    submitted: a job runs in a temporary copy of the project, so a relative data.path is not found
+    there and a relative storage_path or SQLite tracking.uri is deleted with it. A head on this
+    machine gets them as absolute paths (the run lands where `pretrain train` puts it); another
+    head is refused with the fix. A local corpus that does not serve the config is refused too."""
+    from cluster.driver import absolutize, check_corpus
+    from trainer.data.storage import check_root
+
+    if not address:
+        connect(address)  # says to give --address
+    check_root(cfg.data.path)
+    relative = []
+    if _local_path(cfg.data.path) and not os.path.isabs(cfg.data.path):
+        relative.append(
+            (
+                "data.path",
+                f"data.path={cfg.data.path}",
+                "the corpus on a path every node sees (a shared filesystem, absolute) or in object "
+                "storage (s3://bucket/prefix, https://...)",
+            )
+        )
+    if _local_path(cfg.cluster.storage_path) and not os.path.isabs(cfg.cluster.storage_path):
+        relative.append(
+            (
+                "cluster.storage_path",
+                f"cluster.storage_path={cfg.cluster.storage_path}",
+                "an absolute path on a filesystem every node shares, or s3://bucket/prefix",
+            )
+        )
+    if cfg.tracking.enabled and _relative_sqlite(cfg.tracking.uri):
+        relative.append(
+            (
+                "tracking.uri",
+                f"tracking.uri={cfg.tracking.uri}",
+                "a tracking server (http://HOST:5000) or a SQLite file on a shared path (sqlite:////shared/mlflow.db)",
+            )
+        )
+    local = head_is_local(address)
+    if relative and not local:
+        field, what, fix = relative[0]
+        others = "".join(f"; and {w} (give {f})" for _, w, f in relative[1:])
+        raise JobError(
+            f"{what} is relative: a submitted run starts in a temporary copy of this project on the "
+            f"cluster, where it is not found or is deleted with the job; give {fix}{others}",
+            field=field,
+        )
+    if local:
+        cfg = absolutize(cfg)
+    if not _local_path(cfg.data.path) or os.path.isdir(cfg.data.path):
+        check_corpus(cfg)  # the manifest serves the config (vocab, sequence length, batches)
+    elif local:
+        raise JobError(
+            f"data.path={cfg.data.path}: no such directory on this machine, where the cluster's head runs; "
+            "give the directory `pretrain prepare` wrote",
+            field="data.path",
+            path=cfg.data.path,
+        )
+    return cfg
+
+
 def submit(cfg: Config, address: str, project_root: Path = PROJECT_ROOT) -> dict:
     """Submit `cfg` as a Ray Job named after the run; returns at once with
     {run_name, job_id, address, mlflow}. Refuses a run name the cluster already has."""
@@ -218,7 +306,9 @@ def mlflow_link(cfg: Config, run_id: str = "") -> str:
                 [exp.experiment_id], f"attributes.run_name = '{cfg.cluster.run_name}'", max_results=1
             )
             run_id = runs[0].info.run_id if runs else ""
-        return f"{base}/#/experiments/{exp.experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+        if not run_id:
+            return f"{base}/#/experiments/{exp.experiment_id}?{MODEL_TRAINING_VIEW}"
+        return run_charts_url(uri, exp.experiment_id, run_id)
     except Exception:
         return base
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+import traceback
 import warnings
 
 STOPPED_BY = "stopped_by"  # the key of a worker's return value that ends the run with an error
@@ -17,6 +18,7 @@ def worker_main(loop_config: dict) -> dict | None:
     warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.*is deprecated")
     import ray.train
 
+    from cluster.errors import save_traceback
     from trainer.config import from_dict
     from trainer.errors import PretrainError
     from trainer.loop import train
@@ -58,8 +60,11 @@ def worker_main(loop_config: dict) -> dict | None:
     try:
         train(cfg, session)
     except PretrainError as e:
+        # The full traceback goes to <run>/errors/; Ray prints the short one raised here, and Ray
+        # Train restarts the group (up to cluster.max_failures).
+        save_traceback(session.run_dir, f"rank{session.rank}", traceback.format_exc())
         if e.restartable:
-            raise  # Ray Train restarts the group (up to cluster.max_failures)
+            raise e.with_traceback(None) from None
         # Every rank raised it alike (agreed) and a restart would only repeat it: the group ends
         # here, and the driver reads rank 0's return value (Ray Train's Result.return_value).
         stopped = {STOPPED_BY: type(e).__name__, "message": str(e), "field": e.field, "path": e.path}

@@ -46,6 +46,12 @@ _UNAUTHORIZED = re.compile(
 )
 
 
+# MLflow 3's UI opens an experiment in its model-training view (runs, metric charts) rather than its
+# GenAI view (traces, evaluations) for this experiment tag; the page URL carries the same choice.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+MODEL_TRAINING_VIEW = "workflowType=machine_learning"
+
+
 class TrackingError(PretrainError, RuntimeError):
     """The tracking store cannot take the run; the message says what to do (`field`: tracking.uri)."""
 
@@ -198,7 +204,13 @@ def create_mlflow_run(cfg: Config, run_dir: Path) -> str:
             f"({type(e).__name__}: {reason}); {what_to_do}",
             field="tracking.uri",
         ) from None
-    exp_id = exp.experiment_id if exp else client.create_experiment(cfg.tracking.experiment)
+    if exp is None:
+        exp_id = client.create_experiment(cfg.tracking.experiment, tags=EXPERIMENT_KIND)
+    else:
+        exp_id = exp.experiment_id
+        for k, v in EXPERIMENT_KIND.items():
+            if k not in exp.tags:  # made before runs said what they are: a model-training one
+                client.set_experiment_tag(exp_id, k, v)
     run = client.create_run(exp_id, run_name=cfg.cluster.run_name or None)
     run_id = run.info.run_id
     _log_params(client, run_id, config_params(cfg))
@@ -303,3 +315,22 @@ def delete_mlflow_run(cfg: Config, run_id: str) -> None:
 
 def end_mlflow_run(cfg: Config, run_id: str, status: str) -> None:
     _client(cfg.tracking.uri).set_terminated(run_id, status)
+
+
+def run_charts_url(server: str, experiment_id: str, run_id: str) -> str:
+    """The page of a run's metric charts in the MLflow UI at `server`, in its model-training view."""
+    base = mask_uri_credentials(server).rstrip("/")
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}/model-metrics?{MODEL_TRAINING_VIEW}"
+
+
+def run_link(uri: str, run_id: str, server: str = "") -> str:
+    """The run's charts in the UI at `server` (default: `uri` itself when it is a server); "" when
+    there is no server or the run cannot be found. Never raises: a link is not worth failing for."""
+    server = server or (uri if uri.startswith(("http://", "https://")) else "")
+    if not (server and run_id):
+        return ""
+    try:
+        experiment_id = _client(uri).get_run(run_id).info.experiment_id
+    except Exception:
+        return ""
+    return run_charts_url(server, experiment_id, run_id)

@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 
-from launch import export, jobs, plan, prepare, ui
+from launch import export, jobs, plan, prepare, runs, ui
 from launch.args import Command, add_commands, add_config, add_run, add_set
 from launch.errors import run_command
 from trainer.errors import PretrainError
@@ -106,7 +106,8 @@ COMMANDS = {
     ),
     "ui": Command(
         "serve the MLflow UI for the runs' tracking store (127.0.0.1)",
-        "Start the MLflow UI for tracking.uri of CONFIG or a run directory, on 127.0.0.1.",
+        "Start the MLflow UI for tracking.uri of CONFIG or of RUN, on 127.0.0.1; for a RUN, print the URL "
+        "of its metric charts.",
         ui.add_arguments,
         ui.run,
     ),
@@ -124,7 +125,18 @@ COMMANDS = {
         jobs.run_submit,
     ),
     "status": Command(
-        "state of a submitted run (or of all runs)", None, jobs.add_status_arguments, jobs.run_status
+        "state of a run: on this machine, or submitted (--address)",
+        "State of RUN: a run on this machine (its directory, or its name under --storage-path), or with "
+        "--address a run submitted to that cluster. Without RUN: every run, like `runs` or `list`.",
+        jobs.add_status_arguments,
+        jobs.run_status,
+    ),
+    "runs": Command(
+        "the runs on this machine: state, step, newest commit, last loss, MLflow link",
+        "List the runs under --storage-path (cluster.storage_path): name, state, step / steps, newest "
+        "committed checkpoint, last logged loss and the link to the run's charts in MLflow.",
+        runs.add_runs_arguments,
+        runs.run_runs,
     ),
     "logs": Command("the driver log of a submitted run", None, jobs.add_logs_arguments, jobs.run_logs),
     "stop": Command(
@@ -168,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("PRETRAIN_LOG_LEVEL", "INFO"), format="%(message)s")
     args = build_parser().parse_args(argv)
+    if not (sys.stdout.isatty() and sys.stderr.isatty()):
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # worker lines in a log file: no colour codes
     return run_command(args.fn, args)
 
 

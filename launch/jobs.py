@@ -26,8 +26,13 @@ def add_submit_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_status_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run", nargs="?", help="run name (default: every run, like `list`)")
+    p.add_argument("run", nargs="?", help="run name (default: every run, like `list` or `runs`)")
     add_address(p)
+    p.add_argument(
+        "--storage-path",
+        default="runs",
+        help="without --address: where this machine's runs live (cluster.storage_path), default: runs",
+    )
 
 
 def add_logs_arguments(p: argparse.ArgumentParser) -> None:
@@ -41,37 +46,19 @@ def add_stop_arguments(p: argparse.ArgumentParser) -> None:
     add_address(p)
 
 
-def _cluster_paths_note(cfg) -> list[str]:
-    """Relative paths resolve inside the job's temporary copy of the project on the cluster."""
-    notes = []
-    if not os.path.isabs(cfg.cluster.storage_path) and "://" not in cfg.cluster.storage_path:
-        notes.append(f"cluster.storage_path={cfg.cluster.storage_path} is relative")
-    if (
-        cfg.tracking.enabled
-        and cfg.tracking.uri.startswith("sqlite:///")
-        and not cfg.tracking.uri.startswith("sqlite:////")
-    ):
-        notes.append("tracking.uri is a relative SQLite file")
-    return notes
-
-
 def run_submit(args: argparse.Namespace) -> int:
     from cluster import jobs
     from trainer.config import MLFLOW_CREDENTIAL_VARS
     from trainer.metrics import mask_uri_credentials
 
     cfg = jobs.load_submitted_config(args.config, args.set)
+    cfg = jobs.check_for_cluster(cfg, args.address)
     out = jobs.submit(cfg, args.address)
     print(f"submitted run {out['run_name']} (Ray job id {out['job_id']})", flush=True)
     if out["mlflow"]:
         print(f"mlflow: {out['mlflow']}")
-    notes = _cluster_paths_note(cfg)
-    if notes:
-        print(
-            f"note: {'; '.join(notes)}: on the cluster it lands in the job's temporary working dir; "
-            "give a shared path (cluster.storage_path, tracking.uri) to keep the run",
-            file=sys.stderr,
-        )
+    if "://" not in cfg.cluster.storage_path:
+        print(f"run files: {os.path.join(cfg.cluster.storage_path, out['run_name'])}")
     if cfg.tracking.enabled and cfg.tracking.uri.startswith(("http://", "https://")):
         given = [n for n in MLFLOW_CREDENTIAL_VARS if os.environ.get(n)]
         if given:
@@ -97,6 +84,13 @@ def _row(s: dict) -> str:
 def run_status(args: argparse.Namespace) -> int:
     from cluster import jobs
 
+    if not args.address:  # a run on this machine: its directory says it all
+        from cluster.driver import find_run
+        from launch import runs
+
+        if not args.run:
+            return runs.run_runs(args)
+        return runs.print_local_status(find_run(args.run, args.storage_path))
     if not args.run:
         return run_list(args)
     s = jobs.status(jobs.connect(args.address), args.run)

@@ -1,9 +1,10 @@
-"""`pretrain ui [CONFIG | RUN_DIR]`: the MLflow UI over the runs' tracking store.
+"""`pretrain ui [CONFIG | RUN]`: the MLflow UI over the runs' tracking store.
 
-Serves `tracking.uri` of the config (or of a run directory's run.json; default: the SQLite store
-in the working directory) with `mlflow server`, bound to 127.0.0.1 unless --host says otherwise,
-and waits until Ctrl-C. A tracking URI that already is a server is only printed. Credentials never
-appear in what is printed or on the server's command line: they come from the environment.
+Serves `tracking.uri` of the config (or of a run's run.json; default: the SQLite store in the
+working directory) with `mlflow server`, bound to 127.0.0.1 unless --host says otherwise, and waits
+until Ctrl-C. For a run it prints the URL of that run's metric charts (MLflow's model-training
+view). A tracking URI that already is a server is only printed. Credentials never appear in what is
+printed or on the server's command line: they come from the environment.
 """
 
 from __future__ import annotations
@@ -27,7 +28,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "config",
         nargs="?",
-        help="YAML config or run directory whose tracking.uri to show (default: sqlite:///mlflow.db)",
+        help="YAML config, or a run (its directory or its name under --storage-path) whose tracking "
+        "store to show, with the run's charts (default: sqlite:///mlflow.db)",
+    )
+    p.add_argument(
+        "--storage-path", default="runs", help="where runs live (cluster.storage_path), default: runs"
     )
     add_set(p, "tracking.uri=sqlite:///other.db", over="the config")
     p.add_argument(
@@ -38,15 +43,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=5000, help="port to serve on (default 5000)")
 
 
+def run_dir_of(args: argparse.Namespace) -> Path | None:
+    """The run directory CONFIG names (a directory, or a run's name under --storage-path), or None."""
+    if not args.config or Path(args.config).is_file():
+        return None
+    for candidate in (Path(args.config), Path(getattr(args, "storage_path", "runs")) / args.config):
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
 def tracking_uri(args: argparse.Namespace) -> str:
     """The store to serve: a run directory's record, else the config (+ --set), else the default."""
     from trainer.config import apply_overrides, from_dict, load_config
 
-    if args.config and Path(args.config).is_dir():
-        record = Path(args.config) / "run.json"
+    if (run_dir := run_dir_of(args)) is not None:
+        record = run_dir / "run.json"
         if record.is_file():
             return _recorded_uri(record)
-        args = argparse.Namespace(**{**vars(args), "config": str(Path(args.config) / "config.yaml")})
+        args = argparse.Namespace(**{**vars(args), "config": str(run_dir / "config.yaml")})
     if args.config:
         return load_config(args.config, args.set).tracking.uri
     return from_dict(apply_overrides({}, args.set)).tracking.uri
@@ -95,12 +110,25 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+def _mlflow_run_id(args: argparse.Namespace) -> str:
+    """The MLflow run id of the run CONFIG names; "" for a config (or a run without one)."""
+    run_dir = run_dir_of(args)
+    try:
+        return json.loads((run_dir / "run.json").read_text()).get("mlflow_run_id", "") if run_dir else ""
+    except (OSError, ValueError, AttributeError):
+        return ""
+
+
 def run(args: argparse.Namespace) -> int:
+    from cluster.tracking import run_link
     from trainer.metrics import mask_uri_credentials
 
     uri = tracking_uri(args)
+    run_id = _mlflow_run_id(args)
     if uri.startswith(("http://", "https://")):
         print(f"tracking.uri is a server already; open {mask_uri_credentials(uri)}", flush=True)
+        if link := run_link(uri, run_id):
+            print(f"run {run_dir_of(args).name}'s charts: {link}", flush=True)
         return 0
     if not port_free(args.host, args.port):
         raise PretrainError(
@@ -111,6 +139,8 @@ def run(args: argparse.Namespace) -> int:
         f"MLflow UI for {mask_uri_credentials(uri)} at http://{shown_host}:{args.port} (Ctrl-C stops it)",
         flush=True,
     )
+    if link := run_link(uri, run_id, server=f"http://{shown_host}:{args.port}"):
+        print(f"run {run_dir_of(args).name}'s charts: {link}", flush=True)
     proc = subprocess.Popen(server_command(uri, args.host, args.port), start_new_session=True)
     # SIGTERM (a test, a supervisor) stops the server like Ctrl-C does.
     if threading.current_thread() is threading.main_thread():

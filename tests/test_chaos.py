@@ -114,9 +114,11 @@ def test_full_disk_at_a_save_stops_the_run_then_resume_finishes_it(corpus, tmp_p
     assert free < needed < 5 * 2**20
     step_4 = run / "checkpoints" / "step_4"
     assert f"the uncommitted step 6 was removed; the newest intact checkpoint is step 4 ({step_4})" in last
-    assert last.endswith(
-        f"free space there or move the run to a larger disk; continue it with `pretrain resume {run}`"
-    )
+    assert re.search(  # where the ranks' tracebacks are, when the full disk took them
+        rf"free space there or move the run to a larger disk(; tracebacks in {run}/errors)?; "
+        rf"continue it with `pretrain resume {run}`$",
+        last,
+    ), last
     assert "Traceback" not in p.stderr  # one message, no traceback
     record = json.loads((run / "run.json").read_text())
     assert record["state"] == "failed" and record["error"] == last.removeprefix("pretrain: error: ")
@@ -141,7 +143,7 @@ def test_full_disk_at_a_save_stops_the_run_then_resume_finishes_it(corpus, tmp_p
     assert watch.gaps == [], watch.gaps
     assert "resumed from committed checkpoint step 4" in r.stdout + r.stderr
     got = losses(run)
-    assert sorted(got) == [5, 6, 7, 8] and all(got[k] == undisturbed[k] for k in got), (
+    assert sorted(got) == list(range(1, 9)) and all(got[k] == undisturbed[k] for k in got), (
         got,
         undisturbed,
     )  # exact
@@ -257,9 +259,9 @@ def test_sigkill_of_a_rank_at_each_phase_of_a_save(corpus, tmp_path, undisturbed
     assert p.returncode == 0, p.stderr[-3000:]
     assert (run / "test-killed").is_file()  # the hook did kill a rank
     log = events(run)
-    assert [e["event"] for e in log].count("start") == 2  # Ray Train restarted the group once
+    assert [e["resumed_from"] for e in log if e["event"] == "start"] == [0, resumed]  # restarted once
     got = losses(run)
-    assert sorted(got) == list(range(resumed + 1, STEPS + 1)), got
+    assert sorted(got) == list(range(1, STEPS + 1)), got  # the whole run's history: both attempts
     assert all(got[k] == undisturbed[k] for k in got), (got, undisturbed)  # exact
     assert json.loads((run / "run.json").read_text())["state"] == "succeeded"
     assert step_dirs(run) == committed(run) == [6, 8]  # leftovers of the kill removed
@@ -313,7 +315,7 @@ def test_a_damaged_commit_is_skipped_then_saved_again_when_training_reaches_it(c
     assert "ignoring checkpoint step 8" in p.stdout + p.stderr
     assert [e["resumed_from"] for e in events(run) if e["event"] == "start"] == [0, 6]
     got = losses(run)
-    assert sorted(got) == list(range(7, total + 1)), got
+    assert sorted(got) == list(range(1, total + 1)), got  # the whole run's history: both attempts
     ref = tmp_path / "runs" / "ref-longer"
     p = pretrain(*train_args(corpus, tmp_path, "ref-longer", f"train.steps={total}"))
     assert p.returncode == 0, p.stderr[-3000:]

@@ -119,6 +119,75 @@ def test_submit_status_logs_list(corpus, tmp_path, head):
     assert p.returncode == 2 and "not running" in p.stderr and "Traceback" not in p.stderr, p.stderr
 
 
+def _in_project_dir(work, cmd_args, head):
+    """`pretrain ...` typed in the user's own project directory `work` (not this repository)."""
+    env = {
+        **head["env"],
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "launch.cli", *cmd_args],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.slow
+def test_submit_checks_paths_and_the_run_lands_where_train_puts_it(corpus, tmp_path, head):
+    """Relative data.path, storage_path and SQLite tracking.uri: a head on this machine gets them
+    as absolute paths, so the run shows in the project's runs/ and mlflow.db like a `pretrain train`
+    run; a head elsewhere, or a corpus that does not serve the config, is refused before submitting."""
+    work = tmp_path / "project"
+    (work / "data").mkdir(parents=True)
+    (work / "data" / "pystd").symlink_to(corpus)
+    sets = [
+        o
+        for o in tiny_run(corpus, tmp_path, "rel1", 3)
+        if not o.startswith(("data.path", "cluster.storage_path", "tracking."))
+    ]
+    sets += ["data.path=data/pystd", "cluster.storage_path=runs", "tracking.uri=sqlite:///mlflow.db"]
+    submit = ["submit", str(ROOT / "configs/tiny-cpu.yaml"), *_sets(sets)]
+
+    elsewhere = _in_project_dir(work, [*submit, "--address", "http://ray-head.invalid:8265"], head)
+    assert elsewhere.returncode == 2, elsewhere.stdout + elsewhere.stderr
+    assert elsewhere.stderr.startswith("pretrain: error: data.path=data/pystd is relative"), elsewhere.stderr
+    assert (
+        "cluster.storage_path=runs" in elsewhere.stderr
+        and "tracking.uri=sqlite:///mlflow.db" in elsewhere.stderr
+    )
+    assert len(elsewhere.stderr.strip().splitlines()) == 1
+
+    a = head["address"]
+    wrong = _in_project_dir(
+        work, [*submit, "--set", "data.seq_len=64", "--set", "model.max_seq_len=64", "--address", a], head
+    )
+    assert wrong.returncode == 2 and "data.seq_len (64) needs blocks of seq_len+1 tokens" in wrong.stderr, (
+        wrong.stderr
+    )
+    assert "rel1" not in _jobs(head, "list", "--address", a).stdout  # nothing was submitted
+
+    p = _in_project_dir(work, [*submit, "--address", a], head)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert f"run files: {work / 'runs' / 'rel1'}" in p.stdout
+    _wait_state(head, "rel1", ["succeeded", "failed"])
+    record = json.loads((work / "runs" / "rel1" / "run.json").read_text())
+    assert record["state"] == "succeeded", _jobs(head, "logs", "rel1", "--address", a).stdout[-3000:]
+    assert record["tracking_uri"] == f"sqlite:///{work}/mlflow.db"
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(record["tracking_uri"])
+    run = client.get_run(record["mlflow_run_id"])
+    assert run.info.run_name == "rel1" and run.info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == [1, 2, 3]
+    assert (
+        client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"]
+        == "custom_model_development"
+    )
+
+
 @pytest.mark.slow
 def test_stop_a_long_run(corpus, tmp_path, head):
     a = head["address"]

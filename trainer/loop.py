@@ -7,6 +7,7 @@ timing: the step logger (`maybe_log`), the evaluator (`maybe_run`), the checkpoi
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -147,6 +148,7 @@ def train(
                 sink.log(metrics, done)
             if t.checkpointer.due(done, last=last, forced=preempted):
                 t.progress.enter("checkpoint")
+                write_summary(t, attempt_result(t, done))  # a crash from here keeps the history
             if saved := t.checkpointer.maybe_save(done, last=last, forced=preempted):
                 sink.log(saved, done)
                 if "checkpoint_save_s" in saved and not (last or preempted):
@@ -385,25 +387,56 @@ def _announce(t: Trainer, cleanup: ExitStack) -> None:
 
 def finish(t: Trainer) -> TrainResult:
     """The attempt's result; rank 0 writes it to `<run_dir>/summary.json`."""
+    result = attempt_result(t, t.stop)
+    write_summary(t, result)
+    return result
+
+
+def attempt_result(t: Trainer, done: int) -> TrainResult:
+    """This attempt's result after `done` finished steps."""
     tokens_per_step = t.logger.tokens_per_step
     elapsed = time.perf_counter() - (t.started_at or time.perf_counter())
-    steady_steps = t.stop - t.start - 1
-    result = TrainResult(
-        steps=t.stop,
-        tokens=t.stop * tokens_per_step,
-        final_loss=t.logger.losses.get(t.stop, float("nan")),
+    steady_steps = done - t.start - 1
+    return TrainResult(
+        steps=done,
+        tokens=done * tokens_per_step,
+        final_loss=t.logger.losses.get(done, float("nan")),
         tokens_per_s=steady_steps * tokens_per_step / elapsed if steady_steps > 0 and elapsed > 0 else 0.0,
-        losses=t.logger.losses,
-        val_losses=t.evaluator.val_losses,
+        losses=dict(t.logger.losses),
+        val_losses=dict(t.evaluator.val_losses),
     )
-    if t.session.rank == 0 and t.session.run_dir:
-        write_json_atomic(
-            os.path.join(t.session.run_dir, "summary.json"),
-            {
-                **result.summary(),
-                "resumed_from": t.start,
-                "losses": {str(k): v for k, v in result.losses.items()},
-                "val_losses": {str(k): v for k, v in result.val_losses.items()},
+
+
+def write_summary(t: Trainer, result: TrainResult) -> None:
+    """Rank 0: `<run_dir>/summary.json`, the run's whole logged history (every attempt's losses, a
+    later attempt's value winning for a step logged twice) and one entry per attempt."""
+    if t.session.rank != 0 or not t.session.run_dir:
+        return
+    path = os.path.join(t.session.run_dir, "summary.json")
+    before = _read_summary(path)
+    number = t.events.attempts()
+    attempt = {"attempt": number, "resumed_from": t.start, **result.summary()}
+    earlier = [a for a in before.get("attempts", []) if isinstance(a, dict) and a.get("attempt") != number]
+    write_json_atomic(
+        path,
+        {
+            **result.summary(),
+            "resumed_from": t.start,
+            "losses": {**before.get("losses", {}), **{str(k): v for k, v in result.losses.items()}},
+            "val_losses": {
+                **before.get("val_losses", {}),
+                **{str(k): v for k, v in result.val_losses.items()},
             },
-        )
-    return result
+            "attempts": [*earlier, attempt],
+        },
+    )
+
+
+def _read_summary(path: str) -> dict:
+    """A run's summary.json so far; {} when there is none or it cannot be read."""
+    try:
+        with open(path) as f:
+            summary = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return summary if isinstance(summary, dict) else {}

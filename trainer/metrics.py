@@ -93,8 +93,11 @@ class NullLogger:
 
 
 class ConsoleLogger(NullLogger):
-    def __init__(self, stream=sys.stdout):
-        self.stream = stream
+    """One line per logged step; with `steps` (the run's train.steps), a line that timed a window
+    also says how far the run is and how long the rest takes at that window's step time."""
+
+    def __init__(self, stream=sys.stdout, steps: int = 0):
+        self.stream, self.steps = stream, steps
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         keys = ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "step_time_s", "val_loss")
@@ -103,7 +106,20 @@ class ConsoleLogger(NullLogger):
             if k in metrics:
                 v = metrics[k]
                 parts.append(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}")
+        if self.steps and "step_time_s" in metrics:
+            left = max(self.steps - step, 0) * metrics["step_time_s"]
+            parts.append(f"{100 * step / self.steps:.0f}% of {self.steps} steps, {duration(left)} left")
         print(" | ".join(parts), file=self.stream, flush=True)
+
+
+def duration(seconds: float) -> str:
+    """`seconds` as a person reads a time left: 42s, 3m05s, 2h07m."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 # MLflow's first import, made by one thread at a time. Two threads of a process importing it at

@@ -30,7 +30,7 @@ def make_logger(cfg: Config, session: Session, logging_rank: int = 0) -> NullLog
     """The console and MLflow on the logging rank; nothing anywhere else."""
     if session.rank != logging_rank:
         return NullLogger()
-    loggers: list[NullLogger] = [ConsoleLogger()]
+    loggers: list[NullLogger] = [ConsoleLogger(steps=cfg.train.steps)]  # with progress
     if cfg.tracking.enabled and session.mlflow_run_id:
         loggers.append(MlflowLogger(cfg.tracking.uri, session.mlflow_run_id))
     return MultiLogger(*loggers)
