@@ -1,5 +1,6 @@
-"""Resilience to a hung rank: seconds from a rank that stops for good to the restarted worker
-group's first step.
+"""Resilience on CPU, in one run: the cost of the agreed finite check per step and the seconds from
+a non-finite window to training past it (benchmarks/resilience_nan.py measures both), and the
+seconds from a rank that stops for good to the restarted worker group's first step (below).
 
 Runs `pretrain train configs/tiny-cpu.yaml` (local Ray, 2 workers, ZeRO-3, a checkpoint every 4
 steps) on the test corpus; rank 1 holds at step 10 (tests/fault_hooks' stall hook) and is then
@@ -11,7 +12,8 @@ the group; Ray Train restarts it from the newest commit. Printed, from the SIGST
   up to the loop's build);
 - first step: the new attempt's `startup` event (model, engine, resume from the commit, one step).
 
-    python benchmarks/resilience.py --hang-timeout 10     # ~2 minutes on 2 cores
+    python benchmarks/resilience.py --hang-timeout 10     # ~3 minutes on 2 cores
+    python benchmarks/resilience.py --only hang           # or --only nan
 """
 
 from __future__ import annotations
@@ -77,19 +79,38 @@ def stuck_rank_to_first_step(work: Path, corpus: str, hang_timeout_s: float) -> 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hang-timeout", type=float, default=10.0, help="train.hang_timeout_s of the run")
-    ap.add_argument("--json", default="", help="also write the result here")
+    ap.add_argument("--rounds", type=int, default=30, help="finite check: rounds with and without it")
+    ap.add_argument("--only", choices=("nan", "hang"), default="", help="one of the two parts")
+    ap.add_argument("--json", default="", help="also write the results here")
     a = ap.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        stdlib_corpus(work / "corpus")
-        r = stuck_rank_to_first_step(work, str(work / "corpus"), a.hang_timeout)
-    print(
-        f"stuck rank {r['behind']} (SIGSTOP at step 10, hang timeout {r['hang_timeout_s']:.0f}s): "
-        f"detected after {r['detected_s']:.1f}s, group restarted after {r['restarted_s']:.1f}s, "
-        f"first step of the restarted group (resumed from step {r['resumed_from']}) after {r['first_step_s']:.1f}s"
-    )
+    out: dict = {}
+    if a.only != "hang":
+        from benchmarks.resilience_nan import check_cost, recovery_seconds
+
+        out["finite_check"] = cost = check_cost(a.rounds)
+        print(
+            f"finite check: {cost['step_s_with_check'] * 1e3:.1f} ms/step with, "
+            f"{cost['step_s_without'] * 1e3:.1f} ms/step without: ratio {cost['ratio']:.3f} (goal <= 1.01); "
+            f"the check itself {cost['check_s'] * 1e3:.2f} ms = {cost['check_share']:.3f} of a step"
+        )
+        out["nonfinite_window"] = rec = recovery_seconds()
+        print(
+            f"non-finite window (3 steps, tolerance 3, commit every 5): past it in "
+            f"{rec['seconds_past_window']:.2f} s ({rec['steps_run']} step calls; a plain step "
+            f"{rec['plain_step_s'] * 1e3:.0f} ms)"
+        )
+    if a.only != "nan":
+        with tempfile.TemporaryDirectory() as tmp:
+            work = Path(tmp)
+            stdlib_corpus(work / "corpus")
+            out["stuck_rank"] = r = stuck_rank_to_first_step(work, str(work / "corpus"), a.hang_timeout)
+        print(
+            f"stuck rank {r['behind']} (SIGSTOP at step 10, hang timeout {r['hang_timeout_s']:.0f}s): "
+            f"detected after {r['detected_s']:.1f}s, group restarted after {r['restarted_s']:.1f}s, "
+            f"first step of the restarted group (resumed from step {r['resumed_from']}) after {r['first_step_s']:.1f}s"
+        )
     if a.json:
-        Path(a.json).write_text(json.dumps(r) + "\n")
+        Path(a.json).write_text(json.dumps(out) + "\n")
 
 
 if __name__ == "__main__":
