@@ -133,6 +133,8 @@ def train(
                 t.events.write("preempted", step=done)
                 t.stop = done
                 break
+        if closed := t.checkpointer.close():  # a background save still in flight (checkpoint.async)
+            sink.log(closed, t.stop)
         return finish(t)
 
 
