@@ -6,12 +6,14 @@ the chaos cases (SIGKILL and a full disk during the background write) run `pretr
 from __future__ import annotations
 
 import json
+import subprocess
 import threading
 
 import pytest
 import torch
 
-from tests.run_fixtures import tiny_config
+from tests.run_fixtures import hooked_env, tiny_config
+from tests.test_chaos import CommitWatch, committed, events, losses, pretrain, step_dirs, train_args
 from trainer.checkpoint import COMMIT
 from trainer.events import EventLog
 from trainer.loop import train
@@ -133,3 +135,115 @@ def test_a_save_in_flight_at_the_end_is_committed_and_resumes_exactly(corpus, tm
     second = train(_cfg(corpus, True), Session(run_dir=str(tmp_path)))
     assert sorted(second.losses) == [5, 6]
     assert all(loss == saved_in_step[0].losses[s] for s, loss in second.losses.items())
+
+
+@pytest.mark.parametrize("on_error", ["stop", "continue"])
+def test_io_error_in_the_background_write(corpus, tmp_path, saved_in_step, on_error):
+    """EIO writing step 4's optimizer partition in the background: the save fails at its commit
+    as a synchronous one does (one CheckpointSaveError naming the step, the file and the newest
+    intact commit; step 4 removed), or with `on_error: continue` training goes on unchanged and
+    the next save commits."""
+    from tests.fault_hooks.sitecustomize import fail_saves
+    from trainer.checkpoint import CheckpointSaveError
+
+    undo = fail_saves("*/step_4/*optim_states.pt")
+    try:
+        cfg = _cfg(corpus, True)
+        cfg.checkpoint.on_error = on_error
+        if on_error == "stop":
+            with pytest.raises(CheckpointSaveError) as e:
+                train(cfg, Session(run_dir=str(tmp_path)))
+            message, ck = str(e.value), tmp_path / "checkpoints"
+            assert message.startswith(f"checkpoint step 4 could not be saved to {ck / 'step_4'}: rank 0: ")
+            assert "[Errno 5] Input/output error" in message and "optim_states.pt" in message
+            assert "the uncommitted step 4 was removed; the newest intact checkpoint is step 2" in message
+            assert _step_dirs(tmp_path) == _committed(tmp_path) == [2]
+        else:
+            result = train(cfg, Session(run_dir=str(tmp_path)))
+            assert result.losses == saved_in_step[0].losses
+            assert _step_dirs(tmp_path) == _committed(tmp_path) == [2, 6]
+        failed = [e for e in EventLog(str(tmp_path)).read() if e["event"] == "checkpoint_failed"]
+        assert [e["step"] for e in failed] == [4]
+    finally:
+        undo()
+
+
+# ---------------------------------------------------------------------------------------- chaos
+# `pretrain` on a local Ray cluster, 2 workers, ZeRO-3: the helpers of tests/test_chaos.py.
+
+ASYNC = "checkpoint.async=true"
+
+
+@pytest.fixture(scope="module")
+def undisturbed(corpus, tmp_path_factory) -> dict[int, float]:
+    """The losses of the same run, saved synchronously and without a fault."""
+    tmp = tmp_path_factory.mktemp("undisturbed")
+    p = pretrain(*train_args(corpus, tmp, "ref"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    return losses(tmp / "runs" / "ref")
+
+
+@pytest.mark.slow
+def test_sigkill_during_the_background_write(corpus, tmp_path, undisturbed):
+    """Rank 1 SIGKILLed by a test hook in its writer thread after the first file of step 6, while
+    training goes on: step 6 is never committed, Ray Train restarts the group, which resumes from
+    step 4 and finishes with the undisturbed losses (exact); a verified commit exists at every
+    moment after the first."""
+    env = hooked_env(PRETRAIN_TEST_KILL_AT="background:6:1")
+    run = tmp_path / "runs" / "kill"
+    with CommitWatch(run / "checkpoints") as watch:
+        p = pretrain(*train_args(corpus, tmp_path, "kill", ASYNC), env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (run / "test-killed").is_file()  # the hook did kill the rank
+    log = events(run)
+    assert [e["event"] for e in log].count("start") == 2  # Ray Train restarted the group once
+    assert "resumed from committed checkpoint step 4" in p.stdout + p.stderr
+    got = losses(run)
+    assert sorted(got) == [5, 6, 7, 8] and all(got[k] == undisturbed[k] for k in got), (got, undisturbed)
+    assert step_dirs(run) == committed(run) == [6, 8]
+    assert watch.first is not None and watch.gaps == [], watch.gaps
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A 5 MB tmpfs: two committed checkpoints of the tiny model (2 MB each) fit, a third does not."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=5m", "tmpfs", str(disk)], capture_output=True
+    ).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+@pytest.mark.slow
+def test_full_disk_during_the_background_write(corpus, tmp_path, small_disk, undisturbed):
+    """ENOSPC while step 6 is written in the background: the ranks agree on it at the commit, step
+    6 is removed, step 4 stays the newest commit, the run ends with exit 2 and one message, last;
+    with space again `pretrain resume` finishes with the undisturbed losses (exact)."""
+    run = small_disk / "full"
+    with CommitWatch(run / "checkpoints") as watch:
+        p = pretrain(*train_args(corpus, tmp_path, "full", ASYNC, storage=small_disk))
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert watch.first is not None and watch.gaps == [], watch.gaps
+    last = p.stderr.strip().splitlines()[-1]
+    ck = run / "checkpoints"
+    assert last.startswith(
+        f"pretrain: error: run full failed: checkpoint step 6 could not be saved to {ck / 'step_6'}: rank "
+    )
+    assert "[Errno 28] No space left on device" in last
+    assert (
+        f"the uncommitted step 6 was removed; the newest intact checkpoint is step 4 ({ck / 'step_4'})"
+        in last
+    )
+    assert "Traceback" not in p.stderr
+    assert step_dirs(run) == committed(run) == [2, 4]
+    subprocess.run(["mount", "-o", "remount,size=50m", str(small_disk)], check=True)
+    r = pretrain("resume", str(run))
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = losses(run)
+    assert sorted(got) == [5, 6, 7, 8] and all(got[k] == undisturbed[k] for k in got), (got, undisturbed)
+    assert committed(run) == [6, 8]
