@@ -220,10 +220,11 @@ def small_disk(tmp_path):
 
 
 @pytest.mark.slow
-def test_full_disk_during_the_background_write(corpus, tmp_path, small_disk, undisturbed):
+def test_full_disk_during_the_background_write(corpus, tmp_path, small_disk):
     """ENOSPC while step 6 is written in the background: the ranks agree on it at the commit, step
-    6 is removed, step 4 stays the newest commit, the run ends with exit 2 and one message, last;
-    with space again `pretrain resume` finishes with the undisturbed losses (exact)."""
+    6 is removed, step 4 stays the newest commit, the run ends with exit 2 and one message, last.
+    (The resume from there is the synchronous case's, tests/test_chaos.py; the exact resume after
+    a background write is the SIGKILL case above.)"""
     run = small_disk / "full"
     with CommitWatch(run / "checkpoints") as watch:
         p = pretrain(*train_args(corpus, tmp_path, "full", ASYNC, storage=small_disk))
@@ -241,9 +242,4 @@ def test_full_disk_during_the_background_write(corpus, tmp_path, small_disk, und
     )
     assert "Traceback" not in p.stderr
     assert step_dirs(run) == committed(run) == [2, 4]
-    subprocess.run(["mount", "-o", "remount,size=50m", str(small_disk)], check=True)
-    r = pretrain("resume", str(run))
-    assert r.returncode == 0, r.stderr[-3000:]
-    got = losses(run)
-    assert sorted(got) == [5, 6, 7, 8] and all(got[k] == undisturbed[k] for k in got), (got, undisturbed)
-    assert committed(run) == [6, 8]
+    assert [e["step"] for e in events(run) if e["event"] == "checkpoint_failed"] == [6]
