@@ -103,11 +103,17 @@ class _HostCopy:
     """Copies DeepSpeed's save state (dicts, lists, tuples of tensors and plain values) so that
     training may change the original: each tensor storage copied once into host memory (pinned
     when it is on a GPU), views kept as views of the copy, and shared objects kept shared, so
-    torch.save writes the same bytes from the copy as from the original."""
+    torch.save writes the same bytes from the copy as from the original. Buffers of an earlier
+    copy (`reuse`, of the same sizes: the same model) are filled again rather than allocated:
+    fresh memory costs a page fault per page, pinned memory a slow allocation."""
 
-    def __init__(self):
+    def __init__(self, reuse: list[torch.Tensor] = ()):
         self.objects: dict[int, tuple[object, object]] = {}  # id -> (original kept alive, copy)
         self.storages: dict[tuple, torch.UntypedStorage] = {}
+        self.buffers: list[torch.Tensor] = []  # every host buffer this copy fills
+        self.spare: dict[tuple[int, bool], list[torch.Tensor]] = {}
+        for buf in reuse:
+            self.spare.setdefault((buf.numel(), buf.is_pinned()), []).append(buf)
         self.from_gpu = False
 
     def __call__(self, x):
@@ -143,7 +149,9 @@ class _HostCopy:
         if host is None:
             pinned = src.device.type == "cuda"
             self.from_gpu |= pinned
-            buf = torch.empty(src.nbytes(), dtype=torch.uint8, pin_memory=pinned)
+            spare = self.spare.get((src.nbytes(), pinned))
+            buf = spare.pop() if spare else torch.empty(src.nbytes(), dtype=torch.uint8, pin_memory=pinned)
+            self.buffers.append(buf)
             buf.copy_(torch.empty(0, dtype=torch.uint8, device=src.device).set_(src), non_blocking=pinned)
             host = self.storages[key] = buf.untyped_storage()
         out = torch.empty(0, dtype=t.dtype).set_(host, t.storage_offset(), t.size(), t.stride())
@@ -159,29 +167,35 @@ class _HostCopy:
 class Snapshot:
     """One rank's part of a save, held in host memory: `write()` writes it (in any thread)."""
 
-    def __init__(self, root: str, files: list[tuple[Callable[[], None] | None, str]], gpu_copied):
+    def __init__(
+        self, root: str, files: list[tuple[Callable[[], None] | None, str]], gpu_copied, buffers: list
+    ):
         self.root, self.files, self._gpu_copied = root, files, gpu_copied
+        self.buffers = buffers  # the host memory holding it: free to reuse once it is written
 
     def write(self) -> list[str]:
         """Every file written and fsynced with its directory; the paths. Raises the first failed
         write naming its file (the files after it are not written)."""
         if self._gpu_copied is not None:
             self._gpu_copied.synchronize()  # the device-to-host copies have landed
-        writes = _Writes()
-        for write, path in self.files:
+        writes, files = _Writes(), self.files
+        self.files = []  # the state is dropped as it is written: only the buffers stay
+        for write, path in files:
             writes.run(write or (lambda: None), path)
             if writes.error is not None:
                 raise writes.error
+        del files
         fsync_files(writes.files)
         fsync_dir(self.root)  # the step directory's own entry
         return writes.files
 
 
-def snapshot(engine, root: str, tag: str) -> Snapshot:
+def snapshot(engine, root: str, tag: str, reuse: list[torch.Tensor] = ()) -> Snapshot:
     """`engine.save_checkpoint(root, tag)` with each file's state copied to host memory instead of
-    written (directories are made now). DeepSpeed's collectives run as in `save`; a failed copy
-    (out of host memory) is raised after them."""
-    writes, copier, files = _Writes(), _HostCopy(), []
+    written (directories are made now), into the buffers of an earlier snapshot where they fit
+    (`reuse`: `Snapshot.buffers` of one that is written). DeepSpeed's collectives run as in
+    `save`; a failed copy (out of host memory) is raised after them."""
+    writes, copier, files = _Writes(), _HostCopy(reuse), []
 
     def hold(write, path: str, state) -> None:
         if state is None:  # DeepSpeed's recovery script, copied now: the only file made during a snapshot
@@ -200,4 +214,4 @@ def snapshot(engine, root: str, tag: str) -> Snapshot:
     if copier.from_gpu:
         gpu_copied = torch.cuda.Event()
         gpu_copied.record()
-    return Snapshot(root, files, gpu_copied)
+    return Snapshot(root, files, gpu_copied, copier.buffers)
