@@ -10,8 +10,8 @@
    training stood still, and the step time while the background save was in flight against the
    step time without one (same process, same engine, steps timed one by one).
 
-    python benchmarks/checkpoint.py            # ~2-3 minutes on 2 CPU cores
-    python benchmarks/checkpoint.py --only-stall
+    python benchmarks/checkpoint.py            # ~8-10 minutes on 2 CPU cores (the ~100M model: ~5)
+    python benchmarks/checkpoint.py --only-stall --threads 1 [--stall-models quick|100m]
 """
 
 from __future__ import annotations

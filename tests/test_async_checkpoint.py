@@ -243,3 +243,40 @@ def test_full_disk_during_the_background_write(corpus, tmp_path, small_disk):
     assert "Traceback" not in p.stderr
     assert step_dirs(run) == committed(run) == [2, 4]
     assert [e["step"] for e in events(run) if e["event"] == "checkpoint_failed"] == [6]
+
+
+def test_zero1_partitions_are_written_as_a_synchronous_save_writes_them(corpus, tmp_path):
+    """ZeRO-1 saves its fp32 partitions as views of flat buffers: the background copy keeps them
+    views of one copied storage, so each file holds as many storages as the synchronous file, with
+    the same contents."""
+    runs = {}
+    for background in (False, True):
+        cfg = tiny_config(
+            data={"path": corpus},
+            train={"steps": 4},
+            parallel={"zero_stage": 1},
+            checkpoint={"every": 2, "async": background},
+        )
+        run = tmp_path / str(background)
+        train(cfg, Session(run_dir=str(run)))
+        runs[background] = run
+    for step in (2, 4):
+        names = sorted(_commit(runs[False], step)["files"])
+        assert names == sorted(_commit(runs[True], step)["files"])
+        for name in names:
+            a, b = (_read(runs[x] / "checkpoints" / f"step_{step}" / name) for x in (False, True))
+            assert _same(a, b) and len(_storages(a)) == len(_storages(b)), name
+
+
+def _storages(x, out=None) -> set[int]:
+    """The distinct tensor storages in a loaded checkpoint file."""
+    out = set() if out is None else out
+    if isinstance(x, torch.Tensor):
+        out.add(x.untyped_storage().data_ptr())
+    elif isinstance(x, dict):
+        for v in x.values():
+            _storages(v, out)
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            _storages(v, out)
+    return out

@@ -10,6 +10,10 @@ A step, `step_<N>/` in the run's store (`store.py`):
     fsync, rename): step, layout, every file with its size and sha256, data position,
     fingerprints, MLflow run id.
 
+With `checkpoint.async` (`save_async`) the same files are copied to host memory at the step and
+written, fsynced, hashed and stored by a thread of each rank; at each later step the ranks exchange
+a "done" flag, and at the first step where all are done rank 0 commits as above (`poll`).
+
 Loading verifies sizes and hashes before anything is read (the hashing is spread over the ranks
 that share a copy), so a truncated or replaced file is caught before DeepSpeed's loader, which
 unpickles (`torch.load(weights_only=False)`), ever sees it; only files this run committed are loaded.
