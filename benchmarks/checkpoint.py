@@ -129,9 +129,12 @@ def _engine(model: dict, zero_stage: int, micro: int, seq: int):
     return cfg, engine, step, param_count(cfg.model)
 
 
-def stall_sync_vs_async(model: dict, zero_stage: int, micro: int, seq: int, plain_steps: int = 6) -> dict:
-    """One engine: steps without a save, a synchronous save, then a background save with the
-    steps that ran while it was in flight (each step polls for the commit, as the loop does)."""
+def stall_sync_vs_async(
+    model: dict, zero_stage: int, micro: int, seq: int, repeats: int, plain_steps: int = 6
+) -> dict:
+    """One engine: steps without a save, `repeats` synchronous saves, then `repeats` + 1 background
+    saves, each with the steps that ran while it was in flight (each step polls for the commit, as
+    the loop does). The first background save allocates its host memory; the others reuse it."""
     from trainer.checkpoint import CheckpointManager
 
     cfg, engine, step, params = _engine(model, zero_stage, micro, seq)
@@ -140,12 +143,14 @@ def stall_sync_vs_async(model: dict, zero_stage: int, micro: int, seq: int, plai
     plain = [step() for _ in range(plain_steps)]
     with tempfile.TemporaryDirectory(dir=ROOT) as tmp:  # same disk as a run directory
         mgr = CheckpointManager(f"{tmp}/run", cfg.checkpoint, 0, 1)
-        t0 = time.perf_counter()
-        mgr.save(engine, 1, {})
-        sync_s = time.perf_counter() - t0
+        syncs = []
+        for at in range(1, repeats + 1):
+            t0 = time.perf_counter()
+            mgr.save(engine, at, {})
+            syncs.append(time.perf_counter() - t0)
         size = sum(f.stat().st_size for f in (Path(tmp) / "run" / "checkpoints" / "step_1").iterdir())
         stalls, during, background = [], [], []
-        for at in (2, 3):  # the first background save allocates its host memory, the next reuses it
+        for at in range(repeats + 1, 2 * repeats + 2):
             t0 = time.perf_counter()
             stalls.append(mgr.save_async(engine, at, {}))
             while True:
@@ -156,17 +161,18 @@ def stall_sync_vs_async(model: dict, zero_stage: int, micro: int, seq: int, plai
                 during[-1] += time.perf_counter() - t_poll  # the per-step check is part of the step
             background.append(time.perf_counter() - t0)
         after = [step() for _ in range(plain_steps)]
-    mean = statistics.mean
+    median = statistics.median
     return {
         "params": params,
         "bytes": size,
-        "sync_s": sync_s,
+        "sync_s": median(syncs),
         "first_stall_s": stalls[0],
-        "stall_s": stalls[1],
-        "background_s": max(background),
-        "step_s": mean(plain + after),
-        "step_during_s": mean(during),
+        "stall_s": median(stalls[1:]),
+        "background_s": median(background),
+        "step_s": median(plain + after),
+        "step_during_s": median(during),
         "steps_during": len(during),
+        "repeats": repeats,
     }
 
 
@@ -175,18 +181,19 @@ CPU_100M = {"vocab_size": 16384, "d_model": 768, "n_layers": 12, "n_heads": 12}
 
 
 def print_stall(which: str = "both") -> None:
-    for name, model, micro, seq in (
-        ("quick-start", QUICK_START, 8, 128),
-        ("~100M", CPU_100M, 2, 128),
+    for name, model, micro, seq, repeats in (
+        ("quick-start", QUICK_START, 8, 128, 5),
+        ("~100M", CPU_100M, 2, 128, 2),
     )[slice(None) if which == "both" else slice(0, 1) if which == "quick" else slice(1, 2)]:
-        r = stall_sync_vs_async(model, 3, micro, seq)
+        r = stall_sync_vs_async(model, 3, micro, seq, repeats)
         print(
-            f"{name} ({r['params'] / 1e6:.1f}M params, ZeRO-3, checkpoint {r['bytes'] / 2**20:.0f} MiB): "
-            f"sync save stalls {r['sync_s']:.2f} s | async stalls {r['stall_s']:.3f} s "
-            f"({100 * r['stall_s'] / r['sync_s']:.1f}% of sync; the first one {r['first_stall_s']:.3f} s: "
-            f"allocating its host memory), written+committed in the background in up to "
-            f"{r['background_s']:.2f} s over {r['steps_during']} steps | step {r['step_s']:.3f} s without a "
-            f"save, {r['step_during_s']:.3f} s during one ({100 * (r['step_during_s'] / r['step_s'] - 1):+.1f}%)",
+            f"{name} ({r['params'] / 1e6:.1f}M params, ZeRO-3, checkpoint {r['bytes'] / 2**20:.0f} MiB), "
+            f"medians of {r['repeats']} saves each: sync save stalls {r['sync_s']:.3f} s | async stalls "
+            f"{r['stall_s']:.3f} s ({100 * r['stall_s'] / r['sync_s']:.1f}% of sync; the first one "
+            f"{r['first_stall_s']:.3f} s: allocating its host memory), written+committed in the background "
+            f"in {r['background_s']:.2f} s | step {r['step_s']:.3f} s without a save, "
+            f"{r['step_during_s']:.3f} s during one ({100 * (r['step_during_s'] / r['step_s'] - 1):+.1f}%, "
+            f"{r['steps_during']} steps)",
             flush=True,
         )
 

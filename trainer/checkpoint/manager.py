@@ -125,9 +125,9 @@ def _mismatch(f: Path, info: dict, where: str) -> str | None:
     return None
 
 
-# The background writer's nice value (Linux: per thread): where the cores are busy, training's
-# threads come first and the save takes longer; on idle cores it changes nothing.
-_WRITER_NICE = 10
+# The background writer's nice value (Linux: per thread), the lowest priority: where the cores are
+# busy, training's threads come first and the save takes longer; on idle cores it changes nothing.
+_WRITER_NICE = 19
 
 
 class _Persisting:
