@@ -148,7 +148,9 @@ def stall_sync_vs_async(
             t0 = time.perf_counter()
             mgr.save(engine, at, {})
             syncs.append(time.perf_counter() - t0)
-        size = sum(f.stat().st_size for f in (Path(tmp) / "run" / "checkpoints" / "step_1").iterdir())
+        size = sum(
+            f.stat().st_size for f in (Path(tmp) / "run" / "checkpoints" / f"step_{repeats}").iterdir()
+        )
         stalls, during, background = [], [], []
         for at in range(repeats + 1, 2 * repeats + 2):
             t0 = time.perf_counter()
