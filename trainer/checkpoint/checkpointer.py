@@ -70,7 +70,11 @@ class Checkpointer:
             return {}
         due = self.due(step, last=last, forced=forced)
         background = due and self.cfg.async_ and not (last or forced)
-        out = self._guarded(self._commit_background, step, wait=due, final=last or forced)
+        # a failed background save is a periodic one: on_error applies even at the last step, whose
+        # own save follows
+        out = self._guarded(
+            self._commit_background, step, wait=due, final=False, next_at=step if due else None
+        )
         if not due:
             return out
         if self.before_save is not None:
@@ -110,9 +114,12 @@ class Checkpointer:
             self.events.write("checkpoint", step=pending, save_s=save_s, background=True)
         return {"checkpoint_save_s": save_s}
 
-    def _guarded(self, fn, step: int, *args, final: bool, **kwargs) -> dict[str, float]:
+    def _guarded(
+        self, fn, step: int, *args, final: bool, next_at: int | None = None, **kwargs
+    ) -> dict[str, float]:
         """fn(step, ...); a CheckpointSaveError handled per cfg.on_error (`final`: the last or a
-        forced save, which nothing follows: always raised)."""
+        forced save, which nothing follows: always raised; `next_at`: the step of the next save,
+        when not the next periodic one)."""
         try:
             return fn(step, *args, **kwargs)
         except CheckpointSaveError as e:
@@ -126,6 +133,6 @@ class Checkpointer:
                 log.warning(
                     "%s; training goes on (checkpoint.on_error: continue), the next save is at step %d",
                     e,
-                    step + self.cfg.every - step % self.cfg.every,
+                    next_at if next_at is not None else step + self.cfg.every - step % self.cfg.every,
                 )
             return {"checkpoint_failures": float(self.failures)}
