@@ -280,3 +280,35 @@ def _storages(x, out=None) -> set[int]:
         for v in x:
             _storages(v, out)
     return out
+
+
+def test_sigterm_with_a_save_in_flight_commits_both_and_stops(corpus, tmp_path, saved_in_step, monkeypatch):
+    """SIGTERM during step 3 while step 2 is still being written in the background (its writer
+    held until step 3 runs): the stop waits for step 2, commits it, then saves step 3 before
+    training ends; the resume from step 3 gives the synchronous run's losses bitwise."""
+    import os
+    import signal
+
+    from trainer import loop
+    from trainer.checkpoint import deepspeed_save
+
+    step_3 = threading.Event()
+    train_step, write = loop.train_step, deepspeed_save.Snapshot.write
+
+    def sigterm_in_step_3(t, step, micro):
+        if step == 2 and not step_3.is_set():
+            step_3.set()
+            os.kill(os.getpid(), signal.SIGTERM)
+        return train_step(t, step, micro)
+
+    def late_write(self):
+        step_3.wait(timeout=300)
+        return write(self)
+
+    monkeypatch.setattr(loop, "train_step", sigterm_in_step_3)
+    monkeypatch.setattr(deepspeed_save.Snapshot, "write", late_write)
+    stopped = train(_cfg(corpus, True), Session(run_dir=str(tmp_path)))
+    assert stopped.steps == 3 and _step_dirs(tmp_path) == _committed(tmp_path) == [2, 3]
+    monkeypatch.undo()
+    resumed = train(_cfg(corpus, True), Session(run_dir=str(tmp_path)))
+    assert resumed.losses == {k: v for k, v in saved_in_step[0].losses.items() if k > 3}
