@@ -5,6 +5,7 @@ the chaos cases (SIGKILL and a full disk during the background write) run `pretr
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import threading
@@ -312,3 +313,49 @@ def test_sigterm_with_a_save_in_flight_commits_both_and_stops(corpus, tmp_path, 
     monkeypatch.undo()
     resumed = train(_cfg(corpus, True), Session(run_dir=str(tmp_path)))
     assert resumed.losses == {k: v for k, v in saved_in_step[0].losses.items() if k > 3}
+
+
+# ------------------------------------------------------------------------------ pipeline, 2 ranks
+
+
+def _pp2_runs(rank: int, world: int, tmp: str) -> dict:
+    """On one of 2 spawned gloo ranks: pp=2 ZeRO-1, 5 steps saved every 2 without a final save,
+    synchronously and in the background; then the background run resumed from its step 4."""
+    from tests.test_pipeline_parallel import _batches, _cfg
+    from trainer.parallel.topology import Topology
+
+    out = {}
+    for background in (False, True):
+        cfg = _cfg(1, 1, 2, world, checkpoint={"every": 2, "save_final": False, "async": background})
+        session = Session(
+            rank=rank,
+            world_size=world,
+            local_rank=rank,
+            local_world_size=world,
+            run_dir=f"{tmp}/{background}",
+        )
+        out[background] = train(cfg, session, batches=_batches(cfg, Topology(world, rank, 1, 2))).losses
+    skipped = itertools.islice(_batches(cfg, Topology(world, rank, 1, 2)), 4 * cfg.grad_accum(world), None)
+    out["resumed"] = train(cfg, session, batches=skipped).losses
+    return out
+
+
+@pytest.mark.slow
+def test_pipeline_stages_save_in_the_background(tmp_path):
+    """pp=2: every stage's layer files and optimizer partitions, written in the background, hold
+    what the synchronous save writes, both runs commit steps 2 and 4, and the resume from the
+    background commit of step 4 gives the synchronous run's step 5 loss bitwise."""
+    from tests.test_tensor_parallel import run_world
+
+    per_rank = run_world(2, tmp_path, _pp2_runs, str(tmp_path))
+    runs = {b: tmp_path / str(b) for b in (False, True)}
+    assert _committed(runs[False]) == _committed(runs[True]) == [2, 4]
+    for step in (2, 4):
+        names = sorted(_commit(runs[False], step)["files"])
+        assert names == sorted(_commit(runs[True], step)["files"]) and any("layer_" in n for n in names)
+        for name in names:
+            a, b = (_read(runs[x] / "checkpoints" / f"step_{step}" / name) for x in (False, True))
+            assert _same(a, b), name
+    for got in per_rank:
+        assert got[True] == got[False]
+        assert sorted(got["resumed"]) == [5] and got["resumed"][5] == got[False][5]
