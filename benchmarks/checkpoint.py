@@ -5,8 +5,13 @@
    same disk.
 2. Recovery: the time from a Ray Train worker's SIGKILL to the first finished step after Ray
    restarted the group and it resumed from the newest commit (real local Ray, 2 workers).
+3. The training stall of a synchronous save against a background one (`checkpoint.async`), for
+   the quick-start model (configs/tiny-cpu.yaml) and a ~100M-parameter model: the seconds
+   training stood still, and the step time while the background save was in flight against the
+   step time without one (same process, same engine, steps timed one by one).
 
-    python benchmarks/checkpoint.py            # ~2-3 minutes on 2 CPU cores
+    python benchmarks/checkpoint.py            # ~8-10 minutes on 2 CPU cores (the ~100M model: ~5)
+    python benchmarks/checkpoint.py --only-stall --threads 1 [--stall-models quick|100m]
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -90,6 +96,110 @@ def save_load_vs_copy(d_model: int, n_layers: int, zero_stage: int, repeats: int
     }
 
 
+def _engine(model: dict, zero_stage: int, micro: int, seq: int):
+    """A DeepSpeed engine (world of 1, gloo, fp32) and its training step on random tokens."""
+    import torch
+
+    from trainer.config import from_dict
+    from trainer.engine import initialize
+    from trainer.model import Transformer, param_count
+    from trainer.session import Session
+
+    cfg = from_dict(
+        {
+            "model": {**model, "max_seq_len": seq},
+            "data": {"seq_len": seq},
+            "cluster": {"num_workers": 1},
+            "tracking": {"enabled": False},
+            "parallel": {"zero_stage": zero_stage, "micro_batch_size": micro, "global_batch_size": micro},
+        }
+    )
+    Session().ensure_process_group("gloo")
+    torch.manual_seed(0)
+    engine, _ = initialize(cfg, Transformer(cfg.model), 1, torch.device("cpu"))
+    x = torch.randint(0, cfg.model.vocab_size, (micro, seq + 1))
+
+    def step() -> float:
+        t0 = time.perf_counter()
+        loss = torch.nn.functional.cross_entropy(engine(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+        engine.backward(loss)
+        engine.step()
+        return time.perf_counter() - t0
+
+    return cfg, engine, step, param_count(cfg.model)
+
+
+def stall_sync_vs_async(
+    model: dict, zero_stage: int, micro: int, seq: int, repeats: int, plain_steps: int = 6
+) -> dict:
+    """One engine: steps without a save, `repeats` synchronous saves, then `repeats` + 1 background
+    saves, each with the steps that ran while it was in flight (each step polls for the commit, as
+    the loop does). The first background save allocates its host memory; the others reuse it."""
+    from trainer.checkpoint import CheckpointManager
+
+    cfg, engine, step, params = _engine(model, zero_stage, micro, seq)
+    for _ in range(2):
+        step()  # warm-up: optimizer state exists, as in a real checkpoint
+    plain = [step() for _ in range(plain_steps)]
+    with tempfile.TemporaryDirectory(dir=ROOT) as tmp:  # same disk as a run directory
+        mgr = CheckpointManager(f"{tmp}/run", cfg.checkpoint, 0, 1)
+        syncs = []
+        for at in range(1, repeats + 1):
+            t0 = time.perf_counter()
+            mgr.save(engine, at, {})
+            syncs.append(time.perf_counter() - t0)
+        size = sum(
+            f.stat().st_size for f in (Path(tmp) / "run" / "checkpoints" / f"step_{repeats}").iterdir()
+        )
+        stalls, during, background = [], [], []
+        for at in range(repeats + 1, 2 * repeats + 2):
+            t0 = time.perf_counter()
+            stalls.append(mgr.save_async(engine, at, {}))
+            while True:
+                during.append(step())
+                t_poll = time.perf_counter()
+                if mgr.poll() is not None:
+                    break
+                during[-1] += time.perf_counter() - t_poll  # the per-step check is part of the step
+            background.append(time.perf_counter() - t0)
+        after = [step() for _ in range(plain_steps)]
+    median = statistics.median
+    return {
+        "params": params,
+        "bytes": size,
+        "sync_s": median(syncs),
+        "first_stall_s": stalls[0],
+        "stall_s": median(stalls[1:]),
+        "background_s": median(background),
+        "step_s": median(plain + after),
+        "step_during_s": median(during),
+        "steps_during": len(during),
+        "repeats": repeats,
+    }
+
+
+QUICK_START = {"vocab_size": 4096, "d_model": 128, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2}
+CPU_100M = {"vocab_size": 16384, "d_model": 768, "n_layers": 12, "n_heads": 12}
+
+
+def print_stall(which: str = "both") -> None:
+    for name, model, micro, seq, repeats in (
+        ("quick-start", QUICK_START, 8, 128, 5),
+        ("~100M", CPU_100M, 2, 128, 2),
+    )[slice(None) if which == "both" else slice(0, 1) if which == "quick" else slice(1, 2)]:
+        r = stall_sync_vs_async(model, 3, micro, seq, repeats)
+        print(
+            f"{name} ({r['params'] / 1e6:.1f}M params, ZeRO-3, checkpoint {r['bytes'] / 2**20:.0f} MiB), "
+            f"medians of {r['repeats']} saves each: sync save stalls {r['sync_s']:.3f} s | async stalls "
+            f"{r['stall_s']:.3f} s ({100 * r['stall_s'] / r['sync_s']:.1f}% of sync; the first one "
+            f"{r['first_stall_s']:.3f} s: allocating its host memory), written+committed in the background "
+            f"in {r['background_s']:.2f} s | step {r['step_s']:.3f} s without a save, "
+            f"{r['step_during_s']:.3f} s during one ({100 * (r['step_during_s'] / r['step_s'] - 1):+.1f}%, "
+            f"{r['steps_during']} steps)",
+            flush=True,
+        )
+
+
 def recovery_time(steps: int = 40) -> dict:
     """SIGKILL one Ray Train worker after the first commit; time until the first step after resume."""
     from tests.data_fixtures import stdlib_corpus
@@ -135,7 +245,17 @@ def main() -> int:
     ap.add_argument("--d-model", type=int, default=512)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--skip-recovery", action="store_true")
+    ap.add_argument("--only-stall", action="store_true", help="only the sync vs async save stall")
+    ap.add_argument("--stall-models", choices=("both", "quick", "100m"), default="both")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.only_stall:
+        print_stall(args.stall_models)
+        return 0
     for stage in (0, 3):
         r = save_load_vs_copy(args.d_model, args.layers, stage)
         print(
@@ -144,6 +264,7 @@ def main() -> int:
             f"save/copy {r['save_over_copy']:.2f}, load/copy {r['load_over_copy']:.2f}",
             flush=True,
         )
+    print_stall(args.stall_models)
     if not args.skip_recovery:
         r = recovery_time()
         if "error" in r:

@@ -34,10 +34,17 @@ class ConfigError(PretrainError, ValueError):
     """A config problem; the message names the file or field and the fix, `field` the field."""
 
 
-def _f(default: Any, doc: str, **kw: Any) -> Any:
+def _f(default: Any, doc: str, key: str = "", **kw: Any) -> Any:
+    """A field with its doc; `key`: its name in YAML when that is a Python keyword (`async`)."""
+    meta = {"doc": doc, **({"key": key} if key else {})}
     if isinstance(default, (dict, list)):
-        return field(default_factory=lambda: type(default)(default), metadata={"doc": doc}, **kw)
-    return field(default=default, metadata={"doc": doc}, **kw)
+        return field(default_factory=lambda: type(default)(default), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+def _key(f: dataclasses.Field) -> str:
+    """A field's name in YAML and `--set`."""
+    return f.metadata.get("key", f.name)
 
 
 @dataclass
@@ -217,6 +224,13 @@ class CheckpointConfig:
         "stop",
         "a failed save (disk full, I/O or S3 error): stop the run (exit 2), or warn and retry at the next `every`",
     )
+    async_: bool = _f(
+        False,
+        "save in the background: training stalls only for a copy of the state to host memory, a "
+        "thread writes and hashes the files, the commit follows at a later step (needs host memory "
+        "for one more copy of each rank's state); final and SIGTERM saves still finish before exit",
+        key="async",
+    )
 
 
 @dataclass
@@ -291,7 +305,7 @@ class Config:
         return self.parallel.global_batch_size // (self.parallel.micro_batch_size * self.dp(world_size))
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return _as_dict(self)
 
     def fingerprint(self, sections: tuple[str, ...] = ("model",)) -> str:
         """Hash of the sections that must not change across a resume."""
@@ -369,22 +383,38 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported field type {tp}", field=where)
 
 
+def _as_dict(obj: Any) -> Any:
+    """dataclasses.asdict with each field under its YAML key."""
+    if dataclasses.is_dataclass(obj):
+        return {_key(f): _as_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    return _plain(obj)
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return type(v)(_plain(x) for x in v)
+    return v
+
+
 def _build(cls: type, raw: Any, where: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where or 'config'}: expected a mapping, got {raw!r}", field=where)
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {_key(f): f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in raw.items():
         path = f"{where}.{key}" if where else str(key)
         if key not in fields:
             known = ", ".join(sorted(fields))
             raise ConfigError(f"{path}: unknown key (known keys here: {known})", field=path)
-        tp = hints[key]
+        name = fields[key].name
+        tp = hints[name]
         if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value if value is not None else {}, path)
+            kwargs[name] = _build(tp, value if value is not None else {}, path)
         else:
-            kwargs[key] = _coerce(value, tp, path)
+            kwargs[name] = _coerce(value, tp, path)
     return cls(**kwargs)
 
 
@@ -857,7 +887,7 @@ def describe_fields(cls: type = Config, prefix: str = "") -> list[tuple[str, str
     """(dotted name, default, doc) for every field, for `pretrain train --help-config`."""
     out = []
     for f in dataclasses.fields(cls):
-        name = f"{prefix}{f.name}"
+        name = f"{prefix}{_key(f)}"
         tp = typing.get_type_hints(cls)[f.name]
         if dataclasses.is_dataclass(tp):
             out += describe_fields(tp, name + ".")

@@ -248,13 +248,16 @@ def check_checkpoint_writers(engine) -> None:
 
 
 class _RoutedCheckpointEngine:
-    """`engine.checkpoint_engine` as DeepSpeed sees it during a save: each write through `run`."""
+    """`engine.checkpoint_engine` as DeepSpeed sees it during a save: each file write through
+    `file_run(write, path, state)` (`write(state)` writes it), each directory through `run`."""
 
-    def __init__(self, inner, run):
-        self._inner, self._run = inner, run
+    def __init__(self, inner, run, file_run):
+        self._inner, self._run, self._file_run = inner, run, file_run
 
     def save(self, state_dict, path, *args, **kwargs):
-        return self._run(lambda: self._inner.save(state_dict, path, *args, **kwargs), str(path))
+        return self._file_run(
+            lambda state: self._inner.save(state, path, *args, **kwargs), str(path), state_dict
+        )
 
     def makedirs(self, path, *args, **kwargs):
         return self._run(lambda: self._inner.makedirs(path, *args, **kwargs), str(path))
@@ -264,13 +267,22 @@ class _RoutedCheckpointEngine:
 
 
 @contextlib.contextmanager
-def checkpoint_writes_through(engine, run):
-    """Within: each file write of `engine.save_checkpoint` is `run(write, path)` (which may hold a
-    failure back until DeepSpeed's own barriers are done on every rank)."""
+def checkpoint_writes_through(engine, run, file_run=None):
+    """Within: each write of `engine.save_checkpoint` is `run(write, path)` (which may hold a
+    failure back until DeepSpeed's own barriers are done on every rank). With `file_run`, each file
+    write is `file_run(write, path, state)` instead, `write(state)` writing `state` (None for the
+    recovery script) to `path`: it may copy the state now and write it later."""
     check_checkpoint_writers(engine)
+    if file_run is None:
+
+        def file_run(write, path, state):
+            return run(lambda: write(state), path)
+
     inner, copy_scripts = engine.checkpoint_engine, engine._copy_recovery_script
-    engine.checkpoint_engine = _RoutedCheckpointEngine(inner, run)
-    engine._copy_recovery_script = lambda save_path: run(lambda: copy_scripts(save_path), save_path)
+    engine.checkpoint_engine = _RoutedCheckpointEngine(inner, run, file_run)
+    engine._copy_recovery_script = lambda save_path: file_run(
+        lambda _: copy_scripts(save_path), save_path, None
+    )
     try:
         yield
     finally:

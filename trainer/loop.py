@@ -159,6 +159,8 @@ def train(
                 t.stop = done
                 break
             step = done
+        if closed := t.checkpointer.close():  # a background save still in flight (checkpoint.async)
+            sink.log(closed, t.stop)
         return finish(t)
 
 

@@ -8,7 +8,8 @@ With `PRETRAIN_TEST_KILL_AT=<phase>:<step>:<rank>` set, that rank SIGKILLs itsel
 the save of that step, once per run (a marker file `test-killed` in the run directory keeps the
 restarted group alive): `written` (its files written, before the commit), `committed` (rank 0:
 commit.json written, before retention), `retention` (rank 0: the first old step's commit.json and
-one of its files deleted, the rest not yet).
+one of its files deleted, the rest not yet), `background` (`checkpoint.async`: in the thread that
+writes the step, after its first file, while training goes on).
 
 With `PRETRAIN_TEST_STALL_AT=<step>:<rank>` set, that rank stops in the middle of that step (once
 per run: it creates the marker `test-stalled` in the run directory, then sleeps until the test
@@ -122,7 +123,7 @@ def kill_at(manager_module, spec: str) -> None:
     phase, step, rank = spec.split(":")
     step, rank = int(step), int(rank)
     cls = manager_module.CheckpointManager
-    if phase not in ("written", "committed", "retention"):
+    if phase not in ("written", "committed", "retention", "background"):
         raise ValueError(f"{KILL_ENV}: unknown phase {phase!r}")
 
     def here(self, at: int) -> bool:
@@ -159,6 +160,25 @@ def kill_at(manager_module, spec: str) -> None:
             store.delete = delete
 
     cls._write, cls._retain = _write, _retain
+    persisting = getattr(manager_module, "_Persisting", None)
+    if phase == "background" and persisting is not None:
+        run = persisting._run
+
+        @functools.wraps(run)
+        def _run(self):
+            if here(self._manager, self.step):
+                snap, write = self._snap, self._snap.write
+
+                def write_then_die():  # as a kill in the middle of the background write leaves it
+                    first = next(w for w, _ in snap.files if w is not None)
+                    first()
+                    _kill_once(self._manager.root.parent)
+                    return write()
+
+                snap.write = write_then_die
+            return run(self)
+
+        persisting._run = _run
 
 
 def stall_at(loop_module, spec: str) -> None:

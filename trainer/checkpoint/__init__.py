@@ -8,6 +8,9 @@ Where each step of a checkpoint's life lives:
               deepspeed_save.py     RNG states (rng.py) into `<run_dir>/checkpoints/step_<N>/`,
                                     each write guarded and fsynced; a failed save fails on every
                                     rank alike and removes the uncommitted step
+              (checkpoint.async)    or `save_async`: the state copied to host memory at the step
+                                    boundary (`deepspeed_save.snapshot`), written by a thread,
+                                    committed by `poll` at a later step once every rank is done
   committed   manager.py, store.py  each file hashed and stored, then `commit.json` last (sizes,
                                     sha256, layout, data position, fingerprints); retention keeps
                                     the last K; the `Store` is the run dir or S3

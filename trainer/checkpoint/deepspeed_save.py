@@ -9,15 +9,23 @@ error is raised when `save_checkpoint` returns, where the ranks exchange their o
 (`CheckpointManager.on_all_ranks`). Every file written is fsynced before the save returns, so a
 commit record never lists a file that a power cut could still lose.
 
+An asynchronous save (`snapshot`) runs the same `save_checkpoint`, but each file's state is copied
+to host memory (pinned when it lives on a GPU) and written later by `Snapshot.write`, in a
+background thread: the files are the bytes the synchronous save writes.
+
 Where DeepSpeed writes during a save, and how the guard gets there, is in
 `trainer/library_internals.py` (`checkpoint_writes_through`).
 """
 
 from __future__ import annotations
 
+import copy
 import errno
 import os
 import shutil
+from collections.abc import Callable
+
+import torch
 
 from trainer import library_internals
 from trainer.fsutil import fsync_dir
@@ -86,3 +94,124 @@ def save(engine, root: str, tag: str) -> list[str]:
     fsync_files(writes.files)
     fsync_dir(root)  # the step directory's own entry
     return writes.files
+
+
+_PLAIN = (str, bytes, int, float, bool, type(None), torch.dtype, torch.device, torch.Size)
+
+
+class _HostCopy:
+    """Copies DeepSpeed's save state (dicts, lists, tuples of tensors and plain values) so that
+    training may change the original: each tensor storage copied once into host memory (pinned
+    when it is on a GPU), views kept as views of the copy, and shared objects kept shared, so
+    torch.save writes the same bytes from the copy as from the original. Buffers of an earlier
+    copy (`reuse`, of the same sizes: the same model) are filled again rather than allocated:
+    fresh memory costs a page fault per page, pinned memory a slow allocation."""
+
+    def __init__(self, reuse: list[torch.Tensor] = ()):
+        self.objects: dict[int, tuple[object, object]] = {}  # id -> (original kept alive, copy)
+        self.storages: dict[tuple, torch.UntypedStorage] = {}
+        self.buffers: list[torch.Tensor] = []  # every host buffer this copy fills
+        self.spare: dict[tuple[int, bool], list[torch.Tensor]] = {}
+        for buf in reuse:
+            self.spare.setdefault((buf.numel(), buf.is_pinned()), []).append(buf)
+        self.from_gpu = False
+
+    def __call__(self, x):
+        if isinstance(x, _PLAIN):
+            return x
+        if id(x) in self.objects:
+            return self.objects[id(x)][1]
+        if isinstance(x, torch.Tensor):
+            out = self._tensor(x)
+        elif isinstance(x, dict):
+            out = copy.copy(x)  # keeps the mapping's type (OrderedDict, defaultdict)
+            out.clear()
+            out.update((k, self(v)) for k, v in x.items())
+        elif isinstance(x, list):
+            out = [self(v) for v in x]
+        elif type(x) is tuple:
+            out = tuple(self(v) for v in x)
+        else:
+            out = copy.deepcopy(x)
+        self.objects[id(x)] = (x, out)
+        return out
+
+    def _tensor(self, t: torch.Tensor) -> torch.Tensor:
+        if (
+            t.layout != torch.strided
+            or t.device.type == "meta"
+            or type(t) not in (torch.Tensor, torch.nn.Parameter)
+        ):
+            return t.detach().to("cpu", copy=True)
+        src = t.untyped_storage()
+        key = (src.device, src.data_ptr(), src.nbytes())
+        host = self.storages.get(key) if src.nbytes() else None
+        if host is None:
+            pinned = src.device.type == "cuda"
+            self.from_gpu |= pinned
+            spare = self.spare.get((src.nbytes(), pinned))
+            buf = spare.pop() if spare else torch.empty(src.nbytes(), dtype=torch.uint8, pin_memory=pinned)
+            self.buffers.append(buf)
+            buf.copy_(torch.empty(0, dtype=torch.uint8, device=src.device).set_(src), non_blocking=pinned)
+            host = self.storages[key] = buf.untyped_storage()
+        out = torch.empty(0, dtype=t.dtype).set_(host, t.storage_offset(), t.size(), t.stride())
+        if t.requires_grad:
+            out.requires_grad_(True)
+        if isinstance(t, torch.nn.Parameter):
+            out = torch.nn.Parameter(out, requires_grad=t.requires_grad)
+        for k, v in vars(t).items():  # attributes torch.save pickles with the tensor
+            setattr(out, k, self(v))
+        return out
+
+
+class Snapshot:
+    """One rank's part of a save, held in host memory: `write()` writes it (in any thread)."""
+
+    def __init__(
+        self, root: str, files: list[tuple[Callable[[], None] | None, str]], gpu_copied, buffers: list
+    ):
+        self.root, self.files, self._gpu_copied = root, files, gpu_copied
+        self.buffers = buffers  # the host memory holding it: free to reuse once it is written
+
+    def write(self) -> list[str]:
+        """Every file written and fsynced with its directory; the paths. Raises the first failed
+        write naming its file (the files after it are not written)."""
+        if self._gpu_copied is not None:
+            self._gpu_copied.synchronize()  # the device-to-host copies have landed
+        writes, files = _Writes(), self.files
+        self.files = []  # the state is dropped as it is written: only the buffers stay
+        for write, path in files:
+            writes.run(write or (lambda: None), path)
+            if writes.error is not None:
+                raise writes.error
+        del files
+        fsync_files(writes.files)
+        fsync_dir(self.root)  # the step directory's own entry
+        return writes.files
+
+
+def snapshot(engine, root: str, tag: str, reuse: list[torch.Tensor] = ()) -> Snapshot:
+    """`engine.save_checkpoint(root, tag)` with each file's state copied to host memory instead of
+    written (directories are made now), into the buffers of an earlier snapshot where they fit
+    (`reuse`: `Snapshot.buffers` of one that is written). DeepSpeed's collectives run as in
+    `save`; a failed copy (out of host memory) is raised after them."""
+    writes, copier, files = _Writes(), _HostCopy(reuse), []
+
+    def hold(write, path: str, state) -> None:
+        if state is None:  # DeepSpeed's recovery script, copied now: the only file made during a snapshot
+            writes.run(lambda: write(None), path)
+            if os.path.isdir(path):
+                files.extend((None, os.path.join(path, n)) for n in os.listdir(path))
+            return
+        held = writes.run(lambda: copier(state), None)
+        files.append((lambda: write(held), path))
+
+    with library_internals.checkpoint_writes_through(engine, writes.run, file_run=hold):
+        engine.save_checkpoint(root, tag=tag, client_state={}, save_latest=False)
+    if writes.error is not None:
+        raise writes.error
+    gpu_copied = None
+    if copier.from_gpu:
+        gpu_copied = torch.cuda.Event()
+        gpu_copied.record()
+    return Snapshot(root, files, gpu_copied, copier.buffers)

@@ -10,6 +10,10 @@ A step, `step_<N>/` in the run's store (`store.py`):
     fsync, rename): step, layout, every file with its size and sha256, data position,
     fingerprints, MLflow run id.
 
+With `checkpoint.async` (`save_async`) the same files are copied to host memory at the step and
+written, fsynced, hashed and stored by a thread of each rank; at each later step the ranks exchange
+a "done" flag, and at the first step where all are done rank 0 commits as above (`poll`).
+
 Loading verifies sizes and hashes before anything is read (the hashing is spread over the ranks
 that share a copy), so a truncated or replaced file is caught before DeepSpeed's loader, which
 unpickles (`torch.load(weights_only=False)`), ever sees it; only files this run committed are loaded.
@@ -28,6 +32,7 @@ import logging
 import os
 import shutil
 import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -61,6 +66,7 @@ class CheckpointSaveError(CheckpointError):
     and the newest intact commit. A restart would fail the same way: the run ends instead."""
 
     restartable = False
+    step: int | None = None  # the step that failed
 
 
 @dataclass
@@ -119,6 +125,61 @@ def _mismatch(f: Path, info: dict, where: str) -> str | None:
     return None
 
 
+# The background writer's nice value (Linux: per thread), the lowest priority: where the cores are
+# busy, training's threads come first and the save takes longer; on idle cores it changes nothing.
+_WRITER_NICE = 19
+
+
+class _Persisting:
+    """This rank's part of a background save: a thread writes the snapshot and this rank's state
+    file, fsyncs them, hashes and stores them. `result()` is {name: {size, sha256}}, or raises the
+    error that stopped it."""
+
+    def __init__(self, manager: CheckpointManager, step: int, meta: dict, snap, state: dict):
+        self.step, self.meta, self.buffers = step, meta, snap.buffers
+        self._manager, self._snap, self._state = manager, snap, state
+        self._files: dict | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=f"checkpoint-step-{step}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        m = self._manager
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _WRITER_NICE)
+        except (AttributeError, OSError):  # not Linux: the writer keeps the process's priority
+            pass
+        try:
+            path = m.store.step_dir(self.step)
+            written = [Path(p) for p in self._snap.write()]
+            state = path / f"trainer_state_rank{m.rank}.json"
+            try:
+                write_json_atomic(str(state), self._state)
+            except OSError as e:  # a failed write() names no file: name it
+                raise OSError(e.errno, e.strerror, e.filename or str(state)) from None
+            files = {}
+            for f in sorted({*written, state}):
+                if f.parent == path and f.is_file():
+                    files[f.name] = {"size": f.stat().st_size, "sha256": sha256_file(f)}
+                    m.store.publish(self.step, f.name)
+            self._files = files
+        except BaseException as e:  # noqa: BLE001 - reported to every rank at the commit
+            self._error = e
+        finally:
+            self._snap = None  # the host copy is freed as soon as it is written
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def join(self) -> None:
+        self._thread.join()
+
+    def result(self) -> dict:
+        if self._error is not None:
+            raise self._error
+        return self._files or {}
+
+
 class CheckpointManager:
     """Saves, finds, verifies and loads the committed checkpoints of one run; keeps the last K.
     Every public method is collective: all ranks call it."""
@@ -137,6 +198,8 @@ class CheckpointManager:
         self._saved: set[int] = set()  # steps this manager committed
         self._hashed: set[int] = set()  # steps whose files this process hashed against their commit
         self.newest: Committed | None = None  # the newest commit this process made or verified
+        self._in_flight: _Persisting | None = None  # a background save not committed yet
+        self._host_buffers: list = []  # the last background save's host memory, filled again by the next
 
     # ------------------------------------------------------------------ collectives
     def on_all_ranks(self, fn) -> list:
@@ -182,37 +245,91 @@ class CheckpointManager:
         outcome, so a write that fails on one rank fails the save on every rank within seconds:
         the uncommitted step is removed and CheckpointSaveError raised on every rank alike."""
         t0 = time.perf_counter()
+        self.finish_async()
         if step in self._saved:  # the final step right after a periodic save of it
             return 0.0
-        path = self.store.step_dir(step)
         try:
             self.on_all_ranks(partial(self._clear, step))
             self.on_all_ranks(partial(self._write, engine, step))  # fsynced: before commit.json
-            files = self._store_files(step)
-            record = {
-                **meta,
-                "step": step,
-                "files": files,
-                "time": time.time(),
-                "world_size": self.world_size,
-            }
-
-            def commit() -> None:  # after every rank's files are stored: commit.json goes last
-                if self.rank == 0:
-                    write_json_atomic(str(path / COMMIT), record)
-                    self.store.publish(step, COMMIT)
-
-            self.on_all_ranks(commit)
+            self._commit(step, self._store_files(step), meta)
         except CheckpointError as e:  # raised on every rank alike
             raise self._save_failed(step, e) from None
+        _barrier()
+        return time.perf_counter() - t0
+
+    def _commit(self, step: int, files: dict, meta: dict) -> None:
+        """Collective, once every rank's files of `step` are stored: rank 0 writes commit.json last,
+        then retention."""
+        path = self.store.step_dir(step)
+        record = {**meta, "step": step, "files": files, "time": time.time(), "world_size": self.world_size}
+
+        def commit() -> None:
+            if self.rank == 0:
+                write_json_atomic(str(path / COMMIT), record)
+                self.store.publish(step, COMMIT)
+
+        self.on_all_ranks(commit)
         self._saved.add(step)
         self._hashed.add(step)
         self.newest = Committed(step, path, record)
         if self.rank == 0:
             self._retain(step)
         self.store.evict(step)
-        _barrier()
+
+    # ------------------------------------------------------------------ save: in the background
+    def save_async(self, engine, step: int, meta: dict) -> float:
+        """Collective: every rank copies its state of `step` to host memory and a background
+        thread writes, fsyncs, hashes and stores its files while training goes on; `poll()` at a
+        later step commits it once every rank is done. A save still in flight is finished first
+        (at most one at a time). Returns the seconds training stood still (the copy). A failed
+        copy raises CheckpointSaveError on every rank, as `save` does."""
+        self.finish_async()
+        t0 = time.perf_counter()
+        if step in self._saved:
+            return 0.0
+        held: list[deepspeed_save.Snapshot] = []
+        state = {"step": step, "rng": rng_state()}  # this step's RNG, before training moves it on
+        try:
+            self.on_all_ranks(partial(self._clear, step))
+            self.on_all_ranks(
+                lambda: held.append(
+                    deepspeed_save.snapshot(
+                        engine, str(self.root), self.store.step_dir(step).name, self._host_buffers
+                    )
+                )
+            )
+        except CheckpointError as e:
+            raise self._save_failed(step, e) from None
+        self._in_flight = _Persisting(self, step, meta, held[0], state)
         return time.perf_counter() - t0
+
+    def in_flight(self) -> int | None:
+        """The step a background save is writing, or None."""
+        return None if self._in_flight is None else self._in_flight.step
+
+    def poll(self, wait: bool = False) -> Committed | None:
+        """Collective, at a step boundary while a background save is in flight (the same steps on
+        every rank): when every rank has persisted it (with `wait`, after this rank's is done),
+        commit it and return it; else None and training goes on. A failed background write fails
+        the save on every rank: the step is removed and CheckpointSaveError raised."""
+        job = self._in_flight
+        if job is None:
+            return None
+        if wait:
+            job.join()
+        if not all(_gather(job.done())):
+            return None
+        self._in_flight, self._host_buffers = None, job.buffers
+        try:
+            files = {n: info for part in self.on_all_ranks(job.result) for n, info in part.items()}
+            self._commit(job.step, files, job.meta)
+        except CheckpointError as e:
+            raise self._save_failed(job.step, e) from None
+        return self.newest
+
+    def finish_async(self) -> Committed | None:
+        """Collective: the background save in flight, if any, waited for and committed."""
+        return self.poll(wait=True)
 
     def _clear(self, step: int) -> None:
         """Before writing `step`: a commit of it from an earlier attempt (one a resume skipped as
@@ -265,7 +382,7 @@ class CheckpointManager:
         out = CheckpointSaveError(
             "; ".join(self._failure(step, error, written, free, not_removed)), path=self.store.where(step)
         )
-        out.errnos, out.from_store = error.errnos, error.from_store
+        out.errnos, out.from_store, out.step = error.errnos, error.from_store, step
         return out
 
     def _failure(
