@@ -103,3 +103,15 @@ def test_duration_reads_like_a_time_left():
     from trainer.metrics import duration
 
     assert [duration(s) for s in (0.4, 42, 185, 7620)] == ["0s", "42s", "3m05s", "2h07m"]
+
+
+def test_console_prints_a_line_per_logged_step_and_none_for_a_checkpoint_alone():
+    import io
+
+    from trainer.metrics import ConsoleLogger
+
+    out = io.StringIO()
+    console = ConsoleLogger(out, steps=300)
+    console.log({"checkpoint_save_s": 0.4}, 25)  # a save's metrics at a step: no bare "step 25" line
+    console.log({"loss": 4.5, "step_time_s": 0.5}, 25)
+    assert out.getvalue() == "step 25 | loss 4.5 | step_time_s 0.5 | 8% of 300 steps, 2m18s left\n"

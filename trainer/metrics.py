@@ -101,6 +101,8 @@ class ConsoleLogger(NullLogger):
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         keys = ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "step_time_s", "val_loss")
+        if not any(k in metrics for k in keys):  # a checkpoint's or a sampler's metrics only: no line
+            return
         parts = [f"step {step}"]
         for k in keys:
             if k in metrics:
