@@ -183,8 +183,26 @@ def trainer_class(elastic_sizes=None, grow_key: str = ""):
     return lean_trainer_class(_embedded, elastic_sizes, grow_key)
 
 
-def _raise_stopped(signum, frame):
-    raise RunStopped("stopped by SIGTERM; continue it with `pretrain resume RUN`")
+class _StopOnSigterm:
+    """SIGTERM to the driver (`pretrain stop`, a scheduler): while Ray Train runs the group, abort
+    its controller as its own Ctrl-C handler does (a Python exception raised while the driver waits
+    in `ray.get` is swallowed by Ray), then stop with RunStopped once `fit` returns; before that,
+    raise RunStopped at once."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir, self.received = run_dir, False
+
+    def __call__(self, signum, frame):
+        self.received = True
+        abort = signal.getsignal(signal.SIGINT)  # Ray Train's, while fit() waits on its controller
+        if not callable(abort) or abort is signal.default_int_handler:
+            self.stop()
+        abort(signal.SIGINT, frame)
+
+    def stop(self):
+        raise RunStopped(
+            f"run {self.run_dir.name} stopped by SIGTERM; continue it with `pretrain resume {self.run_dir}`"
+        )
 
 
 def _main_thread() -> bool:
@@ -437,7 +455,8 @@ def _fit(cfg: Config, run_dir: Path, mlflow_run_id: str, t0: float) -> dict:
     state, error = "failed", ""
     # `pretrain stop` / a scheduler ends the driver with SIGTERM: turn it into an exception so the
     # run record and the MLflow run are closed below instead of staying "running".
-    previous = signal.signal(signal.SIGTERM, _raise_stopped) if _main_thread() else None
+    sigterm = _StopOnSigterm(run_dir)
+    previous = signal.signal(signal.SIGTERM, sigterm) if _main_thread() else None
     try:
         # an elastic run starts at the largest valid size the cluster holds, at least its smallest
         check_capacity(replace(cfg, cluster=replace(cl, num_workers=sizes[-1])), ray, use_gpu=use_gpu)
@@ -447,7 +466,13 @@ def _fit(cfg: Config, run_dir: Path, mlflow_run_id: str, t0: float) -> dict:
         watchdog = _start_watchdog(cfg, run_dir, mlflow_run_id)
         try:
             result = trainer.fit()
+        except SystemExit:  # Ray Train's Ctrl-C handler gives up on an abort this way
+            if not sigterm.received:
+                raise
+            sigterm.stop()
         except TrainingFailedError as e:  # Ray's word for it, as the user's error and in run.json
+            if sigterm.received:  # the controller was aborted
+                sigterm.stop()
             # A rank's failure that a restart would repeat (out of memory) ended the group.
             failure = _stopped_by_workers(group_stopped(str(run_dir)), run_dir)
             failure = failure or _training_failed(e, run_dir)
@@ -456,6 +481,8 @@ def _fit(cfg: Config, run_dir: Path, mlflow_run_id: str, t0: float) -> dict:
         finally:
             if watchdog is not None:
                 watchdog.stop()
+        if sigterm.received:
+            sigterm.stop()
         if result.error:
             raise RunError(
                 f"run {run_dir.name} failed: {result.error}; continue it with `pretrain resume {run_dir}`"

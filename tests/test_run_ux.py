@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from tests.run_fixtures import run_pretrain, tiny_run
+from tests.run_fixtures import hooked_env, run_pretrain, tiny_run
 
 PROGRESS = re.compile(r"\| (\d+)% of 4 steps, (\d+s|\d+m\d\ds|\d+h\d\dm) left$")
 
@@ -115,3 +115,57 @@ def test_console_prints_a_line_per_logged_step_and_none_for_a_checkpoint_alone()
     console.log({"checkpoint_save_s": 0.4}, 25)  # a save's metrics at a step: no bare "step 25" line
     console.log({"loss": 4.5, "step_time_s": 0.5}, 25)
     assert out.getvalue() == "step 25 | loss 4.5 | step_time_s 0.5 | 8% of 300 steps, 2m18s left\n"
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_driver_stops_the_run_cleanly_and_resume_continues_it(corpus, tmp_path):
+    """`pretrain stop` or a scheduler sends the driver SIGTERM while the workers train: within
+    seconds one message, exit 2, `state: stopped`, no process of the run left; resume continues."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from tests.conftest import ROOT
+
+    overrides = tiny_run(corpus, tmp_path, "term", 12, "checkpoint.every=5")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "launch.cli", "train", "configs/tiny-cpu.yaml"]
+        + [a for o in overrides for a in ("--set", o)],
+        cwd=ROOT,
+        env={**os.environ, **hooked_env(PRETRAIN_TEST_STALL_AT="7:0")},  # rank 0 holds in step 8
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    run_dir = tmp_path / "runs" / "term"
+    try:
+        deadline = time.monotonic() + 240
+        while not (run_dir / "test-stalled").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.2)
+        started = psutil.Process(proc.pid).children(recursive=True)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)  # before: the driver trained on, SIGTERM swallowed
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 2, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(
+        f"pretrain: error: run term stopped by SIGTERM; continue it with `pretrain resume {run_dir}`"
+    )
+    assert json.loads((run_dir / "run.json").read_text())["state"] == "stopped"
+    time.sleep(2)
+    assert not [p.pid for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+    resumed = run_pretrain("resume", str(run_dir))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((run_dir / "run.json").read_text())["state"] == "succeeded"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 12 and summary["resumed_from"] == 5
