@@ -151,8 +151,14 @@ def train(
                 write_summary(t, attempt_result(t, done))  # a crash from here keeps the history
             if saved := t.checkpointer.maybe_save(done, last=last, forced=preempted):
                 sink.log(saved, done)
-                if "checkpoint_save_s" in saved and not (last or preempted):
-                    t.session.committed(done)  # an elastic launcher may grow the group here
+                if (
+                    "checkpoint_save_s" in saved
+                    and "checkpoint_stall_s" not in saved
+                    and not (last or preempted)
+                ):
+                    t.session.committed(
+                        done
+                    )  # an elastic launcher may grow the group here (no save in flight)
             if preempted:
                 log.warning("SIGTERM received: checkpoint committed at step %d, stopping", done)
                 t.events.write("preempted", step=done)
