@@ -16,7 +16,6 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from launch.prepare import add_arguments, run
 from trainer.data import pipeline
-from trainer.data import prepare as prepare_mod
 from trainer.data.manifest import Manifest, ManifestError, load_manifest
 from trainer.data.prepare import EOS_TOKEN, PrepareError, prepare
 

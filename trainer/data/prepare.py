@@ -204,7 +204,9 @@ def _build_units(
         pipeline.read_record(os.path.join(work, pipeline.unit_name(i) + ".json")) for i in range(len(sources))
     ]
     if os.path.exists(tok_path):
-        shard_records = [n for n in os.listdir(work) if n.endswith(".json") and not n.startswith("unit-")]
+        shard_records = [
+            n for n in os.listdir(work) if n.startswith(("train-", "val-")) and n.endswith(".json")
+        ]
         print(
             f"[prepare] resuming {work}: {sum(r is not None for r in unit_records)}/{len(sources)} inputs "
             f"tokenized, {len(shard_records)} shards written",

@@ -1,0 +1,110 @@
+"""`pretrain prepare`'s units (trainer/data/pipeline.py) give the same bytes whoever runs them: one
+process, several, a 2-node Ray cluster (`--address`), inputs listed in another order, another
+tokenization batch size; and a preparation killed (SIGKILL, at a known record) resumes, redoing only
+the units without a completion record."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+from pathlib import Path
+
+import pytest
+
+from tests.run_fixtures import hooked_env, run_pretrain
+from trainer.data import pipeline
+from trainer.data.manifest import load_manifest
+from trainer.data.prepare import prepare
+
+WORDS = "the of and to in is was for on that with as by at from this data model token shard".split()
+OPTS = ["--vocab-size", "300", "--block-len", "33", "--samples-per-shard", "4", "--val-blocks", "2"]
+
+
+@pytest.fixture
+def inputs(tmp_path: Path) -> list[str]:
+    """Five inputs of uneven sizes: four JSON Lines files and a text file."""
+    rng = random.Random(0)
+    paths = []
+    for i, n_docs in enumerate([7, 1, 12, 4]):
+        p = tmp_path / f"in-{i}.jsonl"
+        with open(p, "w") as f:
+            for _ in range(n_docs):
+                text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 40)))
+                f.write(json.dumps({"text": text + "."}) + "\n")
+        paths.append(str(p))
+    (tmp_path / "notes.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(80)))
+    return [*paths, str(tmp_path / "notes.txt")]
+
+
+def _prepare(inputs: list[str], out: Path, **kw):
+    return prepare(
+        inputs,
+        str(out),
+        vocab_size=300,
+        block_len=33,
+        samples_per_shard=4,
+        val_blocks=2,
+        **{"workers": 1, **kw},
+    )
+
+
+def _shards(out: Path) -> dict[str, str]:
+    m = load_manifest(str(out))
+    return {s.name: s.sha256 for split in m.splits.values() for s in split.shards}
+
+
+def test_same_bytes_for_any_worker_count_batch_size_and_input_order(inputs, tmp_path, monkeypatch):
+    one = _prepare(inputs, tmp_path / "one")
+    assert one.source["documents"] == 25 and len(_shards(tmp_path / "one")) >= 5
+    many = _prepare(inputs, tmp_path / "many", workers=3)  # 3 processes of the 5 units
+    shuffled = list(reversed(inputs))
+    monkeypatch.setattr(pipeline, "_BATCH_DOCS", 2)  # another tokenization batch size
+    other = _prepare(shuffled, tmp_path / "shuffled")
+    for m, out in ((many, "many"), (other, "shuffled")):
+        assert m.fingerprint == one.fingerprint
+        assert _shards(tmp_path / out) == _shards(tmp_path / "one")
+        for name in _shards(tmp_path / "one"):
+            assert (tmp_path / out / name).read_bytes() == (tmp_path / "one" / name).read_bytes()
+
+
+@pytest.mark.slow
+def test_ray_cluster_of_two_nodes_gives_the_local_bytes(inputs, tmp_path):
+    from tests.test_multinode import TwoNodes
+
+    local = _prepare(inputs, tmp_path / "local")
+    cluster = TwoNodes()
+    try:
+        p = run_pretrain(
+            "prepare", *inputs, "--out", str(tmp_path / "ray"), *OPTS, "--address", cluster.address
+        )
+    finally:
+        cluster.shutdown()
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.strip() == str(tmp_path / "ray" / "manifest.json")
+    assert load_manifest(str(tmp_path / "ray")).fingerprint == local.fingerprint
+    assert _shards(tmp_path / "ray") == _shards(tmp_path / "local")
+
+
+@pytest.mark.slow
+def test_killed_prepare_resumes_redoing_only_unfinished_units(inputs, tmp_path):
+    reference = _prepare(inputs, tmp_path / "reference")
+    out = tmp_path / "out"
+    args = ["prepare", *inputs, "--out", str(out), *OPTS, "--workers", "1"]
+    # Killed right after its 7th record: the 5 inputs tokenized and 2 shards written.
+    p = run_pretrain(*args, extra_env=hooked_env(PRETRAIN_TEST_PREPARE_KILL_AFTER="7"))
+    assert p.returncode == -signal.SIGKILL, p.stderr[-3000:]
+    assert not (out / "manifest.json").exists()
+    (work,) = tmp_path.glob(".out.prepare-*")
+    done = {n: os.stat(work / n).st_ino for n in ("train-000000.tar", "train-000001.tar")}
+    assert not (work / "train-000002.json").exists()
+
+    p = run_pretrain(*args)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"resuming {work}: 5/5 inputs tokenized, 2 shards written" in p.stderr
+    assert load_manifest(str(out)).fingerprint == reference.fingerprint
+    assert _shards(out) == _shards(tmp_path / "reference")
+    # The two shards written before the kill were moved in as they were, not written again.
+    assert {n: os.stat(out / n).st_ino for n in done} == done
+    assert not work.exists()
