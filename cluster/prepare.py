@@ -8,6 +8,7 @@ directory (a shared filesystem), since the units write their files there.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -22,6 +23,13 @@ def ray_runner(address: str) -> Callable[[Callable[..., Any], list[tuple]], Iter
     if not ray.is_initialized():
         check_ray_address(address, "--address")
         ray.init(address=address, log_to_driver=True)
+    alive = [n for n in ray.nodes() if n["Alive"]]
+    cpus = sum(n["Resources"].get("CPU", 0) for n in alive)
+    print(
+        f"[prepare] on the Ray cluster at {address}: {len(alive)} nodes, {cpus:g} CPUs",
+        file=sys.stderr,
+        flush=True,
+    )
 
     def run(fn: Callable[..., Any], arglist: list[tuple]) -> Iterator[Any]:
         if not arglist:
@@ -31,11 +39,13 @@ def ray_runner(address: str) -> Callable[[Callable[..., Any], list[tuple]], Iter
         threads = max(1, min(biggest, total // len(arglist)))
         task = ray.remote(num_cpus=threads, max_retries=3)(fn)
         refs = [task.remote(*args, threads=threads) for args in arglist]
+        got = 0
         try:
             for ref in refs:
                 yield ray.get(ref)
+                got += 1
         finally:
-            for ref in refs:  # the rest, when the caller stops early (--max-docs) or fails
+            for ref in refs[got + 1 :]:  # not started or running: the caller stopped early or failed
                 ray.cancel(ref)
 
     return run

@@ -82,6 +82,7 @@ def test_ray_cluster_of_two_nodes_gives_the_local_bytes(inputs, tmp_path):
     finally:
         cluster.shutdown()
     assert p.returncode == 0, p.stderr[-3000:]
+    assert f"[prepare] on the Ray cluster at {cluster.address}: 2 nodes, 2 CPUs" in p.stderr
     assert p.stdout.strip() == str(tmp_path / "ray" / "manifest.json")
     assert load_manifest(str(tmp_path / "ray")).fingerprint == local.fingerprint
     assert _shards(tmp_path / "ray") == _shards(tmp_path / "local")

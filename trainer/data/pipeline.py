@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import multiprocessing as mp
 import os
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -210,24 +209,24 @@ def shard_pieces(used: list[tuple[int, int]], start: int, stop: int) -> list[tup
 # ---- who runs the units -----------------------------------------------------------------------
 
 
-def _call(fn_args: tuple) -> Any:
-    fn, args, threads = fn_args
-    return fn(*args, threads=threads)
-
-
 def local_runner(workers: int) -> Runner:
-    """Units on this machine: `workers` cores shared by min(workers, units) processes, each unit
-    with workers // processes threads; one process (this one) when one is enough."""
+    """Units on this machine, in threads of this process (the tokenizer and hashing release the GIL,
+    and threads start in no time, with nothing to pickle): `workers` cores shared by
+    min(workers, units) units at a time, each with workers // that many threads."""
 
     def run(fn: Callable[..., Any], arglist: list[tuple]) -> Iterator[Any]:
-        procs = max(1, min(workers, len(arglist)))
-        threads = max(1, workers // procs)
-        if procs == 1:
+        at_once = max(1, min(workers, len(arglist)))
+        threads = max(1, workers // at_once)
+        if at_once == 1:
             for args in arglist:
                 yield fn(*args, threads=threads)
             return
-        # spawn, not fork: this process may already run Rayon threads (tokenizer training).
-        with mp.get_context("spawn").Pool(procs) as pool:
-            yield from pool.imap(_call, [(fn, args, threads) for args in arglist])
+        pool = ThreadPoolExecutor(at_once, thread_name_prefix="prepare")
+        try:
+            futures = [pool.submit(fn, *args, threads=threads) for args in arglist]
+            for future in futures:
+                yield future.result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # the caller stopped early or failed
 
     return run
