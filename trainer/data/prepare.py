@@ -136,6 +136,8 @@ def prepare(
 
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
+    if opts.clean.enabled and runner is not None:
+        print("[prepare] the cleaning stages run on this machine, as one stream", file=sys.stderr, flush=True)
     if not opts.clean.enabled:
         manifest = _prepare_units(
             out, inputs, sources, opts, runner or local_runner(opts.workers or os.cpu_count() or 1)
