@@ -17,9 +17,11 @@ Work directory (`.<out>.prepare-<key>` next to `out`; the key hashes the inputs 
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import os
+import tarfile
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -160,7 +162,6 @@ def write_shard(
     """Write blocks [first_block, first_block + n_blocks) of the token stream as tar `name`; their
     tokens are `pieces` = [(unit index, start, stop)] of the units' token files, concatenated.
     Returns the shard's record (ShardInfo fields); sample key = global block index."""
-    import webdataset as wds  # here: it pulls in torch, which tokenizing units do not need
 
     stem = os.path.join(work, name.removesuffix(".tar"))
     done = read_record(stem + ".json")
@@ -175,10 +176,15 @@ def write_shard(
     blocks = np.concatenate(parts).reshape(n_blocks, block_len)
     path = os.path.join(work, name)
     with open(path + ".partial", "wb") as f:
-        # As webdataset's ShardWriter writes: raw bytes, fixed member times (reproducible sha256s).
-        with wds.TarWriter(f, encoder=False, mtime=0.0) as tar:
+        # The tar webdataset's TarWriter(encoder=False, mtime=0) writes, without importing it (and
+        # torch with it) in every worker: fixed member times and owners give reproducible sha256s.
+        with tarfile.open(fileobj=f, mode="w|") as tar:
             for i in range(n_blocks):
-                tar.write({"__key__": f"{first_block + i:09d}", "tokens": blocks[i].tobytes()})
+                data = blocks[i].tobytes()
+                info = tarfile.TarInfo(f"{first_block + i:09d}.tokens")
+                info.size, info.mtime, info.mode = len(data), 0.0, 0o444
+                info.uname = info.gname = "bigdata"
+                tar.addfile(info, io.BytesIO(data))
         f.flush()
         os.fsync(f.fileno())
     os.replace(path + ".partial", path)
