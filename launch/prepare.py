@@ -67,7 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "inputs",
         nargs="+",
         help="text sources: files, directories (recursive: .txt .md .py .rst .jsonl .jsonl.gz "
-        ".jsonl.zst .parquet), globs, or http(s) URLs; read in the given order, files sorted",
+        ".jsonl.zst .parquet), globs, or http(s) URLs; read sorted by path, however listed",
     )
     parser.add_argument(
         "--out", required=True, help="output directory for shards, tokenizer.json, manifest.json"

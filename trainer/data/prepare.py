@@ -8,10 +8,12 @@ Output directory (`out`):
     val-000000.tar ...       member `<key>.tokens` = block_len little-endian uint16/uint32 ids
     manifest.json            written last: the dataset is valid iff it exists and checks out
 
-Documents are tokenized in input order, each followed by EOS, concatenated into one stream and cut
-into blocks of exactly `block_len` tokens (the tail that does not fill a block is dropped). The last
-`val_blocks` blocks form the "val" split. Everything is built in a temporary directory next to
-`out` and moved in at the end, so an interrupted run leaves no manifest that lies.
+Documents are tokenized in the order of the input files' sorted paths, each followed by EOS,
+concatenated into one stream and cut into blocks of exactly `block_len` tokens (the tail that does
+not fill a block is dropped). The last `val_blocks` blocks form the "val" split. Everything is built
+in a work directory next to `out` and moved in at the end, so an interrupted run leaves no manifest
+that lies; without cleaning stages the work is resumable units (trainer/data/pipeline.py) that run
+in threads here or as Ray tasks (cluster/prepare.py), with the same output.
 
 When the tokenizer is trained here, the inputs are read twice (train, then tokenize) rather than
 held in memory; URLs are therefore fetched twice.
