@@ -18,8 +18,10 @@ count. rensa and datasketch read the same shingles (normalized words, joined by 
 Tokenization (wall time, all cores, the same documents in 16 JSON Lines files, the same reused
 byte-level BPE tokenizer of 8,192 ids): tokens/s of `encode_batch` on the documents already in
 memory; of `prepare()` (reading, tokenizing, shards and manifest) on this machine; of the same on a
-1-node Ray cluster started here (`--address`'s runner; its start-up not counted); and of the old
-single-stream stage (one reader feeding a process pool, still used with cleaning stages). Rounds are
+1-node Ray cluster started here (`--address`'s runner; its start-up not counted); of Ray Data
+reading the same files and tokenizing them (`read_json` + `map_batches`, counting tokens, writing
+nothing: the alternative to Ray tasks); and of the old single-stream stage (one reader feeding a
+process pool, still used with cleaning stages). Rounds are
 interleaved after a warm-up round; the median is printed, with the load average before and after.
 """
 
@@ -135,6 +137,7 @@ def tokenize_rates(megabytes: float, rounds: int) -> dict[str, Any]:
     import tempfile
 
     import ray
+    import ray.data
     from tokenizers import Tokenizer
 
     from cluster.prepare import ray_runner
@@ -170,6 +173,23 @@ def tokenize_rates(megabytes: float, rounds: int) -> dict[str, Any]:
             shutil.rmtree(out)
             return m.source["tokens"]
 
+        class Encode:  # Ray Data's callable class: one tokenizer per actor
+            def __init__(self) -> None:
+                os.environ["TOKENIZERS_PARALLELISM"] = "false"
+                self.tok = Tokenizer.from_file(tok_path)
+
+            def __call__(self, batch: dict) -> dict:
+                enc = self.tok.encode_batch_fast(list(batch["text"]), add_special_tokens=False)
+                return {"n": np.array([len(e.ids) + 1 for e in enc])}  # + EOS, as prepare counts
+
+        def ray_data() -> int:
+            ray.data.DataContext.get_current().enable_progress_bars = False
+            # Half a CPU each, so that the read tasks find CPUs beside one actor per core.
+            ds = ray.data.read_json(files).map_batches(
+                Encode, batch_size=512, concurrency=cores, num_cpus=0.5
+            )
+            return int(ds.sum("n"))
+
         def old_stage() -> int:
             eos = tok.token_to_id(prep.EOS_TOKEN)
             docs_in = prep.iter_documents(sorted(files), "text")
@@ -182,6 +202,7 @@ def tokenize_rates(megabytes: float, rounds: int) -> dict[str, Any]:
             "encode_batch": encode_batch,
             "prepare, local": lambda: run_prepare(None),
             "prepare, Ray 1 node": lambda: run_prepare(runner),
+            "Ray Data, tokenize only": ray_data,
             "old tokenize stage": old_stage,
         }
         rates: dict[str, list[float]] = {name: [] for name in cases}

@@ -118,6 +118,12 @@ def test_prepare_benchmark_prints_cleaning_and_minhash_rates(tmp_path):
     }
     assert "rensa (chosen) / numpy (ours)" in p.stdout
     rates = figures["tokenize"]["tokens_per_s"]
-    assert set(rates) == {"encode_batch", "prepare, local", "prepare, Ray 1 node", "old tokenize stage"}
+    assert set(rates) == {
+        "encode_batch",
+        "prepare, local",
+        "prepare, Ray 1 node",
+        "Ray Data, tokenize only",
+        "old tokenize stage",
+    }
     assert all(r > 0 for r in rates.values())
     assert "x encode_batch" in p.stdout and "Ray 1 node takes" in p.stdout
