@@ -186,7 +186,7 @@ def tokenize_rates(megabytes: float, rounds: int) -> dict[str, Any]:
             ray.data.DataContext.get_current().enable_progress_bars = False
             # Half a CPU each, so that the read tasks find CPUs beside one actor per core.
             ds = ray.data.read_json(files).map_batches(
-                Encode, batch_size=512, concurrency=cores, num_cpus=0.5
+                Encode, batch_size=512, compute=ray.data.ActorPoolStrategy(size=cores), num_cpus=0.5
             )
             return int(ds.sum("n"))
 
