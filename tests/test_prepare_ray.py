@@ -89,23 +89,35 @@ def test_ray_cluster_of_two_nodes_gives_the_local_bytes(inputs, tmp_path):
 
 
 @pytest.mark.slow
-def test_killed_prepare_resumes_redoing_only_unfinished_units(inputs, tmp_path):
+@pytest.mark.parametrize(
+    "kill_after, units_done, shards_done",
+    [(2, 2, 0), (7, 5, 2)],  # records: one per input (5), then one per shard
+    ids=["while tokenizing", "while writing shards"],
+)
+def test_killed_prepare_resumes_redoing_only_unfinished_units(
+    inputs, tmp_path, kill_after, units_done, shards_done
+):
     reference = _prepare(inputs, tmp_path / "reference")
     out = tmp_path / "out"
     args = ["prepare", *inputs, "--out", str(out), *OPTS, "--workers", "1"]
-    # Killed right after its 7th record: the 5 inputs tokenized and 2 shards written.
-    p = run_pretrain(*args, extra_env=hooked_env(PRETRAIN_TEST_PREPARE_KILL_AFTER="7"))
+    p = run_pretrain(*args, extra_env=hooked_env(PRETRAIN_TEST_PREPARE_KILL_AFTER=str(kill_after)))
     assert p.returncode == -signal.SIGKILL, p.stderr[-3000:]
     assert not (out / "manifest.json").exists()
     (work,) = tmp_path.glob(".out.prepare-*")
-    done = {n: os.stat(work / n).st_ino for n in ("train-000000.tar", "train-000001.tar")}
-    assert not (work / "train-000002.json").exists()
+    kept = [f"unit-{i:06d}.tokens" for i in range(units_done)] + [
+        f"train-{i:06d}.tar" for i in range(shards_done)
+    ]
+    inodes = {n: os.stat(work / n).st_ino for n in kept}
+    assert not (work / f"unit-{units_done:06d}.json").exists() or units_done == 5
+    assert not (work / f"train-{shards_done:06d}.json").exists()
 
     p = run_pretrain(*args)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert f"resuming {work}: 5/5 inputs tokenized, 2 shards written" in p.stderr
+    assert f"resuming {work}: {units_done}/5 inputs tokenized, {shards_done} shards written" in p.stderr
     assert load_manifest(str(out)).fingerprint == reference.fingerprint
     assert _shards(out) == _shards(tmp_path / "reference")
-    # The two shards written before the kill were moved in as they were, not written again.
-    assert {n: os.stat(out / n).st_ino for n in done} == done
+    # What was finished before the kill was kept (the shards moved in as they were), not redone.
+    assert {n: os.stat(out / n).st_ino for n in kept if n.endswith(".tar")} == {
+        n: i for n, i in inodes.items() if n.endswith(".tar")
+    }
     assert not work.exists()
