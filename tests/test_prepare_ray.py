@@ -74,13 +74,31 @@ def test_ray_cluster_of_two_nodes_gives_the_local_bytes(inputs, tmp_path):
     from tests.test_multinode import TwoNodes
 
     local = _prepare(inputs, tmp_path / "local")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": \n')
     cluster = TwoNodes()
     try:
         p = run_pretrain(
             "prepare", *inputs, "--out", str(tmp_path / "ray"), *OPTS, "--address", cluster.address
         )
+        # Bad input found by a task (the tokenizer is given: the driver reads no input): the one
+        # message naming the file, exit 2.
+        tok = ["--tokenizer", str(tmp_path / "local" / "tokenizer.json")]
+        failed = run_pretrain(
+            "prepare",
+            *inputs,
+            str(bad),
+            "--out",
+            str(tmp_path / "bad"),
+            *OPTS,
+            *tok,
+            "--address",
+            cluster.address,
+        )
     finally:
         cluster.shutdown()
+    assert failed.returncode == 2, failed.stderr[-3000:]
+    assert f"{bad}:2: invalid JSON" in failed.stderr and "RayTaskError" not in failed.stderr
     assert p.returncode == 0, p.stderr[-3000:]
     assert f"[prepare] on the Ray cluster at {cluster.address}: 2 nodes, 2 CPUs" in p.stderr
     assert p.stdout.strip() == str(tmp_path / "ray" / "manifest.json")
