@@ -164,8 +164,9 @@ def write_shard(
     Returns the shard's record (ShardInfo fields); sample key = global block index."""
 
     stem = os.path.join(work, name.removesuffix(".tar"))
+    path = os.path.join(work, name)
     done = read_record(stem + ".json")
-    if done is not None:
+    if done is not None and os.path.exists(path):  # not yet moved into `out` by a killed commit
         return done
     np_dtype = np.dtype("<u2" if dtype == "uint16" else "<u4")
     parts = []
@@ -174,7 +175,6 @@ def write_shard(
         parts.append(np.array(mm[lo:hi]))
         del mm  # one open mapping at a time
     blocks = np.concatenate(parts).reshape(n_blocks, block_len)
-    path = os.path.join(work, name)
     with open(path + ".partial", "wb") as f:
         # The tar webdataset's TarWriter(encoder=False, mtime=0) writes, without importing it (and
         # torch with it) in every worker: fixed member times and owners give reproducible sha256s.
