@@ -15,6 +15,7 @@ import pytest
 
 from tests.run_fixtures import hooked_env, run_pretrain
 from trainer.data import pipeline
+from trainer.data import prepare as prepare_mod
 from trainer.data.manifest import load_manifest
 from trainer.data.prepare import prepare
 
@@ -67,6 +68,16 @@ def test_same_bytes_for_any_worker_count_batch_size_and_input_order(inputs, tmp_
         assert _shards(tmp_path / out) == _shards(tmp_path / "one")
         for name in _shards(tmp_path / "one"):
             assert (tmp_path / out / name).read_bytes() == (tmp_path / "one" / name).read_bytes()
+
+
+def test_a_big_json_lines_file_is_several_units_with_the_same_bytes(inputs, tmp_path, monkeypatch):
+    whole = _prepare(inputs, tmp_path / "whole")
+    monkeypatch.setattr(prepare_mod, "UNIT_BYTES", 97)  # cuts inside lines, some ranges hold none
+    split = _prepare(inputs, tmp_path / "split", workers=2)
+    units = prepare_mod._unit_reads(sorted(inputs), "text")
+    assert len(units) > 20 and sum(len(list(read())) for read in units) == 25  # every document once
+    assert split.fingerprint == whole.fingerprint
+    assert _shards(tmp_path / "split") == _shards(tmp_path / "whole")
 
 
 @pytest.mark.slow
@@ -131,7 +142,7 @@ def test_killed_prepare_resumes_redoing_only_unfinished_units(
 
     p = run_pretrain(*args)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert f"resuming {work}: {units_done}/5 inputs tokenized, {shards_done} shards written" in p.stderr
+    assert f"resuming {work}: {units_done}/5 input units tokenized, {shards_done} shards written" in p.stderr
     assert load_manifest(str(out)).fingerprint == reference.fingerprint
     assert _shards(out) == _shards(tmp_path / "reference")
     # What was finished before the kill was kept (the shards moved in as they were), not redone.

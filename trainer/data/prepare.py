@@ -64,6 +64,8 @@ MIN_VOCAB_SIZE = 257
 _BATCH_DOCS = 256
 _BATCH_CHARS = 1 << 20
 _URL_TIMEOUT_S = 60
+# Plain JSON Lines files over this many bytes are several tokenize units, so one big file spreads.
+UNIT_BYTES = 1 << 26
 
 
 class PrepareError(PretrainError, ValueError):
@@ -204,15 +206,16 @@ def _build_units(
     """Tokenizer, one tokenize unit per input, one unit per shard, and the sealed manifest, in
     `work`; units finished by an earlier run (their records) are not run again."""
     tok_path = os.path.join(work, TOKENIZER_NAME)
+    reads = _unit_reads(sources, opts.text_field)
     unit_records = [
-        pipeline.read_record(os.path.join(work, pipeline.unit_name(i) + ".json")) for i in range(len(sources))
+        pipeline.read_record(os.path.join(work, pipeline.unit_name(i) + ".json")) for i in range(len(reads))
     ]
     if os.path.exists(tok_path):
         shard_records = [
             n for n in os.listdir(work) if n.startswith(("train-", "val-")) and n.endswith(".json")
         ]
         print(
-            f"[prepare] resuming {work}: {sum(r is not None for r in unit_records)}/{len(sources)} inputs "
+            f"[prepare] resuming {work}: {sum(r is not None for r in unit_records)}/{len(reads)} input units "
             f"tokenized, {len(shard_records)} shards written",
             file=sys.stderr,
             flush=True,
@@ -229,7 +232,6 @@ def _build_units(
     # Tokenize: units in input order; with --max-docs, units after the one reaching it are not used.
     used: list[tuple[int, int]] = []
     n_docs = n_tokens = 0
-    reads = [functools.partial(_read_source, s, opts.text_field) for s in sources]
     units = [(work, i, read, tok_path, eos_id, dtype) for i, read in enumerate(reads)]
     results = runner(pipeline.tokenize_unit, units)
     limit = np.iinfo(_np_dtype(dtype)).max
@@ -501,6 +503,45 @@ def _iter_sourced(sources: Iterable[str], text_field: str, max_docs: int | None)
             yield index, doc
             if max_docs is not None and count >= max_docs:
                 return  # before opening the next file or URL
+
+
+def _unit_reads(sources: list[str], text_field: str) -> list[Callable[[], Iterator[str]]]:
+    """The tokenize units' readers: one per input, except plain JSON Lines files over UNIT_BYTES,
+    cut at line starts into pieces of about UNIT_BYTES (a constant: units never depend on workers)."""
+    reads: list[Callable[[], Iterator[str]]] = []
+    for s in sources:
+        size = 0 if _is_url(s) or not s.lower().endswith(".jsonl") else os.path.getsize(s)
+        if size > UNIT_BYTES:
+            reads += [
+                functools.partial(_read_jsonl_range, s, text_field, a, min(a + UNIT_BYTES, size))
+                for a in range(0, size, UNIT_BYTES)
+            ]
+        else:
+            reads.append(functools.partial(_read_source, s, text_field))
+    return reads
+
+
+def _read_jsonl_range(location: str, text_field: str, start: int, stop: int) -> Iterator[str]:
+    """Documents of the lines of a plain JSON Lines file that start in bytes [start, stop)."""
+    try:
+        with open(location, "rb") as f:
+            if start:
+                f.seek(start - 1)
+                f.readline()  # the line that starts before `start` belongs to the previous range
+            begin = f.tell()
+            if begin >= stop:  # a line from the previous range runs through all of this one
+                return
+            f.seek(stop - 1)
+            f.readline()  # through the end of the line that starts before `stop`
+            end = f.tell()
+            f.seek(begin)
+            data = io.BytesIO(f.read(end - begin))
+        # Line numbers in messages count from the range's first line.
+        yield from _read_jsonl(f"{location} (from byte {begin})", data, text_field)
+    except PrepareError:
+        raise
+    except (OSError, UnicodeError, ValueError) as e:
+        raise PrepareError(f"cannot read input {location}: {e}", path=location) from e
 
 
 def _is_url(s: str) -> bool:
