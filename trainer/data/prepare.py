@@ -196,7 +196,7 @@ def _work_key(sources: list[str], opts: _Options) -> str:
     fields = {k: v for k, v in opts.__dict__.items() if k not in ("workers", "clean")}
     if opts.tokenizer and os.path.isfile(opts.tokenizer):
         fields["tokenizer"] = sha256_file(opts.tokenizer)
-    blob = json.dumps([files, fields, _tool_version()], sort_keys=True, default=str).encode()
+    blob = json.dumps([files, fields, UNIT_BYTES, _tool_version()], sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
