@@ -1,6 +1,7 @@
-"""Throughput of `pretrain prepare`'s cleaning and near-duplicate stages, MinHash against libraries.
+"""Throughput of `pretrain prepare`'s cleaning and near-duplicate stages, MinHash against libraries,
+and of its tokenize + shard stages against the `tokenizers` library's own `encode_batch`.
 
-    python benchmarks/prepare.py [--mb 8] [--json out.json]
+    python benchmarks/prepare.py [--mb 8] [--tokenize-mb 40] [--rounds 3] [--json out.json]
 
 Prints MB of text per CPU-second on one core of each cleaning filter (default thresholds) on
 sentence-like documents that pass them all (so every rule is evaluated), and, on the same synthetic documents (English-like words, 200-2,000 per document), MB of text
@@ -13,6 +14,15 @@ per CPU-second on one core for each MinHash implementation that is importable, e
 
 CPU time (time.process_time), not wall time, so that other work on a shared machine does not
 count. rensa and datasketch read the same shingles (normalized words, joined by spaces).
+
+Tokenization (wall time, all cores, the same documents in 16 JSON Lines files, the same reused
+byte-level BPE tokenizer of 8,192 ids): tokens/s of `encode_batch` on the documents already in
+memory; of `prepare()` (reading, tokenizing, shards and manifest) on this machine; of the same on a
+1-node Ray cluster started here (`--address`'s runner; its start-up not counted); of Ray Data
+reading the same files and tokenizing them (`read_json` + `map_batches`, counting tokens, writing
+nothing: the alternative to Ray tasks); and of the old single-stream stage (one reader feeding a
+process pool, still used with cleaning stages). Rounds are
+interleaved after a warm-up round; the median is printed, with the load average before and after.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ import random
 import string
 import sys
 import time
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -116,9 +127,105 @@ def clean_rates(megabytes: float) -> dict[str, float]:
     return rates
 
 
+TOKENIZE_FILES = 16
+
+
+def tokenize_rates(megabytes: float, rounds: int) -> dict[str, Any]:
+    """Median tokens/s of encode_batch, prepare locally, prepare on a 1-node Ray, the old stage."""
+    import shutil
+    import statistics
+    import tempfile
+
+    import ray
+    import ray.data
+    from tokenizers import Tokenizer
+
+    from cluster.prepare import ray_runner
+    from trainer.data import prepare as prep
+
+    cores = os.cpu_count() or 1
+    root = tempfile.mkdtemp(prefix="prepare-bench-")
+    try:
+        docs = make_documents(megabytes, seed=1)
+        files = []
+        for i in range(TOKENIZE_FILES):
+            files.append(os.path.join(root, f"part-{i:02d}.jsonl"))
+            with open(files[-1], "w") as f:
+                f.writelines(json.dumps({"text": d}) + "\n" for d in docs[i::TOKENIZE_FILES])
+        tok = prep._train_tokenizer(iter(docs[:2000]), 8192, prep._Progress())
+        tok_path = os.path.join(root, "tokenizer.json")
+        tok.save(tok_path)
+        # Ray's workers import this checkout's modules, as this process does.
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
+        ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
+        runner = ray_runner("local")
+        n = [0]
+
+        def encode_batch() -> int:
+            t = Tokenizer.from_file(tok_path)
+            return sum(len(e.ids) for e in t.encode_batch_fast(docs, add_special_tokens=False))
+
+        def run_prepare(r) -> int:
+            n[0] += 1
+            out = os.path.join(root, f"out-{n[0]}")
+            m = prep.prepare(files, out, tokenizer=tok_path, block_len=2049, workers=cores, runner=r)
+            shutil.rmtree(out)
+            return m.source["tokens"]
+
+        class Encode:  # Ray Data's callable class: one tokenizer per actor
+            def __init__(self) -> None:
+                os.environ["TOKENIZERS_PARALLELISM"] = "false"
+                self.tok = Tokenizer.from_file(tok_path)
+
+            def __call__(self, batch: dict) -> dict:
+                enc = self.tok.encode_batch_fast(list(batch["text"]), add_special_tokens=False)
+                return {"n": np.array([len(e.ids) + 1 for e in enc])}  # + EOS, as prepare counts
+
+        def ray_data() -> int:
+            ray.data.DataContext.get_current().enable_progress_bars = False
+            # Half a CPU each, so that the read tasks find CPUs beside one actor per core.
+            ds = ray.data.read_json(files).map_batches(
+                Encode, batch_size=512, compute=ray.data.ActorPoolStrategy(size=cores), num_cpus=0.5
+            )
+            return int(ds.sum("n"))
+
+        def old_stage() -> int:
+            eos = tok.token_to_id(prep.EOS_TOKEN)
+            docs_in = prep.iter_documents(sorted(files), "text")
+            path = os.path.join(root, "old.bin")
+            _, tokens = prep._tokenize_to_file(docs_in, tok, eos, "uint16", cores, path, prep._Progress())
+            os.remove(path)
+            return tokens
+
+        cases = {
+            "encode_batch": encode_batch,
+            "prepare, local": lambda: run_prepare(None),
+            "prepare, Ray 1 node": lambda: run_prepare(runner),
+            "Ray Data, tokenize only": ray_data,
+            "old tokenize stage": old_stage,
+        }
+        rates: dict[str, list[float]] = {name: [] for name in cases}
+        load = [os.getloadavg()[0]]
+        for r in range(rounds + 1):  # round 0 warms up (Ray workers, page cache)
+            for name, fn in cases.items():
+                t0 = time.perf_counter()
+                tokens = fn()
+                if r:
+                    rates[name].append(tokens / (time.perf_counter() - t0))
+        load.append(os.getloadavg()[0])
+        ray.shutdown()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    median = {name: statistics.median(v) for name, v in rates.items()}
+    return {"tokens": tokens, "cores": cores, "load_average": load, "tokens_per_s": median, "runs": rates}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mb", type=float, default=8.0, help="MB of text (default 8)")
+    p.add_argument("--tokenize-mb", type=float, default=40.0, help="MB of text to tokenize (default 40)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved tokenization rounds (default 3)")
     p.add_argument("--json", default=None, help="also write the figures here")
     args = p.parse_args()
     print(f"cleaning, {args.mb:.0f} MB of documents that pass every rule, one core:")
@@ -145,10 +252,29 @@ def main() -> None:
     for name, rate in results.items():
         if base and name != "rensa (chosen)":
             print(f"  rensa (chosen) / {name} = {base / rate:.2f}x")
+    tok = tokenize_rates(args.tokenize_mb, args.rounds)
+    print(
+        f"tokenize, {args.tokenize_mb:g} MB in {TOKENIZE_FILES} files = {tok['tokens']:,} tokens, {tok['cores']} cores, "
+        f"median of {args.rounds} interleaved rounds, load average {tok['load_average'][0]:.1f} -> "
+        f"{tok['load_average'][1]:.1f}:"
+    )
+    base = tok["tokens_per_s"]["encode_batch"]
+    for name, rate in tok["tokens_per_s"].items():
+        print(f"  {name:<20} {rate:12,.0f} tokens/s  {rate / base:5.2f}x encode_batch")
+    ray_vs_local = tok["tokens_per_s"]["prepare, local"] / tok["tokens_per_s"]["prepare, Ray 1 node"]
+    print(f"  Ray 1 node takes {ray_vs_local:.2f}x the time of local")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(
-                {"documents": len(docs), "mb": mb, "mb_per_cpu_s": results, "cleaning": cleaning}, f, indent=1
+                {
+                    "documents": len(docs),
+                    "mb": mb,
+                    "mb_per_cpu_s": results,
+                    "cleaning": cleaning,
+                    "tokenize": tok,
+                },
+                f,
+                indent=1,
             )
 
 

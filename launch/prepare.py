@@ -67,12 +67,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "inputs",
         nargs="+",
         help="text sources: files, directories (recursive: .txt .md .py .rst .jsonl .jsonl.gz "
-        ".jsonl.zst .parquet), globs, or http(s) URLs; read in the given order, files sorted",
+        ".jsonl.zst .parquet), globs, or http(s) URLs; read sorted by path, however listed",
     )
     parser.add_argument(
         "--out", required=True, help="output directory for shards, tokenizer.json, manifest.json"
     )
     add_options(parser, OPTIONS)
+    parser.add_argument(
+        "--address",
+        default=None,
+        help="run the tokenize and shard units as tasks on the Ray cluster at this GCS address (HEAD:6379, "
+        "or auto); inside a Ray job its cluster is used. The output's parent directory must be shared by "
+        "every node. Same output as on this machine (docs/data.md#preparing-on-a-cluster)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -80,6 +87,12 @@ def run(args: argparse.Namespace) -> int:
     from trainer.data.manifest import MANIFEST_NAME
     from trainer.data.prepare import prepare
 
-    prepare(args.inputs, args.out, **option_values(args, OPTIONS))
+    runner = None
+    address = args.address or os.environ.get("RAY_ADDRESS", "")
+    if address and not address.startswith(("http://", "https://")):  # not a job-API address
+        from cluster.prepare import ray_runner
+
+        runner = ray_runner(address)
+    prepare(args.inputs, args.out, **option_values(args, OPTIONS), runner=runner)
     print(os.path.join(args.out, MANIFEST_NAME))
     return 0

@@ -95,7 +95,11 @@ def test_overhead_benchmark_prints_both_ratios():
 def test_prepare_benchmark_prints_cleaning_and_minhash_rates(tmp_path):
     out = tmp_path / "prepare.json"
     p = subprocess.run(
-        [sys.executable, "benchmarks/prepare.py", "--mb", "0.2", "--json", str(out)],
+        [
+            sys.executable,
+            "benchmarks/prepare.py",
+            *("--mb", "0.2", "--tokenize-mb", "0.3", "--rounds", "1", "--json", str(out)),
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -113,3 +117,13 @@ def test_prepare_benchmark_prints_cleaning_and_minhash_rates(tmp_path):
         "all five",
     }
     assert "rensa (chosen) / numpy (ours)" in p.stdout
+    rates = figures["tokenize"]["tokens_per_s"]
+    assert set(rates) == {
+        "encode_batch",
+        "prepare, local",
+        "prepare, Ray 1 node",
+        "Ray Data, tokenize only",
+        "old tokenize stage",
+    }
+    assert all(r > 0 for r in rates.values())
+    assert "x encode_batch" in p.stdout and "Ray 1 node takes" in p.stdout

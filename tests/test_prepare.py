@@ -15,7 +15,7 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from launch.prepare import add_arguments, run
-from trainer.data import prepare as prepare_mod
+from trainer.data import pipeline
 from trainer.data.manifest import Manifest, ManifestError, load_manifest
 from trainer.data.prepare import EOS_TOKEN, PrepareError, prepare
 
@@ -55,7 +55,8 @@ def corpus(tmp_path: Path) -> tuple[list[str], list[str]]:
         for d in gz_docs:
             f.write(json.dumps({"text": d}) + "\n")
     inputs = [str(texts), str(tmp_path / "part.jsonl"), str(tmp_path / "part2.jsonl.gz")]
-    return inputs, list(txt_docs.values()) + jsonl_docs + gz_docs
+    # Files are read sorted by path, whatever the order they are listed in.
+    return inputs, jsonl_docs + gz_docs + list(txt_docs.values())
 
 
 def _prepare(inputs: list[str], out: Path, **kw) -> Manifest:
@@ -212,14 +213,18 @@ def test_failed_prepare_leaves_no_manifest_and_keeps_the_old_dataset(corpus, tmp
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(prepare_mod, "_write_split", boom)
+    monkeypatch.setattr(pipeline, "write_shard", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         _prepare(inputs, out, overwrite=True, block_len=17)
     assert load_manifest(str(out)) == old  # untouched: the failure happened before the commit
     with pytest.raises(RuntimeError):
         _prepare(inputs, tmp_path / "fresh")
     assert not (tmp_path / "fresh" / "manifest.json").exists()
-    assert [p for p in os.listdir(tmp_path) if ".prepare-" in p] == []
+    # The work of each is kept for the same command to resume; it goes once that succeeds.
+    assert len([p for p in os.listdir(tmp_path) if p.startswith(".fresh.prepare-")]) == 1
+    monkeypatch.undo()
+    assert _prepare(inputs, tmp_path / "fresh").fingerprint == old.fingerprint
+    assert [p for p in os.listdir(tmp_path) if p.startswith(".fresh.prepare-")] == []
 
 
 def test_bad_inputs_and_options_name_the_culprit(corpus, tmp_path):

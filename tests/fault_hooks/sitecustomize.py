@@ -18,7 +18,9 @@ creates `test-continue` there), so that a test can act at a known point of a run
 With `PRETRAIN_TEST_SLOW_RANK=<rank>:<seconds>` set, that rank waits that long for every step's
 data (a slow loader or node: a straggler). With `PRETRAIN_TEST_OOM_AT=<n>:<rank>` set, that rank's
 n-th loss computation (0-based; one per micro batch) raises `torch.OutOfMemoryError`, as a GPU out of
-memory does. Nothing in the project imports this module."""
+memory does. With `PRETRAIN_TEST_PREPARE_KILL_AFTER=<n>` set, a `pretrain prepare` process SIGKILLs
+itself right after writing its n-th completion record (trainer/data/pipeline.py: the tokenize units'
+records, one per input, then the shards'). Nothing in the project imports this module."""
 
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ KILL_ENV = "PRETRAIN_TEST_KILL_AT"
 STALL_ENV = "PRETRAIN_TEST_STALL_AT"
 SLOW_ENV = "PRETRAIN_TEST_SLOW_RANK"
 OOM_ENV = "PRETRAIN_TEST_OOM_AT"
+PREPARE_KILL_ENV = "PRETRAIN_TEST_PREPARE_KILL_AFTER"
 
 
 def _failing(save, pattern: str):
@@ -235,6 +238,20 @@ def oom_at(loop_module, spec: str) -> None:
     loop_module.cross_entropy = patched
 
 
+def prepare_kill_after(pipeline_module, n: int) -> None:
+    """Patch the prepare units' record writer: SIGKILL this process after its n-th record."""
+    real = pipeline_module._record
+    written = [0]
+
+    def patched(path, record):
+        real(path, record)
+        written[0] += 1
+        if written[0] == n:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    pipeline_module._record = patched
+
+
 def _patch_loop(module) -> None:
     if os.environ.get(STALL_ENV):
         stall_at(module, os.environ[STALL_ENV])
@@ -252,3 +269,10 @@ if os.environ.get(KILL_ENV):
     )
 if any(os.environ.get(v) for v in (STALL_ENV, SLOW_ENV, OOM_ENV)):
     sys.meta_path.insert(0, _PatchOnImport("trainer.loop", _patch_loop))
+if os.environ.get(PREPARE_KILL_ENV):
+    sys.meta_path.insert(
+        0,
+        _PatchOnImport(
+            "trainer.data.pipeline", lambda m: prepare_kill_after(m, int(os.environ[PREPARE_KILL_ENV]))
+        ),
+    )

@@ -8,10 +8,12 @@ Output directory (`out`):
     val-000000.tar ...       member `<key>.tokens` = block_len little-endian uint16/uint32 ids
     manifest.json            written last: the dataset is valid iff it exists and checks out
 
-Documents are tokenized in input order, each followed by EOS, concatenated into one stream and cut
-into blocks of exactly `block_len` tokens (the tail that does not fill a block is dropped). The last
-`val_blocks` blocks form the "val" split. Everything is built in a temporary directory next to
-`out` and moved in at the end, so an interrupted run leaves no manifest that lies.
+Documents are tokenized in the order of the input files' sorted paths, each followed by EOS,
+concatenated into one stream and cut into blocks of exactly `block_len` tokens (the tail that does
+not fill a block is dropped). The last `val_blocks` blocks form the "val" split. Everything is built
+in a work directory next to `out` and moved in at the end, so an interrupted run leaves no manifest
+that lies; without cleaning stages the work is resumable units (trainer/data/pipeline.py) that run
+in threads here or as Ray tasks (cluster/prepare.py), with the same output.
 
 When the tokenizer is trained here, the inputs are read twice (train, then tokenize) rather than
 held in memory; URLs are therefore fetched twice.
@@ -19,7 +21,9 @@ held in memory; URLs are therefore fetched twice.
 
 from __future__ import annotations
 
+import functools
 import gzip
+import hashlib
 import io
 import json
 import multiprocessing as mp
@@ -40,9 +44,11 @@ from typing import IO, Any
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from trainer.data import pipeline
 from trainer.data.clean import CleanRecipe, make_recipe
 from trainer.data.curate import Curated, curate
 from trainer.data.manifest import MANIFEST_NAME, Manifest, ShardInfo, SplitInfo, write_manifest
+from trainer.data.pipeline import Runner, local_runner
 from trainer.data.report import REPORT_JSON, REPORT_PNG, QualityReport
 from trainer.errors import PretrainError
 from trainer.fsutil import fsync_dir, sha256_file
@@ -58,6 +64,8 @@ MIN_VOCAB_SIZE = 257
 _BATCH_DOCS = 256
 _BATCH_CHARS = 1 << 20
 _URL_TIMEOUT_S = 60
+# Plain JSON Lines files over this many bytes are several tokenize units, so one big file spreads.
+UNIT_BYTES = 1 << 26
 
 
 class PrepareError(PretrainError, ValueError):
@@ -101,11 +109,14 @@ def prepare(
     dedup: str | None = None,
     recipe: str | None = None,
     overwrite: bool = False,
+    runner: Runner | None = None,
 ) -> Manifest:
     """Tokenize `inputs` into WebDataset shards under `out`; returns the manifest written last.
 
     `filters` ("gopher_quality,c4"), `dedup` ("exact,near") and `recipe` (a YAML file) switch on
     the cleaning stages (trainer/data/clean.py); with any of them a quality report is written too.
+    Without them the work runs as resumable units (trainer/data/pipeline.py) on `runner` (default:
+    this machine's `workers` cores); the output is the same whoever runs them.
     """
     start = time.monotonic()
     opts = _Options(
@@ -123,10 +134,20 @@ def prepare(
     _check_options(opts)
     out = os.path.abspath(out)
     _check_out_dir(out, overwrite)
-    sources = resolve_inputs(inputs)
+    # Sorted: the output does not depend on the order the inputs are listed in.
+    sources = sorted(resolve_inputs(inputs))
+    inputs = sorted(inputs)
 
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
+    if opts.clean.enabled and runner is not None:
+        print("[prepare] the cleaning stages run on this machine, as one stream", file=sys.stderr, flush=True)
+    if not opts.clean.enabled:
+        manifest = _prepare_units(
+            out, inputs, sources, opts, runner or local_runner(opts.workers or os.cpu_count() or 1)
+        )
+        _print_summary(manifest, out, time.monotonic() - start)
+        return manifest
     # Same filesystem as `out`, so the final moves are renames; the dot hides it from directory inputs.
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.prepare-", dir=parent)
     progress = _Progress()
@@ -142,6 +163,139 @@ def prepare(
         shutil.rmtree(tmp, ignore_errors=True)
     _print_summary(manifest, out, time.monotonic() - start, report)
     return manifest
+
+
+def _prepare_units(
+    out: str, inputs: list[str], sources: list[str], opts: _Options, runner: Runner
+) -> Manifest:
+    """Tokenizer, units and manifest in the work directory of these inputs and options, then moved
+    into `out`. A run killed before the end leaves the work directory; the same command resumes it."""
+    work = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.prepare-{_work_key(sources, opts)}")
+    os.makedirs(work, exist_ok=True)
+    progress = _Progress()
+    try:
+        manifest = _build_units(work, inputs, sources, opts, progress, runner)
+        names = [s.name for split in manifest.splits.values() for s in split.shards] + [TOKENIZER_NAME]
+        _commit(work, out, names, manifest)
+    except PrepareError:
+        shutil.rmtree(work, ignore_errors=True)  # bad input: nothing worth resuming
+        raise
+    finally:
+        progress.done()
+    shutil.rmtree(work, ignore_errors=True)
+    return manifest
+
+
+def _work_key(sources: list[str], opts: _Options) -> str:
+    """Hash of what the output depends on: the inputs (local files: size and mtime too) and the
+    options (a given tokenizer: its sha256), not the worker count."""
+    files = [
+        (s, os.stat(s).st_size, os.stat(s).st_mtime_ns) if not _is_url(s) and os.path.isfile(s) else (s,)
+        for s in sources
+    ]
+    fields = {k: v for k, v in opts.__dict__.items() if k not in ("workers", "clean")}
+    if opts.tokenizer and os.path.isfile(opts.tokenizer):
+        fields["tokenizer"] = sha256_file(opts.tokenizer)
+    blob = json.dumps([files, fields, UNIT_BYTES, _tool_version()], sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _build_units(
+    work: str, inputs: list[str], sources: list[str], opts: _Options, progress: _Progress, runner: Runner
+) -> Manifest:
+    """Tokenizer, one tokenize unit per input, one unit per shard, and the sealed manifest, in
+    `work`; units finished by an earlier run (their records) are not run again."""
+    tok_path = os.path.join(work, TOKENIZER_NAME)
+    reads = _unit_reads(sources, opts.text_field)
+    unit_records = [
+        pipeline.read_record(os.path.join(work, pipeline.unit_name(i) + ".json")) for i in range(len(reads))
+    ]
+    if os.path.exists(tok_path):
+        shard_records = [
+            n for n in os.listdir(work) if n.startswith(("train-", "val-")) and n.endswith(".json")
+        ]
+        print(
+            f"[prepare] resuming {work}: {sum(r is not None for r in unit_records)}/{len(reads)} input units "
+            f"tokenized, {len(shard_records)} shards written",
+            file=sys.stderr,
+            flush=True,
+        )
+        tok = Tokenizer.from_file(tok_path)
+        tokenizer_source = _tokenizer_source(opts)
+    else:
+        tok, tokenizer_source = _make_tokenizer(sources, tok_path + ".partial", opts, progress)
+        os.replace(tok_path + ".partial", tok_path)
+    eos_id = tok.token_to_id(EOS_TOKEN)
+    vocab = tok.get_vocab_size(with_added_tokens=True)
+    dtype = "uint16" if vocab <= 1 << 16 else "uint32"
+
+    # Tokenize: units in input order; with --max-docs, units after the one reaching it are not used.
+    used: list[tuple[int, int]] = []
+    n_docs = n_tokens = 0
+    units = [(work, i, read, tok_path, eos_id, dtype) for i, read in enumerate(reads)]
+    results = runner(pipeline.tokenize_unit, units)
+    limit = np.iinfo(_np_dtype(dtype)).max
+    try:
+        for i, record in enumerate(results):
+            if record["max_id"] > limit:
+                raise PrepareError(
+                    f"tokenizer produced id {record['max_id']}, which does not fit {dtype}",
+                    field="--tokenizer",
+                )
+            left = None if opts.max_docs is None else opts.max_docs - n_docs
+            docs, tokens = pipeline.used_tokens(work, i, record, left)
+            used.append((i, tokens))
+            n_docs += docs
+            n_tokens += tokens
+            progress.update("tokenizing", docs=docs, tokens=tokens)
+            if left is not None and n_docs >= opts.max_docs:
+                break
+    finally:
+        results.close()
+    n_blocks, n_val = _count_blocks(inputs, n_docs, n_tokens, opts)
+    n_train = n_blocks - n_val
+
+    # Shards: blocks of the stream, `samples_per_shard` each, train first.
+    bl, per = opts.block_len, opts.samples_per_shard
+    jobs = []
+    for split, lo, hi in (("train", 0, n_train), ("val", n_train, n_blocks)):
+        for k, first in enumerate(range(lo, hi, per)):
+            n = min(per, hi - first)
+            pieces = pipeline.shard_pieces(used, first * bl, (first + n) * bl)
+            jobs.append((split, (work, f"{split}-{k:06d}.tar", first, n, bl, dtype, pieces)))
+    shards: dict[str, list[ShardInfo]] = {"train": [], "val": []}
+    for (split, _), record in zip(
+        jobs, runner(pipeline.write_shard, [args for _, args in jobs]), strict=True
+    ):
+        shards[split].append(ShardInfo(**record))
+        progress.update("writing shards", shards=1)
+    splits = {
+        "train": SplitInfo(shards=shards["train"], samples=n_train, tokens=n_train * bl),
+        "val": SplitInfo(shards=shards["val"], samples=n_val, tokens=n_val * bl),
+    }
+    progress.done()
+    source: dict[str, Any] = {
+        "inputs": inputs,
+        "documents": n_docs,
+        "tokens": n_tokens,
+        "dropped_tail_tokens": n_tokens - n_blocks * bl,
+        "text_field": opts.text_field,
+        "max_docs": opts.max_docs,
+        "tokenizer": tokenizer_source,
+        "tool_version": _tool_version(),
+    }
+    return Manifest(
+        version=1,
+        dtype=dtype,
+        block_len=bl,
+        vocab_size=vocab,
+        eos_id=eos_id,
+        tokenizer_file=TOKENIZER_NAME,
+        tokenizer_sha256=sha256_file(tok_path),
+        splits=splits,
+        source=source,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    ).seal()
 
 
 def _build_dataset(
@@ -247,7 +401,14 @@ def _make_tokenizer(
         docs = iter_documents(sources, opts.text_field, sample)
     tok = _train_tokenizer(docs, opts.vocab_size, progress)
     tok.save(tok_path)
-    return tok, {"trained": {"vocab_size": opts.vocab_size, "sample_docs": opts.tokenizer_sample_docs}}
+    return tok, _tokenizer_source(opts)
+
+
+def _tokenizer_source(opts: _Options) -> dict[str, Any]:
+    """How the tokenizer was made, for the manifest."""
+    if opts.tokenizer:
+        return {"file": opts.tokenizer}
+    return {"trained": {"vocab_size": opts.vocab_size, "sample_docs": opts.tokenizer_sample_docs}}
 
 
 def _count_blocks(inputs: list[str], n_docs: int, n_tokens: int, opts: _Options) -> tuple[int, int]:
@@ -342,6 +503,45 @@ def _iter_sourced(sources: Iterable[str], text_field: str, max_docs: int | None)
             yield index, doc
             if max_docs is not None and count >= max_docs:
                 return  # before opening the next file or URL
+
+
+def _unit_reads(sources: list[str], text_field: str) -> list[Callable[[], Iterator[str]]]:
+    """The tokenize units' readers: one per input, except plain JSON Lines files over UNIT_BYTES,
+    cut at line starts into pieces of about UNIT_BYTES (a constant: units never depend on workers)."""
+    reads: list[Callable[[], Iterator[str]]] = []
+    for s in sources:
+        size = 0 if _is_url(s) or not s.lower().endswith(".jsonl") else os.path.getsize(s)
+        if size > UNIT_BYTES:
+            reads += [
+                functools.partial(_read_jsonl_range, s, text_field, a, min(a + UNIT_BYTES, size))
+                for a in range(0, size, UNIT_BYTES)
+            ]
+        else:
+            reads.append(functools.partial(_read_source, s, text_field))
+    return reads
+
+
+def _read_jsonl_range(location: str, text_field: str, start: int, stop: int) -> Iterator[str]:
+    """Documents of the lines of a plain JSON Lines file that start in bytes [start, stop)."""
+    try:
+        with open(location, "rb") as f:
+            if start:
+                f.seek(start - 1)
+                f.readline()  # the line that starts before `start` belongs to the previous range
+            begin = f.tell()
+            if begin >= stop:  # a line from the previous range runs through all of this one
+                return
+            f.seek(stop - 1)
+            f.readline()  # through the end of the line that starts before `stop`
+            end = f.tell()
+            f.seek(begin)
+            data = io.BytesIO(f.read(end - begin))
+        # Line numbers in messages count from the range's first line.
+        yield from _read_jsonl(f"{location} (from byte {begin})", data, text_field)
+    except PrepareError:
+        raise
+    except (OSError, UnicodeError, ValueError) as e:
+        raise PrepareError(f"cannot read input {location}: {e}", path=location) from e
 
 
 def _is_url(s: str) -> bool:
