@@ -199,8 +199,9 @@ def test_sigkill_during_the_background_write(corpus, tmp_path, undisturbed):
     log = events(run)
     assert [e["event"] for e in log].count("start") == 2  # Ray Train restarted the group once
     assert "resumed from committed checkpoint step 4" in p.stdout + p.stderr
-    got = losses(run)
-    assert sorted(got) == [5, 6, 7, 8] and all(got[k] == undisturbed[k] for k in got), (got, undisturbed)
+    assert [e["resumed_from"] for e in log if e["event"] == "start"] == [0, 4]
+    got = losses(run)  # the whole run's history: both attempts, the restart's from step 5
+    assert sorted(got) == list(range(1, 9)) and all(got[k] == undisturbed[k] for k in got), (got, undisturbed)
     assert step_dirs(run) == committed(run) == [6, 8]
     assert watch.first is not None and watch.gaps == [], watch.gaps
 
