@@ -384,18 +384,14 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 
 
 def _as_dict(obj: Any) -> Any:
-    """dataclasses.asdict with each field under its YAML key."""
+    """dataclasses.asdict with each field under its YAML key (sections inside lists too)."""
     if dataclasses.is_dataclass(obj):
         return {_key(f): _as_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    return _plain(obj)
-
-
-def _plain(v: Any) -> Any:
-    if isinstance(v, dict):
-        return {k: _plain(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return type(v)(_plain(x) for x in v)
-    return v
+    if isinstance(obj, dict):
+        return {k: _as_dict(x) for k, x in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_as_dict(x) for x in obj)
+    return obj
 
 
 def _build(cls: type, raw: Any, where: str) -> Any:
