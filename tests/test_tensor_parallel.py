@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import sys
 from dataclasses import replace
 from datetime import timedelta
 
@@ -41,6 +42,11 @@ def _worker(rank: int, world: int, tmp: str, fn, args: tuple) -> None:
         torch.save(fn(rank, world, *args), os.path.join(tmp, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+    # A finished rank leaves without the interpreter's finalization: a C++ thread torn down there
+    # once aborted a rank whose results were saved ("terminate called without an active exception").
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_world(world: int, tmp_path, fn, *args) -> list:
