@@ -111,7 +111,7 @@ def tokenize_unit(
                 docs_n += lens.size
                 tokens_n += ids.size
 
-        for batch in _batches(d for d in read() if d):
+        for batch in batches(d for d in read() if d):
             pending.append(pool.submit(encode, batch))
             drain(2 * max(1, threads))
         drain(0)
@@ -125,13 +125,16 @@ def tokenize_unit(
     return record
 
 
-def _batches(docs: Iterator[str]) -> Iterator[list[str]]:
+def batches(
+    docs: Iterator[str], max_docs: int = _BATCH_DOCS, max_chars: int = _BATCH_CHARS
+) -> Iterator[list[str]]:
+    """`docs` in lists of at most `max_docs` documents or about `max_chars` characters."""
     batch: list[str] = []
     chars = 0
     for doc in docs:
         batch.append(doc)
         chars += len(doc)
-        if len(batch) >= _BATCH_DOCS or chars >= _BATCH_CHARS:
+        if len(batch) >= max_docs or chars >= max_chars:
             yield batch
             batch, chars = [], 0
     if batch:

@@ -284,18 +284,7 @@ def _build_units(
         "tokenizer": tokenizer_source,
         "tool_version": _tool_version(),
     }
-    return Manifest(
-        version=1,
-        dtype=dtype,
-        block_len=bl,
-        vocab_size=vocab,
-        eos_id=eos_id,
-        tokenizer_file=TOKENIZER_NAME,
-        tokenizer_sha256=sha256_file(tok_path),
-        splits=splits,
-        source=source,
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    ).seal()
+    return _manifest(dtype, bl, vocab, eos_id, tok_path, splits, source)
 
 
 def _build_dataset(
@@ -341,10 +330,18 @@ def _build_dataset(
     if curated:
         # Only with cleaning on, so the quick start's manifest (and fingerprint) stay as they were.
         source["cleaning"] = curated.report.recipe
-    manifest = Manifest(
+    manifest = _manifest(dtype, opts.block_len, vocab, eos_id, tok_path, splits, source)
+    return manifest, (curated.report if curated else None)
+
+
+def _manifest(
+    dtype: str, block_len: int, vocab: int, eos_id: int, tok_path: str, splits: dict, source: dict
+) -> Manifest:
+    """The sealed manifest of a prepared corpus (both the unit and the curated paths)."""
+    return Manifest(
         version=1,
         dtype=dtype,
-        block_len=opts.block_len,
+        block_len=block_len,
         vocab_size=vocab,
         eos_id=eos_id,
         tokenizer_file=TOKENIZER_NAME,
@@ -353,7 +350,6 @@ def _build_dataset(
         source=source,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     ).seal()
-    return manifest, (curated.report if curated else None)
 
 
 def _curate(tmp: str, sources: list[str], opts: _Options, progress: _Progress) -> Curated:
@@ -748,19 +744,6 @@ def _encode_docs(docs: list[str]) -> np.ndarray:
     return out
 
 
-def _batches(docs: Iterator[str]) -> Iterator[list[str]]:
-    batch: list[str] = []
-    chars = 0
-    for doc in docs:
-        batch.append(doc)
-        chars += len(doc)
-        if len(batch) >= _BATCH_DOCS or chars >= _BATCH_CHARS:
-            yield batch
-            batch, chars = [], 0
-    if batch:
-        yield batch
-
-
 def _ordered_map(
     fn: Callable[[list[str]], np.ndarray], batches: Iterator[list[str]], workers: int, initargs: tuple
 ) -> Iterator[tuple[int, np.ndarray]]:
@@ -803,7 +786,9 @@ def _tokenize_to_file(
     limit = np.iinfo(np_dtype).max
     n_docs = n_tokens = 0
     with open(path, "wb") as f:
-        for n, ids in _ordered_map(_encode_docs, _batches(docs), workers, (tok.to_str(), eos_id)):
+        for n, ids in _ordered_map(
+            _encode_docs, pipeline.batches(docs, _BATCH_DOCS, _BATCH_CHARS), workers, (tok.to_str(), eos_id)
+        ):
             if ids.size and int(ids.max()) > limit:
                 raise PrepareError(
                     f"tokenizer produced id {int(ids.max())}, which does not fit {dtype}", field="--tokenizer"
