@@ -128,6 +128,45 @@ def test_training_goes_on_while_the_files_are_written(corpus, tmp_path, saved_in
     assert all(e.get("background") for e in log[1:4:2])
 
 
+def test_a_late_copy_holds_the_next_optimizer_step_back(corpus, tmp_path, saved_in_step, monkeypatch):
+    """The save of step 2 leaves the step path before its host copy is made: here the copy starts
+    only once step index 2 is under way and takes a second. Step index 2 still finishes after the
+    copy (its optimizer step waits for it), so the commit holds step 2's state: a resume from it
+    gives the synchronous run's losses bitwise."""
+    import time
+
+    from trainer import loop
+    from trainer.checkpoint import deepspeed_save
+
+    order: list = []
+    started = threading.Event()
+    train_step, copy = loop.train_step, deepspeed_save.Snapshot.copy
+
+    def recording_step(t, step, micro):
+        if step == 2:
+            started.set()
+        out = train_step(t, step, micro)
+        order.append(("step done", step))
+        return out
+
+    def late_copy(self):
+        if "copied" not in order:  # step 2's save
+            started.wait(timeout=300)
+            time.sleep(1.0)  # long enough for step index 2 to reach its optimizer step
+        copy(self)
+        order.append("copied")
+
+    monkeypatch.setattr(loop, "train_step", recording_step)
+    monkeypatch.setattr(deepspeed_save.Snapshot, "copy", late_copy)
+    train(_cfg(corpus, True, save_final=False, stop_at=3), Session(run_dir=str(tmp_path)))
+    assert order.index("copied") < order.index(("step done", 2))
+    assert _committed(tmp_path) == [2]
+    monkeypatch.undo()
+    second = train(_cfg(corpus, True), Session(run_dir=str(tmp_path)))  # resumes from step 2
+    assert sorted(second.losses) == [3, 4, 5, 6]
+    assert all(loss == saved_in_step[0].losses[s] for s, loss in second.losses.items())
+
+
 def test_a_save_in_flight_at_the_end_is_committed_and_resumes_exactly(corpus, tmp_path, saved_in_step):
     """`save_final: false`, stopped at step 5: step 4's background save is still committed when
     training ends, and a resume from it gives the synchronous run's losses bitwise."""

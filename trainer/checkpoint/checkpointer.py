@@ -6,6 +6,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from trainer import library_internals
 from trainer.checkpoint.manager import CheckpointManager, CheckpointSaveError
 from trainer.checkpoint.resume import resume
 from trainer.config import CheckpointConfig, Config
@@ -36,11 +37,17 @@ class Checkpointer:
         self.events = events
         self.failures = 0  # saves that failed and were let go (checkpoint.on_error: continue)
         self.started: dict[int, float] = {}  # background saves in flight: step -> when they began
+        if manager is not None and cfg.async_:
+            # A background save copies the host state after its step returned: the next optimizer
+            # step, the one thing that changes that state, waits for the copy.
+            library_internals.guard_model_step(engine, lambda: manager.wait_copied() or True)
 
     def restore(self, cfg: Config, manifest, stream, layout: dict, tp_rank: int) -> int:
         """resume(): the step to continue from; 0 when manager is None or nothing is committed."""
         if self.manager is None:
             return 0
+        if (pending := self.manager.in_flight()) is not None:  # a rollback: the save in flight counts
+            self._guarded(self._commit_background, pending, wait=True, final=False)
         return resume(self.manager, self.engine, cfg, manifest, stream, layout, tp_rank)
 
     def due(self, step: int, *, last: bool = False, forced: bool = False) -> bool:
@@ -85,10 +92,16 @@ class Checkpointer:
         return out | self._guarded(self._save, step, meta, final=last or forced)
 
     def close(self) -> dict[str, float]:
-        """At the end of training: a background save still in flight is finished and committed."""
-        if self.manager is None or self.manager.in_flight() is None:
+        """At the end of training: a background save still in flight is finished and committed, and
+        the background writer leaves."""
+        if self.manager is None:
             return {}
-        return self._guarded(self._commit_background, self.manager.in_flight(), wait=True, final=True)
+        try:
+            if self.manager.in_flight() is None:
+                return {}
+            return self._guarded(self._commit_background, self.manager.in_flight(), wait=True, final=True)
+        finally:
+            self.manager.stop_writer()
 
     def _save(self, step: int, meta: dict) -> dict[str, float]:
         save_s = self.manager.save(self.engine, step, meta)

@@ -23,6 +23,7 @@ import copy
 import errno
 import os
 import shutil
+import threading
 from collections.abc import Callable
 
 import torch
@@ -107,7 +108,9 @@ class _HostCopy:
     copy (`reuse`, of the same sizes: the same model) are filled again rather than allocated:
     fresh memory costs a page fault per page, pinned memory a slow allocation."""
 
-    def __init__(self, reuse: list[torch.Tensor] = ()):
+    def __init__(self, reuse: list[torch.Tensor] = (), defer: bool = False):
+        self.defer = defer  # host tensors' bytes copied later (`pending`), by `Snapshot.copy`
+        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (host buffer, source bytes)
         self.objects: dict[int, tuple[object, object]] = {}  # id -> (original kept alive, copy)
         self.storages: dict[tuple, torch.UntypedStorage] = {}
         self.buffers: list[torch.Tensor] = []  # every host buffer this copy fills
@@ -152,7 +155,11 @@ class _HostCopy:
             spare = self.spare.get((src.nbytes(), pinned))
             buf = spare.pop() if spare else torch.empty(src.nbytes(), dtype=torch.uint8, pin_memory=pinned)
             self.buffers.append(buf)
-            buf.copy_(torch.empty(0, dtype=torch.uint8, device=src.device).set_(src), non_blocking=pinned)
+            source = torch.empty(0, dtype=torch.uint8, device=src.device).set_(src)
+            if self.defer and not pinned:
+                self.pending.append((buf, source))
+            else:  # a device's copy is queued on its stream now: it costs the step path nothing
+                buf.copy_(source, non_blocking=pinned)
             host = self.storages[key] = buf.untyped_storage()
         out = torch.empty(0, dtype=t.dtype).set_(host, t.storage_offset(), t.size(), t.stride())
         if t.requires_grad:
@@ -165,43 +172,73 @@ class _HostCopy:
 
 
 class Snapshot:
-    """One rank's part of a save, held in host memory: `write()` writes it (in any thread)."""
+    """One rank's part of a save, held in host memory: `copy()` fills the host memory from state
+    that lives in host memory too (deferred, so the step path does not wait for it), `write()`
+    writes it; both may run in any thread. Until `copied` is set, the state must not change:
+    the caller holds the next optimizer step back (`wait_copied`)."""
 
     def __init__(
-        self, root: str, files: list[tuple[Callable[[], None] | None, str]], gpu_copied, buffers: list
+        self,
+        root: str,
+        files: list[tuple[Callable[[], None], str]],
+        gpu_copied,
+        buffers: list,
+        pending: list[tuple[torch.Tensor, torch.Tensor]] = (),
     ):
         self.root, self.files, self._gpu_copied = root, files, gpu_copied
         self.buffers = buffers  # the host memory holding it: free to reuse once it is written
+        self._pending = list(pending)
+        self.copied = threading.Event()
+        if not self._pending:
+            self.copied.set()
+
+    def copy(self) -> None:
+        """The deferred host-to-host copies, then `copied` is set (also when a copy failed: the
+        error is raised here, and the write is not made)."""
+        try:
+            for buf, source in self._pending:
+                buf.copy_(source)
+        finally:
+            self._pending = []  # the sources (the live state) are let go
+            self.copied.set()
+
+    def wait_copied(self) -> None:
+        self.copied.wait()
 
     def write(self) -> list[str]:
         """Every file written and fsynced with its directory; the paths. Raises the first failed
         write naming its file (the files after it are not written)."""
+        if self._pending:
+            self.copy()
         if self._gpu_copied is not None:
             self._gpu_copied.synchronize()  # the device-to-host copies have landed
         writes, files = _Writes(), self.files
         self.files = []  # the state is dropped as it is written: only the buffers stay
         for write, path in files:
-            writes.run(write or (lambda: None), path)
+            made = set(os.listdir(path)) if os.path.isdir(path) else None  # a write into a directory
+            writes.run(write, path)
             if writes.error is not None:
                 raise writes.error
+            if made is not None:
+                writes.files += [os.path.join(path, n) for n in sorted(set(os.listdir(path)) - made)]
         del files
         fsync_files(writes.files)
         fsync_dir(self.root)  # the step directory's own entry
         return writes.files
 
 
-def snapshot(engine, root: str, tag: str, reuse: list[torch.Tensor] = ()) -> Snapshot:
+def snapshot(engine, root: str, tag: str, reuse: list[torch.Tensor] = (), defer: bool = False) -> Snapshot:
     """`engine.save_checkpoint(root, tag)` with each file's state copied to host memory instead of
     written (directories are made now), into the buffers of an earlier snapshot where they fit
     (`reuse`: `Snapshot.buffers` of one that is written). DeepSpeed's collectives run as in
-    `save`; a failed copy (out of host memory) is raised after them."""
-    writes, copier, files = _Writes(), _HostCopy(reuse), []
+    `save`; a failed copy (out of host memory) is raised after them. Only directories are made
+    now: every file, the recovery scripts too, is written by `Snapshot.write`. With `defer`, the
+    bytes of tensors already in host memory are copied by `Snapshot.copy` instead of now."""
+    writes, copier, files = _Writes(), _HostCopy(reuse, defer), []
 
     def hold(write, path: str, state) -> None:
-        if state is None:  # DeepSpeed's recovery script, copied now: the only file made during a snapshot
-            writes.run(lambda: write(None), path)
-            if os.path.isdir(path):
-                files.extend((None, os.path.join(path, n)) for n in os.listdir(path))
+        if state is None:  # DeepSpeed's recovery scripts: copied into the directory `path` later
+            files.append((lambda: write(None), path))
             return
         held = writes.run(lambda: copier(state), None)
         files.append((lambda: write(held), path))
@@ -214,4 +251,4 @@ def snapshot(engine, root: str, tag: str, reuse: list[torch.Tensor] = ()) -> Sna
     if copier.from_gpu:
         gpu_copied = torch.cuda.Event()
         gpu_copied.record()
-    return Snapshot(root, files, gpu_copied, copier.buffers)
+    return Snapshot(root, files, gpu_copied, copier.buffers, copier.pending)

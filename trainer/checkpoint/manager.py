@@ -30,6 +30,7 @@ import errno
 import json
 import logging
 import os
+import queue
 import shutil
 import socket
 import threading
@@ -39,6 +40,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from trainer.checkpoint import deepspeed_save
@@ -88,6 +90,17 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _all_ranks(flag: bool) -> bool:
+    """Whether `flag` holds on every rank: one all-reduce of a single number, cheap enough for
+    every step boundary."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([int(flag)], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
 def _gather(obj) -> list:
     """Every rank's `obj`, on every rank (a list of one without a process group)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
@@ -131,25 +144,22 @@ _WRITER_NICE = 19
 
 
 class _Persisting:
-    """This rank's part of a background save: a thread writes the snapshot and this rank's state
-    file, fsyncs them, hashes and stores them. `result()` is {name: {size, sha256}}, or raises the
-    error that stopped it."""
+    """This rank's part of a background save: the rank's writer thread (`_Writer`) writes the
+    snapshot and this rank's state file, fsyncs them, hashes and stores them. `result()` is
+    {name: {size, sha256}}, or raises the error that stopped it."""
 
     def __init__(self, manager: CheckpointManager, step: int, meta: dict, snap, state: dict):
         self.step, self.meta, self.buffers = step, meta, snap.buffers
         self._manager, self._snap, self._state = manager, snap, state
         self._files: dict | None = None
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name=f"checkpoint-step-{step}", daemon=True)
-        self._thread.start()
+        self._done = threading.Event()
 
     def _run(self) -> None:
         m = self._manager
         try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _WRITER_NICE)
-        except (AttributeError, OSError):  # not Linux: the writer keeps the process's priority
-            pass
-        try:
+            if self._error is not None:  # the copy failed
+                raise self._error
             path = m.store.step_dir(self.step)
             written = [Path(p) for p in self._snap.write()]
             state = path / f"trainer_state_rank{m.rank}.json"
@@ -167,17 +177,70 @@ class _Persisting:
             self._error = e
         finally:
             self._snap = None  # the host copy is freed as soon as it is written
+            self._done.set()
+
+    def copy(self) -> None:
+        """The snapshot's deferred copies into host memory; a failure is this save's error."""
+        try:
+            self._snap.copy()
+        except BaseException as e:  # noqa: BLE001 - reported to every rank at the commit
+            self._error = e
+
+    def wait_copied(self) -> None:
+        snap = self._snap
+        if snap is not None:
+            snap.wait_copied()
 
     def done(self) -> bool:
-        return not self._thread.is_alive()
+        return self._done.is_set()
 
     def join(self) -> None:
-        self._thread.join()
+        self._done.wait()
 
     def result(self) -> dict:
         if self._error is not None:
             raise self._error
         return self._files or {}
+
+
+class _Writer:
+    """One rank's background save threads, started at the first background save and kept for the
+    later ones until `stop()` (a save in the step path hands over a job instead of starting a
+    thread): one copies a snapshot into host memory at normal priority, since the next optimizer
+    step waits for it; one writes at the lowest priority."""
+
+    def __init__(self):
+        self._copies: queue.SimpleQueue[_Persisting | None] = queue.SimpleQueue()
+        self._writes: queue.SimpleQueue[_Persisting | None] = queue.SimpleQueue()
+        self._started = False
+
+    def submit(self, job: _Persisting) -> _Persisting:
+        if not self._started:
+            threading.Thread(target=self._copy, name="checkpoint-copy", daemon=True).start()
+            threading.Thread(target=self._write, name="checkpoint-writer", daemon=True).start()
+            self._started = True
+        self._copies.put(job)
+        return job
+
+    def stop(self) -> None:
+        """The threads leave once the jobs handed over are done."""
+        if self._started:
+            self._copies.put(None)
+            self._started = False
+
+    def _copy(self) -> None:
+        while (job := self._copies.get()) is not None:
+            job.copy()
+            self._writes.put(job)
+        self._writes.put(None)
+
+    def _write(self) -> None:
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _WRITER_NICE)
+        except (AttributeError, OSError):  # not Linux: the writer keeps the process's priority
+            pass
+        while (job := self._writes.get()) is not None:
+            job._run()
 
 
 class CheckpointManager:
@@ -200,6 +263,7 @@ class CheckpointManager:
         self.newest: Committed | None = None  # the newest commit this process made or verified
         self._in_flight: _Persisting | None = None  # a background save not committed yet
         self._host_buffers: list = []  # the last background save's host memory, filled again by the next
+        self._writer = _Writer()
 
     # ------------------------------------------------------------------ collectives
     def on_all_ranks(self, fn) -> list:
@@ -281,7 +345,8 @@ class CheckpointManager:
         """Collective: every rank copies its state of `step` to host memory and a background
         thread writes, fsyncs, hashes and stores its files while training goes on; `poll()` at a
         later step commits it once every rank is done. A save still in flight is finished first
-        (at most one at a time). Returns the seconds training stood still (the copy). A failed
+        (at most one at a time). Returns the seconds training stood still (the state dicts; the bytes
+        of host tensors are copied after, before the next optimizer step changes them). A failed
         copy raises CheckpointSaveError on every rank, as `save` does."""
         self.finish_async()
         t0 = time.perf_counter()
@@ -294,14 +359,20 @@ class CheckpointManager:
             self.on_all_ranks(
                 lambda: held.append(
                     deepspeed_save.snapshot(
-                        engine, str(self.root), self.store.step_dir(step).name, self._host_buffers
+                        engine, str(self.root), self.store.step_dir(step).name, self._host_buffers, defer=True
                     )
                 )
             )
         except CheckpointError as e:
             raise self._save_failed(step, e) from None
-        self._in_flight = _Persisting(self, step, meta, held[0], state)
+        self._in_flight = self._writer.submit(_Persisting(self, step, meta, held[0], state))
         return time.perf_counter() - t0
+
+    def wait_copied(self) -> None:
+        """Returns once the background save in flight, if any, holds its own copy of the state:
+        called before anything changes the state (the next optimizer step, a load)."""
+        if self._in_flight is not None:
+            self._in_flight.wait_copied()
 
     def in_flight(self) -> int | None:
         """The step a background save is writing, or None."""
@@ -317,7 +388,7 @@ class CheckpointManager:
             return None
         if wait:
             job.join()
-        if not all(_gather(job.done())):
+        if not _all_ranks(job.done()):
             return None
         self._in_flight, self._host_buffers = None, job.buffers
         try:
@@ -330,6 +401,10 @@ class CheckpointManager:
     def finish_async(self) -> Committed | None:
         """Collective: the background save in flight, if any, waited for and committed."""
         return self.poll(wait=True)
+
+    def stop_writer(self) -> None:
+        """At the end of training: the background writer thread leaves once its jobs are done."""
+        self._writer.stop()
 
     def _clear(self, step: int) -> None:
         """Before writing `step`: a commit of it from an earlier attempt (one a resume skipped as
@@ -640,6 +715,7 @@ class CheckpointManager:
     def load(self, engine, found: Committed) -> dict:
         """Restore DeepSpeed's state and this rank's RNG from a verified checkpoint written by the
         same layout (`resume.py` converts any other). Returns the commit record."""
+        self.wait_copied()  # a background save's copy of the state this load replaces
         load_path, _ = engine.load_checkpoint(
             str(self.root), tag=found.path.name, load_optimizer_states=True, load_lr_scheduler_states=False
         )
