@@ -450,8 +450,9 @@ def _fit(cfg: Config, run_dir: Path, mlflow_run_id: str, t0: float) -> dict:
         log.info("mlflow: %s", link)  # the run's charts, while it runs
     cl = cfg.cluster
     use_gpu = cl.use_gpu == "true" or (cl.use_gpu == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
-    sizes = elastic_sizes(cfg)
-    trainer = _make_trainer(cfg, run_dir, mlflow_run_id, use_gpu, sizes)
+    layouts = elastic_layouts(cfg)
+    sizes = list(layouts)
+    trainer = _make_trainer(cfg, run_dir, mlflow_run_id, use_gpu, layouts)
     state, error = "failed", ""
     # `pretrain stop` / a scheduler ends the driver with SIGTERM: turn it into an exception so the
     # run record and the MLflow run are closed below instead of staying "running".
@@ -534,16 +535,17 @@ def _record_ray_job(cfg: Config, run_dir: Path, mlflow_run_id: str) -> None:
         write_run_record(run_dir, {**json.loads((run_dir / "run.json").read_text()), "ray_job_id": job})
 
 
-def elastic_sizes(cfg: Config) -> list[int]:
-    """The group sizes the run may take, largest first: [num_workers] unless it is elastic."""
-    from cluster.elastic import elastic, valid_sizes
+def elastic_layouts(cfg: Config) -> dict[int, tuple[int, int]]:
+    """{group size: (tp, pp)} the run may take, largest first: only num_workers unless it is elastic."""
+    from cluster.elastic import elastic, valid_layouts
 
     if not elastic(cfg):
-        return [cfg.cluster.num_workers]
+        return {cfg.cluster.num_workers: (cfg.parallel.tp, cfg.parallel.pp)}
     from trainer.data.stream import open_manifest, train_stream
 
     streams = train_stream(cfg, open_manifest(cfg.data.path), dp_rank=0, dp_size=cfg.dp()).num_streams
-    sizes = valid_sizes(cfg, streams)
+    layouts = valid_layouts(cfg, streams)
+    sizes = list(layouts)
     if sizes[-1] != cfg.cluster.min_workers:
         raise RunError(
             f"cluster.min_workers ({cfg.cluster.min_workers}) gives dp={cfg.dp(cfg.cluster.min_workers)}, which "
@@ -551,10 +553,10 @@ def elastic_sizes(cfg: Config) -> list[int]:
             f"{', '.join(map(str, sizes))}",
             field="cluster.min_workers",
         )
-    return sizes
+    return layouts
 
 
-def _make_trainer(cfg: Config, run_dir: Path, mlflow_run_id: str, use_gpu: bool, sizes: list[int]):
+def _make_trainer(cfg: Config, run_dir: Path, mlflow_run_id: str, use_gpu: bool, layouts: dict):
     """The Ray Train trainer of the run's worker group: placement, restarts, storage; elastic
     (Ray Train's (min, max) worker count) when the run has more than one size."""
     from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
@@ -565,7 +567,7 @@ def _make_trainer(cfg: Config, run_dir: Path, mlflow_run_id: str, use_gpu: bool,
     from cluster.ray_session import worker_main
     from cluster.watchdog import StopRecordCheckBeforeStart
 
-    cl = cfg.cluster
+    cl, sizes = cfg.cluster, list(layouts)
     resizable = len(sizes) > 1
     return trainer_class(GroupSizes(cfg, sizes, use_gpu).now if resizable else None, GROW_KEY)(
         worker_main,
@@ -575,6 +577,7 @@ def _make_trainer(cfg: Config, run_dir: Path, mlflow_run_id: str, use_gpu: bool,
             "mlflow_run_id": mlflow_run_id,
             "use_gpu": use_gpu,
             "elastic_sizes": sizes if resizable else [],
+            "elastic_layouts": {str(n): list(tp_pp) for n, tp_pp in layouts.items()} if resizable else {},
         },
         scaling_config=ScalingConfig(
             num_workers=(sizes[-1], sizes[0]) if resizable else cl.num_workers,

@@ -2,9 +2,11 @@
 workers the live nodes hold now.
 
 A run whose group is lost goes on at the largest valid size the cluster holds (DP shrinks; TP, PP
-and the global batch stay, gradient accumulation adapts), and grows back at a commit once the nodes
-return. A size is valid when it is a multiple of tp*pp whose dp divides the global batch (in micro
-batches) and the data streams: then the data order is the full-size run's, whatever the size. Ray
+and the global batch stay, gradient accumulation adapts; with `cluster.elastic_model_parallel` TP
+and PP may go down to divisors of theirs where no size fits otherwise), and grows back at a commit
+once the nodes return. A size is valid when it is a multiple of tp*pp whose dp divides the global
+batch (in micro batches) and the data streams: then the data order is the full-size run's,
+whatever the size. Ray
 Train's elastic policy (cluster/library_internals.py) asks `GroupSizes.now()` for the size.
 """
 
@@ -26,17 +28,56 @@ def elastic(cfg: Config) -> bool:
     return 0 < cfg.cluster.min_workers < cfg.cluster.num_workers
 
 
-def valid_sizes(cfg: Config, num_streams: int) -> list[int]:
-    """Group sizes from num_workers down to min_workers (0: num_workers only) that keep the layout's
-    TP/PP, the global batch and the data order; largest first."""
+def valid_layouts(cfg: Config, num_streams: int) -> dict[int, tuple[int, int]]:
+    """{group size: (tp, pp)} from num_workers down to min_workers (0: num_workers only), largest
+    first: the sizes with a layout that keeps the global batch and the data order. The run's own
+    TP/PP where they fit; with `cluster.elastic_model_parallel`, else the largest TP*PP among the
+    divisors of theirs (so the model's heads and layers still divide)."""
     cl, p = cfg.cluster, cfg.parallel
-    model = p.tp * p.pp
-    sizes = []
+    divisors = [(t, q) for t in _divisors(p.tp) for q in _divisors(p.pp)]
+    choices = sorted(divisors, key=lambda d: (d[0] * d[1], d[0]), reverse=True)
+    if not cl.elastic_model_parallel:
+        choices = [(p.tp, p.pp)]
+    out = {}
     for n in range(cl.num_workers, (cl.min_workers or cl.num_workers) - 1, -1):
-        dp = n // model
-        if n % model == 0 and p.global_batch_size % (p.micro_batch_size * dp) == 0 and num_streams % dp == 0:
-            sizes.append(n)
-    return sizes
+        for tp, pp in choices:
+            dp = n // (tp * pp)
+            if (
+                n % (tp * pp) == 0
+                and p.global_batch_size % (p.micro_batch_size * dp) == 0
+                and num_streams % dp == 0
+            ):
+                out[n] = (tp, pp)
+                break
+    return out
+
+
+def valid_sizes(cfg: Config, num_streams: int) -> list[int]:
+    """The group sizes of `valid_layouts`, largest first."""
+    return list(valid_layouts(cfg, num_streams))
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def at_size(cfg: Config, layouts: dict, world_size: int) -> Config:
+    """The run's config for a group of `world_size` workers: its TP/PP from `layouts` (as the
+    driver computed them; JSON keys are strings)."""
+    from dataclasses import replace
+
+    tp, pp = layouts.get(str(world_size)) or layouts.get(world_size) or (cfg.parallel.tp, cfg.parallel.pp)
+    if (tp, pp) == (cfg.parallel.tp, cfg.parallel.pp):
+        return cfg
+    log.info(
+        "elastic: %d workers train with tp=%d, pp=%d (the run's: tp=%d, pp=%d)",
+        world_size,
+        tp,
+        pp,
+        cfg.parallel.tp,
+        cfg.parallel.pp,
+    )
+    return replace(cfg, parallel=replace(cfg.parallel, tp=tp, pp=pp))
 
 
 def workers_held(cfg: Config, need: dict[str, float], nodes: list[dict[str, float]]) -> int:

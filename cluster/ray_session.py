@@ -51,9 +51,10 @@ def worker_main(loop_config: dict) -> dict | None:
     record_worker(session.run_dir, session.rank, ctx)
     cfg = from_dict(loop_config["config"])
     if loop_config.get("elastic_sizes"):
-        from cluster.elastic import GroupSizes, GrowAtCommit, resized_from
+        from cluster.elastic import GroupSizes, GrowAtCommit, at_size, resized_from
 
         sizes = GroupSizes(cfg, loop_config["elastic_sizes"], loop_config["use_gpu"])
+        cfg = at_size(cfg, loop_config.get("elastic_layouts", {}), session.world_size)
         session.grow = GrowAtCommit(sizes, session.world_size, session.rank)
         if session.rank == 0 and (resized := resized_from(session.run_dir, session.world_size)):
             session.extra["resized"] = resized

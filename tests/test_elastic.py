@@ -34,6 +34,29 @@ def test_valid_sizes_keep_tp_pp_the_global_batch_and_the_streams():
     assert valid_sizes(tiny_config(cluster={"num_workers": 2}), num_streams=4) == [2]  # not elastic
 
 
+def test_with_elastic_model_parallel_a_size_without_room_for_tp_lowers_it():
+    from cluster.elastic import at_size, valid_layouts
+
+    cfg = tiny_config(
+        cluster={"num_workers": 4, "min_workers": 1, "elastic_model_parallel": True},
+        parallel={"tp": 2, "zero_stage": 1, "micro_batch_size": 1, "global_batch_size": 12},
+        model={"vocab_size": 256},
+    )
+    # TP=2 wherever it fits; 3 and 1 workers only hold TP=1
+    assert valid_layouts(cfg, num_streams=12) == {4: (2, 1), 3: (1, 1), 2: (2, 1), 1: (1, 1)}
+    assert valid_layouts(cfg, num_streams=4) == {4: (2, 1), 2: (2, 1), 1: (1, 1)}  # dp 3: 4 streams
+    layouts = {"4": [2, 1], "1": [1, 1]}  # as the workers get them (JSON)
+    assert at_size(cfg, layouts, 4) is cfg
+    one = at_size(cfg, layouts, 1)
+    assert (one.parallel.tp, one.parallel.pp, one.dp(1), one.grad_accum(1)) == (1, 1, 1, 12)
+    off = tiny_config(
+        cluster={"num_workers": 4, "min_workers": 2},
+        parallel={"tp": 2, "zero_stage": 1, "micro_batch_size": 1, "global_batch_size": 12},
+        model={"vocab_size": 256},
+    )
+    assert valid_layouts(off, num_streams=12) == {4: (2, 1), 2: (2, 1)}  # TP stays: 3 is not a size
+
+
 def test_workers_held_follows_the_placement_strategy():
     nodes, need = [{"CPU": 3.0}, {"CPU": 1.0}, {"GPU": 1.0}], {"CPU": 1.0}
     held = {
@@ -138,8 +161,16 @@ def _events(run_dir: Path, name: str) -> list[dict]:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    "layout",
+    [
+        pytest.param([], id="dp"),
+        # TP=2 over the 2 workers: 1 worker holds no TP=2 layout, so it trains at TP=1 and back
+        pytest.param(["parallel.tp=2", "cluster.elastic_model_parallel=true"], id="tp"),
+    ],
+)
 def test_a_node_leaves_and_returns_the_run_shrinks_and_grows_with_the_same_losses(
-    corpus, tmp_path, two_nodes
+    corpus, tmp_path, two_nodes, layout
 ):
     """2 workers, one per node (SPREAD, 1 CPU each). Rank 0 holds at step 5 (0-based 4, after the
     commit of step 4); the worker node is removed: the group fails, Ray Train's elastic policy
@@ -157,6 +188,7 @@ def test_a_node_leaves_and_returns_the_run_shrinks_and_grows_with_the_same_losse
         "cluster.placement_strategy=SPREAD",
         "checkpoint.every=2",
         "checkpoint.keep=4",
+        *layout,
     ]
     run_dir = Path(tmp_path) / "runs" / name
     stalled, go_on = run_dir / "test-stalled", run_dir / "test-continue"
@@ -214,7 +246,9 @@ def test_a_node_leaves_and_returns_the_run_shrinks_and_grows_with_the_same_losse
 
     from trainer.loop import train
 
-    plain = [o for o in overrides if not o.startswith(("cluster.", "tracking.", "checkpoint."))]
+    plain = [
+        o for o in overrides if not o.startswith(("cluster.", "tracking.", "checkpoint.", "parallel.tp"))
+    ]
     single = train(load_config(ROOT / "configs/tiny-cpu.yaml", plain + ["cluster.num_workers=1"]))
     logged = client.get_metric_history(run_id, "loss")
     assert sorted({m.step for m in logged}) == list(range(1, STEPS + 1))

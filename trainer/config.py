@@ -239,11 +239,16 @@ class ClusterConfig:
     num_workers: int = _f(2, "Ray Train workers = DeepSpeed ranks")
     min_workers: int = _f(
         0,
-        "elastic: fewest workers the run goes on with when nodes leave (DP shrinks, TP/PP stay; "
-        "the run grows back later); 0 = num_workers (off)",
+        "elastic: fewest workers the run goes on with when nodes leave (DP shrinks, TP/PP stay "
+        "unless elastic_model_parallel; the run grows back later); 0 = num_workers (off)",
     )
     elastic_check_s: float = _f(
         60.0, "elastic: seconds between checks, at a commit, whether the cluster can hold more workers"
+    )
+    elastic_model_parallel: bool = _f(
+        False,
+        "elastic: a group size that no layout with parallel.tp/pp fits may run with lower TP and PP "
+        "(divisors of theirs; the checkpoint is converted); false = only DP changes",
     )
     use_gpu: Literal["auto", "true", "false"] = _f(
         "auto", "one GPU per worker; auto = when the cluster has GPUs"
@@ -606,7 +611,7 @@ _NON_NEGATIVE = {
         "rollback_lr_steps",
         "max_rollbacks",
     ),
-    "cluster": ("max_failures", "min_workers", "elastic_check_s"),
+    "cluster": ("max_failures", "min_workers", "elastic_check_s", "elastic_model_parallel"),
     "data": ("num_streams", "prefetch", "loader_workers"),
     "tracking": ("system_metrics_every_s",),
 }
@@ -768,6 +773,8 @@ def _check_min_workers(c: Config) -> None:
         "cluster.min_workers",
         f"cluster.min_workers ({least}) must be <= cluster.num_workers ({most}) (0 = elastic off)",
     )
+    if c.cluster.elastic_model_parallel:  # any size with a layout of lower TP/PP (cluster/elastic.py)
+        return
     _need(
         least % (p.tp * p.pp) == 0
         and p.global_batch_size % (p.micro_batch_size * (least // (p.tp * p.pp))) == 0,
