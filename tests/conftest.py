@@ -29,3 +29,15 @@ def pretrain_cli():
         return run_pretrain(*args, extra_env=env, cwd=cwd, timeout=timeout)
 
     return run
+
+
+@pytest.fixture(scope="session")
+def undisturbed(corpus, tmp_path_factory) -> dict[int, float]:
+    """The losses of the chaos tests' run (`test_chaos.train_args`) saved synchronously and without
+    any fault: the reference of every fault test that resumes (one run for the whole session)."""
+    from tests.test_chaos import losses, pretrain, train_args
+
+    tmp = tmp_path_factory.mktemp("undisturbed")
+    p = pretrain(*train_args(corpus, tmp, "ref"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    return losses(tmp / "runs" / "ref")

@@ -214,15 +214,6 @@ def test_io_error_in_the_background_write(corpus, tmp_path, saved_in_step, on_er
 ASYNC = "checkpoint.async=true"
 
 
-@pytest.fixture(scope="module")
-def undisturbed(corpus, tmp_path_factory) -> dict[int, float]:
-    """The losses of the same run, saved synchronously and without a fault."""
-    tmp = tmp_path_factory.mktemp("undisturbed")
-    p = pretrain(*train_args(corpus, tmp, "ref"))
-    assert p.returncode == 0, p.stderr[-3000:]
-    return losses(tmp / "runs" / "ref")
-
-
 @pytest.mark.slow
 def test_sigkill_during_the_background_write(corpus, tmp_path, undisturbed):
     """Rank 1 SIGKILLed by a test hook in its writer thread after the first file of step 6, while

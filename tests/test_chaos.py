@@ -58,15 +58,6 @@ def step_dirs(run: Path) -> list[int]:
     return sorted(int(p.name[5:]) for p in (run / "checkpoints").iterdir() if p.name.startswith("step_"))
 
 
-@pytest.fixture(scope="module")
-def undisturbed(corpus, tmp_path_factory) -> dict[int, float]:
-    """The losses of the same run without any fault."""
-    tmp = tmp_path_factory.mktemp("undisturbed")
-    p = pretrain(*train_args(corpus, tmp, "ref"))
-    assert p.returncode == 0, p.stderr[-3000:]
-    return losses(tmp / "runs" / "ref")
-
-
 @pytest.fixture()
 def small_disk(tmp_path):
     """A 5 MB tmpfs: two committed checkpoints of the tiny model (2 MB each) fit, a third does not.
