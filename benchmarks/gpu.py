@@ -59,6 +59,43 @@ def attention_backend(cfg, seq_len: int, device: str) -> str:
         return f"not flash: {str(e).splitlines()[0][:160]}"
 
 
+class StepOps:
+    """Counts what one optimizer step dispatches (DeepSpeed's step after the finite check): every
+    non-view operation (on a GPU, about one kernel launch each) and every host sync (`.item()`,
+    `bool(tensor)`), in the `at`-th step only, so the counting costs the timed steps nothing."""
+
+    def __init__(self, at: int = 3):
+        self.at, self.calls, self.ops, self.syncs = at, 0, 0, 0
+
+    def install(self) -> None:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        from trainer import library_internals
+
+        counter, real_guard = self, library_internals.guard_model_step
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                counter.ops += not func.is_view
+                counter.syncs += str(func) == "aten._local_scalar_dense.default"
+                return func(*args, **(kwargs or {}))
+
+        def counting_guard(engine, apply_step):
+            real_guard(engine, apply_step)
+            guarded = engine._take_model_step
+
+            def take(lr_kwargs=None):
+                counter.calls += 1
+                if counter.calls != counter.at:
+                    return guarded(lr_kwargs)
+                with Mode():
+                    return guarded(lr_kwargs)
+
+            engine._take_model_step = take
+
+        library_internals.guard_model_step = counting_guard
+
+
 class Capture:
     """A logger that keeps every logged metrics dict (and prints a line per log)."""
 
@@ -136,7 +173,8 @@ def run_one(
             n_train=max(256, (steps + 8) * mb * accum),
             samples_per_shard=64,
         )
-        cap = Capture()
+        cap, step_ops = Capture(), StepOps()
+        step_ops.install()
         t0 = time.perf_counter()
         train(cfg, Session(), logger=cap)
         wall = time.perf_counter() - t0
@@ -164,6 +202,9 @@ def run_one(
         "breakdown_s": {k: cap.rows[-1][1].get(f"{k}_s") for k in ("forward", "backward", "optimizer")},
         "data_wait_frac": sum(m["data_wait_frac"] for m in steady) / len(steady),
         "wall_s_incl_startup_and_compile": wall,
+        # the finite check's one read of its flags (a `tolist`) is not among these syncs
+        "optimizer_step_ops": step_ops.ops,
+        "optimizer_step_host_syncs": step_ops.syncs,
     }
     if baseline:
         if device == "cuda":
@@ -271,7 +312,9 @@ def main() -> int:
             f"{ratio:>10s}  {what} >= {goal:g}: {verdict}"
         )
         print(
-            f"{'':11s} ZeRO-{r['zero_stage']}, {'compiled' if r['compiled'] else 'eager'}, attention {r['attention']}"
+            f"{'':11s} ZeRO-{r['zero_stage']}, {'compiled' if r['compiled'] else 'eager'}, attention "
+            f"{r['attention']}; optimizer step: {r['optimizer_step_ops']} ops, "
+            f"{r['optimizer_step_host_syncs']} host syncs"
         )
     return 0 if all("error" not in r for r in results) else 1
 
