@@ -127,6 +127,7 @@ def run_one(
     from trainer.loop import train
     from trainer.metrics import detect_peak_tflops
     from trainer.model import flops_per_token, param_count
+    from trainer.parallel.plan import sdpa_context
     from trainer.session import Session
 
     path, mb = RECIPES[name]
@@ -209,17 +210,18 @@ def run_one(
     if baseline:
         if device == "cuda":
             torch.cuda.empty_cache()
-        out["plain_pytorch_tokens_per_s"] = plain_pytorch_tokens_per_s(
-            cfg.model,
-            batch=mb,
-            seq_len=cfg.data.seq_len,
-            steps=max(5, steps // 2),
-            warmup=3,
-            device=device,
-            bf16=device == "cuda",
-            compile_blocks=compile_blocks,
-            accum=accum,
-        )
+        with sdpa_context(cfg):  # the recipe's attention kernel in the plain loop too
+            out["plain_pytorch_tokens_per_s"] = plain_pytorch_tokens_per_s(
+                cfg.model,
+                batch=mb,
+                seq_len=cfg.data.seq_len,
+                steps=max(5, steps // 2),
+                warmup=3,
+                device=device,
+                bf16=device == "cuda",
+                compile_blocks=compile_blocks,
+                accum=accum,
+            )
         out["ours_over_plain"] = tps / out["plain_pytorch_tokens_per_s"]
     return out
 
