@@ -128,3 +128,25 @@ def test_the_multi_tensor_norm_and_clip_are_deepspeeds_own_numbers():
             DeepSpeedZeroOptimizer.unscale_and_clip_grads(opt, [theirs], torch.tensor(norm))
             assert torch.equal(ours, theirs), norm
         assert not torch.equal(ours, g)  # an invalid norm clips as an infinite one: grads scaled to 0
+
+
+@pytest.mark.parametrize("zero_stage", [1, 2])
+def test_without_deepspeeds_overflow_scan_a_nonfinite_bf16_gradient_still_leaves_the_step_out(zero_stage):
+    """bf16 turns DeepSpeed's own scan off (`bf16.check_grad_overflow: false`): the anomaly guard's
+    check alone keeps a NaN gradient out of the weights and the optimizer state."""
+    from trainer import loop
+
+    with ExitStack() as cleanup:
+        t = _build(cleanup, 2, zero_stage)
+        assert t.engine.optimizer.check_grad_overflow is False
+        masters = [p.detach().clone() for g in t.optimizer.optimizer.param_groups for p in g["params"]]
+        hook = next(t.engine.module.parameters()).register_hook(lambda g: g * float("nan"))
+        loop.train_step(t, 0, t.next_micro_batches()[0])
+        assert (t.anomaly.verdict, t.engine.global_steps) == ("nonfinite", 0)
+        after = [p.detach() for g in t.optimizer.optimizer.param_groups for p in g["params"]]
+        assert all(torch.equal(a, b) for a, b in zip(masters, after, strict=True))
+        assert not t.optimizer.optimizer.state  # no moment was created from the NaN gradient
+        hook.remove()
+        loop.train_step(t, 0, t.next_micro_batches()[0])
+        assert (t.anomaly.verdict, t.engine.global_steps) == ("ok", 1)
+        assert all(torch.isfinite(p).all() for g in t.optimizer.optimizer.param_groups for p in g["params"])
