@@ -1,8 +1,9 @@
 """Every place trainer/ reaches into a private part of torch or DeepSpeed, and why.
 
-Each one is kept because it saves start-up seconds on every rank of the quick start or is needed
-for correctness (the measurement of each is in docs/benchmarks.md, "Library internals"). Each
-names the version it was checked on, and tests/test_library_internals.py fails loudly when the
+Each one is kept because it saves start-up seconds on every rank of the quick start, takes
+per-parameter kernel launches out of the GPU optimizer step, or is needed for correctness (the
+measurement of each is in docs/benchmarks.md, "Library internals"). Each names the version it
+was checked on, and tests/test_library_internals.py fails loudly when the
 library changes the thing touched (a run would otherwise only get slower, or silently wrong).
 Start-up savings below are what a rank would otherwise spend importing code it never runs.
 """
