@@ -6,8 +6,9 @@ engine, our loader, our metrics) for a fixed number of steps and prints steady-s
 MFU (PaLM formula against the device's dense bf16 peak, printed with the device's name), peak
 memory, the step-time breakdown and whether flash attention takes the recipe's attention shapes;
 then the same model in a plain PyTorch loop (autocast bf16, fused AdamW, same batch, same compile
-setting) for the ratio. Goals (issue #25): gpt2-124m >= 0.95 of plain, llama-1b >= 55% MFU. Each recipe runs in its own process (a failure in one, e.g. out
-of memory, still reports the other). Needs nothing from the network.
+setting) for the ratio. Goals (issue #25): gpt2-124m >= 0.95 of plain, llama-1b >= 55% MFU.
+Each recipe runs in its own process (a failure in one, e.g. out of memory, still reports the
+other). Needs nothing from the network.
 
     python benchmarks/gpu.py                      # on a GPU machine, < 5 minutes
     python benchmarks/gpu.py --device cpu --quick # the CPU smoke run the tests use
