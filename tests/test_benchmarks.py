@@ -38,6 +38,9 @@ def test_gpu_benchmark_runs_on_cpu(tmp_path):
         assert r["tokens_per_s"] > 0 and r["plain_pytorch_tokens_per_s"] > 0
         assert r["mfu"] is None  # no invented peak on CPU
         assert set(r["breakdown_s"]) == {"forward", "backward", "optimizer"}
+        assert r["zero_stage"] == 1 and r["attention"] == "n/a (cpu)"
+        assert r["optimizer_step_ops"] > 0  # counted in one real optimizer step
+    assert "dense bf16 peak used for MFU: none" in p.stdout
     assert "ours/plain" in p.stdout
 
 

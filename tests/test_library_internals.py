@@ -46,6 +46,9 @@ def test_deepspeed_still_has_what_we_touch():
         (DeepSpeedEngine, "zero_grad"),                        # discard_gradients (and tests/test_anomaly.py)
         (DeepSpeedZeroOptimizer, "_release_preflattened_grad_buffers"),
         (DeepSpeedZeroOptimizer, "_lazy_init_hp_params_optimizer_state"),  # link_hp_optimizer_state
+        (DeepSpeedZeroOptimizer, "get_grad_norm_direct"),      # multi_tensor_zero_step replaces them
+        (DeepSpeedZeroOptimizer, "unscale_and_clip_grads"),
+        (DeepSpeedZeroOptimizer, "_model_parallel_all_reduce"),
         (zero_to_fp32, "_get_fp32_state_dict_from_zero2_checkpoint"),     # fp32_state_dict_from_zero
         (zero_to_fp32, "_get_fp32_state_dict_from_zero3_checkpoint"),
         (zero_to_fp32, "parse_optim_states"),
@@ -200,3 +203,31 @@ def test_torch_still_lets_a_process_group_timeout_change_after_creation():
     print(sorted(g._get_backend(torch.device("cpu")).options._timeout.total_seconds() for g in (c10d._get_default_group(), sub)))
     """
     assert _python(code) == ["[42.0, 42.0]"]
+
+
+def test_the_zero_step_still_routes_its_norm_and_clip_where_multi_tensor_zero_step_replaces_them():
+    """multi_tensor_zero_step swaps two methods on the optimizer; a DeepSpeed whose step stops calling
+    them (or calls them differently) would keep its per-parameter loop with nothing failing."""
+    import inspect
+
+    import torch
+    from deepspeed.runtime.precision_config import DeepSpeedBF16Config
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer as Z
+
+    assert list(inspect.signature(Z.get_grad_norm_direct).parameters) == [
+        "self",
+        "gradients",
+        "params",
+        "norm_type",
+    ]
+    assert list(inspect.signature(Z.unscale_and_clip_grads).parameters) == [
+        "self",
+        "grad_groups_flat",
+        "total_norm",
+    ]
+    assert "self.get_grad_norm_direct(self.averaged_gradients[i]" in inspect.getsource(Z.scaled_global_norm)
+    assert "self.unscale_and_clip_grads([single_grad_partition]" in inspect.getsource(Z.step)
+    assert "check_grad_overflow" in DeepSpeedBF16Config.model_fields  # the public switch engine.py sets
+    # torch: one multi-tensor norm with the accumulation dtype asked for (DeepSpeed's fp64)
+    norms = torch._foreach_norm([torch.ones(4), torch.ones(9)], 2, dtype=torch.float64)
+    assert [n.item() for n in norms] == [2.0, 3.0] and norms[0].dtype == torch.float64

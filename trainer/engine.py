@@ -46,7 +46,9 @@ def deepspeed_config(cfg: Config, world_size: int, device: torch.device) -> dict
         "gradient_accumulation_steps": cfg.grad_accum(world_size),
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": precision(cfg, device) == "bf16"},
+        # The loop's anomaly guard makes the one agreed finite check before every step (trainer/
+        # anomaly.py); DeepSpeed's own would scan each gradient again and wait on the GPU for it.
+        "bf16": {"enabled": precision(cfg, device) == "bf16", "check_grad_overflow": False},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": False,
@@ -138,6 +140,7 @@ def initialize(
         mpu=mpu,
         dist_init_required=False,
     )
+    internals.multi_tensor_zero_step(engine.optimizer)  # ZeRO-1/2: no per-parameter norm or sync
     if cfg.parallel.zero_stage == 0 and not hasattr(engine, "grid"):
         internals.keep_fp32_grad_norm(engine, engine.mpu)
         if engine.dp_world_size == 1:

@@ -1,8 +1,9 @@
 """Every place trainer/ reaches into a private part of torch or DeepSpeed, and why.
 
-Each one is kept because it saves start-up seconds on every rank of the quick start or is needed
-for correctness (the measurement of each is in docs/benchmarks.md, "Library internals"). Each
-names the version it was checked on, and tests/test_library_internals.py fails loudly when the
+Each one is kept because it saves start-up seconds on every rank of the quick start, takes
+per-parameter kernel launches out of the GPU optimizer step, or is needed for correctness (the
+measurement of each is in docs/benchmarks.md, "Library internals"). Each names the version it
+was checked on, and tests/test_library_internals.py fails loudly when the
 library changes the thing touched (a run would otherwise only get slower, or silently wrong).
 Start-up savings below are what a rank would otherwise spend importing code it never runs.
 """
@@ -14,6 +15,7 @@ import functools
 import gc
 import importlib
 import io
+import math
 import sys
 import types
 
@@ -288,6 +290,74 @@ def checkpoint_writes_through(engine, run, file_run=None):
     finally:
         engine.checkpoint_engine = inner
         del engine._copy_recovery_script  # the class's method again
+
+
+# ------------------------------------------------------------------ the optimizer step, multi-tensor
+# torch 2.13.0: `torch._foreach_norm(tensors, ord, dtype=)` takes every tensor's norm in one
+# multi-tensor kernel on a GPU (one call here on a CPU), where a Python loop launches one per tensor.
+def foreach_norms(tensors: list[torch.Tensor], dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+    """Each tensor's L2 norm (as `dtype`): one `_foreach_norm` per device and dtype present."""
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    return [n for group in groups.values() for n in torch._foreach_norm(group, 2, dtype=dtype)]
+
+
+def multi_tensor_zero_step(optimizer) -> bool:
+    """DeepSpeed 0.19.8 ZeRO-1/2 (`DeepSpeedZeroOptimizer`): its step takes the gradient norm one
+    parameter at a time (a cast and a norm kernel each) and checks the clip norm's finiteness with a
+    host sync per parameter group. Replaced on this optimizer by the same arithmetic (fp64 norms,
+    the same all-reduces, the same -1 sentinel) over one `_foreach_norm`, and a clip factor that
+    stays on the device. Whether it was installed (False for another optimizer)."""
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    if not isinstance(optimizer, DeepSpeedZeroOptimizer) or optimizer.cpu_offload:
+        return False
+    from deepspeed import comm
+    from deepspeed.runtime.constants import PIPE_REPLICATED
+    from deepspeed.runtime.utils import is_model_parallel_parameter, mask_nan_or_inf_with_val_inplace
+    from deepspeed.runtime.zero.utils import get_norm_dtype
+
+    opt, real_norm = optimizer, optimizer.get_grad_norm_direct
+
+    def get_grad_norm_direct(gradients, params, norm_type=2):
+        if float(norm_type) != 2.0:
+            return real_norm(gradients, params, norm_type)
+        grads = (g for g in gradients if not getattr(g, "_zero_padding", False))
+        kept = [
+            g.detach()
+            for g, p in zip(grads, params, strict=False)  # as DeepSpeed pairs them
+            if not (hasattr(p, PIPE_REPLICATED) and p.ds_pipe_replicated)  # counted by one stage
+            and (is_model_parallel_parameter(p) or opt.model_parallel_rank == 0)
+        ]
+        if kept:
+            norms = foreach_norms(kept, get_norm_dtype())
+            total = torch.stack([n.to(opt.device) for n in norms]).pow(2).sum().float()
+        else:
+            total = torch.tensor(0.0, dtype=torch.float32).to(opt.device)
+        comm.all_reduce(total, op=comm.ReduceOp.SUM, group=opt.dp_process_group)
+        opt._model_parallel_all_reduce(tensor=total, op=comm.ReduceOp.SUM)
+        total = total.pow(0.5)
+        mask_nan_or_inf_with_val_inplace(total, device=opt.device)
+        return total
+
+    def unscale_and_clip_grads(grad_groups_flat, total_norm):
+        if opt.clip_grad == 0.0 and opt.loss_scale == 1.0:
+            return
+        combined_scale = opt.loss_scale
+        if opt.clip_grad > 0.0:
+            # an invalid norm (the -1 sentinel, inf, NaN) clips as an infinite one, decided on the device
+            norm = torch.as_tensor(total_norm, dtype=torch.float, device=opt.device)
+            norm = torch.where(torch.isfinite(norm) & (norm >= 0), norm, torch.full_like(norm, math.inf))
+            clip = torch.clamp(((norm / opt.loss_scale) + 1e-6) / opt.clip_grad, min=1.0)
+            combined_scale = clip * opt.loss_scale
+        for grad in grad_groups_flat:
+            for g in grad if isinstance(grad, list) else [grad]:
+                g.data.mul_(1.0 / combined_scale)
+
+    optimizer.get_grad_norm_direct = get_grad_norm_direct
+    optimizer.unscale_and_clip_grads = unscale_and_clip_grads
+    return True
 
 
 # ------------------------------------------------------------------ collective timeout after creation

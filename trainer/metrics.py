@@ -21,8 +21,19 @@ import urllib.parse
 
 log = logging.getLogger("pretrain")
 
-# Dense bf16 peak TFLOP/s (no sparsity), by substring of torch.cuda.get_device_name().
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "4090": 165.0}
+# Dense bf16 peak TFLOP/s (no sparsity), by substring of torch.cuda.get_device_name(), the first
+# match counting: the PCIe and NVL parts run at lower clocks and power than the SXM ones.
+PEAK_BF16_TFLOPS = {
+    "H100 PCIe": 756.5,
+    "H100 NVL": 835.5,
+    "H200 NVL": 835.5,
+    "H200": 989.4,
+    "H100": 989.4,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "A10G": 125.0,
+    "4090": 165.0,
+}
 
 
 MAX_METRICS_PER_BATCH = 1000  # MLflow's limit per log_batch call
