@@ -123,51 +123,66 @@ def train(
         cleanup.enter_context(reports_out_of_memory(t.progress, t.device, cfg.parallel, t.session.rank))
         step = t.start
         while step < t.stop:
-            done, last = step + 1, step + 1 == t.stop
             t.logger.begin_step(step)
             micro, waited = t.next_micro_batches()
             losses = train_step(t, step, micro)
             verdict, anomaly_metrics = t.anomaly.settle(step)
             if verdict != "ok":  # left out: nothing changed, nothing to log, save or evaluate
-                sink.log(anomaly_metrics, done)
+                sink.log(anomaly_metrics, step + 1)
                 step = roll_back(t, step) if verdict == "rollback" else step
                 continue
-            t.logger.end_step(losses, waited)
-            if t.started_at is None:
-                first_step_done(t, cleanup)
-            metrics = t.gc.maybe_collect(done)
-            preempted = t.preemption.should_stop(t.device, check_now=t.logger.due(step))
-            metrics.update(t.logger.maybe_log(step))
-            t_eval = time.perf_counter()
-            if t.evaluator.due(done, last=last):
-                t.progress.enter("eval")
-            if evaluated := t.evaluator.maybe_run(done, last=last):
-                metrics.update(evaluated)
-                t.logger.pause(time.perf_counter() - t_eval)  # evaluation is not training throughput
-            if metrics:
-                sink.log(metrics, done)
-            if t.checkpointer.due(done, last=last, forced=preempted):
-                t.progress.enter("checkpoint")
-                write_summary(t, attempt_result(t, done))  # a crash from here keeps the history
-            if saved := t.checkpointer.maybe_save(done, last=last, forced=preempted):
-                sink.log(saved, done)
-                if (
-                    "checkpoint_save_s" in saved
-                    and "checkpoint_stall_s" not in saved
-                    and not (last or preempted)
-                ):
-                    t.session.committed(
-                        done
-                    )  # an elastic launcher may grow the group here (no save in flight)
-            if preempted:
-                log.warning("SIGTERM received: checkpoint committed at step %d, stopping", done)
-                t.events.write("preempted", step=done)
-                t.stop = done
+            if after_step(t, step, losses, waited, cleanup):  # preempted: committed, stop here
+                log.warning("SIGTERM received: checkpoint committed at step %d, stopping", step + 1)
+                t.events.write("preempted", step=step + 1)
+                t.stop = step + 1
                 break
-            step = done
+            step += 1
         if closed := t.checkpointer.close():  # a background save still in flight (checkpoint.async)
             sink.log(closed, t.stop)
         return finish(t)
+
+
+def after_step(t: Trainer, step: int, losses: list[torch.Tensor], waited: float, cleanup: ExitStack) -> bool:
+    """What follows an applied optimizer step (0-based `step`), each component at its own steps:
+    metrics, GC, evaluation, checkpoint. Returns whether the run was preempted (then committed)."""
+    done, last = step + 1, step + 1 == t.stop
+    t.logger.end_step(losses, waited)
+    if t.started_at is None:
+        first_step_done(t, cleanup)
+    metrics = t.gc.maybe_collect(done)
+    preempted = t.preemption.should_stop(t.device, check_now=t.logger.due(step))
+    metrics.update(t.logger.maybe_log(step))
+    metrics.update(evaluate(t, done, last))
+    if metrics:
+        t.logger.sink.log(metrics, done)
+    save(t, done, last, preempted)
+    return preempted
+
+
+def evaluate(t: Trainer, done: int, last: bool) -> dict[str, float]:
+    """Validation metrics after `done` steps when due (collective), else {}; its time is not
+    training throughput."""
+    if not t.evaluator.due(done, last=last):
+        return {}
+    t.progress.enter("eval")
+    t0 = time.perf_counter()
+    metrics = t.evaluator.maybe_run(done, last=last)
+    t.logger.pause(time.perf_counter() - t0)
+    return metrics
+
+
+def save(t: Trainer, done: int, last: bool, preempted: bool) -> None:
+    """The checkpoint after `done` steps when due, and a background save's commit when every rank
+    has written it (collective). After a synchronous commit mid-run, the launcher may resize the
+    group there (`Session.committed`: no save in flight, nothing to retrain)."""
+    if t.checkpointer.due(done, last=last, forced=preempted):
+        t.progress.enter("checkpoint")
+        write_summary(t, attempt_result(t, done))  # a crash from here keeps the history
+    saved = t.checkpointer.maybe_save(done, last=last, forced=preempted)
+    if saved:
+        t.logger.sink.log(saved, done)
+    if "checkpoint_save_s" in saved and "checkpoint_stall_s" not in saved and not (last or preempted):
+        t.session.committed(done)
 
 
 def train_step(t: Trainer, step: int, micro: list[Batch]) -> list[torch.Tensor]:
@@ -261,19 +276,7 @@ def build(
     evaluator = Evaluator(
         cfg, manifest, topo.dp_rank, topo.dp, accum, topo.dp_group, run=(engine, loss_fn, device, topo.pp > 1)
     )
-    skip = (
-        stream.skip if stream is not None else SkipList(cfg.parallel.global_batch_size, cfg.data.skip_samples)
-    )
-    anomaly = AnomalyGuard(
-        cfg.train,
-        engine,
-        device,
-        skip,
-        events=events,
-        run_dir=session.run_dir,
-        rank=session.rank,
-        pipeline=topo.pp > 1,
-    )
+    anomaly = _anomaly_guard(cfg, session, topo, engine, device, stream, events)
     if stream is not None:
         batches = prefetched(stream.batches(start), cfg.data.prefetch)
     startup.mark("data_and_resume")
@@ -300,18 +303,33 @@ def build(
         stop=stop,
         anomaly=anomaly,
     )
-    if stream is not None and checkpointer.manager is not None:
-        t.restore = lambda: (
-            checkpointer.restore(cfg, manifest, stream, layout, topo.tp_rank)
-            if checkpointer.manager.latest() is not None
-            else None
-        )
+    if stream is not None and checkpointer.manager is not None:  # what a rollback calls
+        t.restore = lambda: checkpointer.roll_back(cfg, manifest, stream, layout, topo.tp_rank)
         t.reposition = lambda step: prefetched(stream.batches(step), cfg.data.prefetch)
     t.logger.data_metrics = getattr(stream, "window_metrics", None)  # a mixture's tokens per source
     _announce(t, cleanup)
     t.logger.window_start = time.perf_counter()  # the first window starts with the first step
     startup.mark("tracking")  # the metrics logger, the event log
     return t
+
+
+def _anomaly_guard(
+    cfg: Config, session: Session, topo: Topology, engine, device, stream, events
+) -> AnomalyGuard:
+    """The finite/spike check before each optimizer step, skipping the corpus stream's samples."""
+    skip = (
+        stream.skip if stream is not None else SkipList(cfg.parallel.global_batch_size, cfg.data.skip_samples)
+    )
+    return AnomalyGuard(
+        cfg.train,
+        engine,
+        device,
+        skip,
+        events=events,
+        run_dir=session.run_dir,
+        rank=session.rank,
+        pipeline=topo.pp > 1,
+    )
 
 
 def _setup_process(cfg: Config, session: Session) -> tuple[torch.device, Topology]:

@@ -46,9 +46,16 @@ class Checkpointer:
         """resume(): the step to continue from; 0 when manager is None or nothing is committed."""
         if self.manager is None:
             return 0
-        if (pending := self.manager.in_flight()) is not None:  # a rollback: the save in flight counts
-            self._guarded(self._commit_background, pending, wait=True, final=False)
         return resume(self.manager, self.engine, cfg, manifest, stream, layout, tp_rank)
+
+    def roll_back(self, cfg: Config, manifest, stream, layout: dict, tp_rank: int) -> int | None:
+        """Collective, for a rollback: the newest commit reloaded (a background save in flight is
+        committed first: it counts); its step, or None when nothing is committed."""
+        if (pending := self.manager.in_flight()) is not None:
+            self._guarded(self._commit_background, pending, wait=True, final=False)
+        if self.manager.latest() is None:
+            return None
+        return self.restore(cfg, manifest, stream, layout, tp_rank)
 
     def due(self, step: int, *, last: bool = False, forced: bool = False) -> bool:
         """Whether a checkpoint is saved after `step` finished steps."""
