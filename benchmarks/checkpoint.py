@@ -232,19 +232,23 @@ def recovery_time(steps: int = 40) -> dict:
         commit = run_dir / "checkpoints" / "step_5" / "commit.json"
 
         def train_workers() -> dict[int, psutil.Process]:
+            """This run's training workers, from their own records (never another run's on the machine)."""
             found = {}
-            for p in psutil.process_iter(["cmdline"]):
-                if (p.info["cmdline"] or [""])[0].startswith("ray::RayTrainWorker"):
-                    found[p.pid] = p
+            for record in (run_dir / "workers").glob("rank*.json"):
+                try:
+                    pid = json.loads(record.read_text())["pid"]
+                    found[pid] = psutil.Process(pid)
+                except (OSError, ValueError, KeyError, psutil.Error):
+                    pass  # being rewritten, or that process is gone
             return found
 
         def killer():
             while not commit.exists() and proc.poll() is None:
                 time.sleep(0.05)
             old = train_workers()
-            if not old:
+            victim = json.loads((run_dir / "workers" / "rank1.json").read_text())["pid"]
+            if victim not in old:
                 return
-            victim = max(old)
             events["killed"] = time.time()
             os.kill(victim, signal.SIGKILL)
             survivors = [p for pid, p in old.items() if pid != victim]
@@ -252,7 +256,7 @@ def recovery_time(steps: int = 40) -> dict:
                 if "group_ended" not in events and not any(p.is_running() for p in survivors):
                     events["group_ended"] = time.time()
                 new = [p for pid, p in train_workers().items() if pid not in old]
-                if new:
+                if new:  # a new group's rank records its process at the start of its training function
                     events["new_worker"] = min(p.create_time() for p in new)
                 time.sleep(0.02)
 
@@ -264,8 +268,11 @@ def recovery_time(steps: int = 40) -> dict:
         if proc.returncode != 0 or "killed" not in events:
             return {"error": f"exit {proc.returncode}, events {sorted(events)}: {''.join(output)[-3000:]}"}
         log = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines() if x.strip()]
-        startup = [e for e in log if e["event"] == "startup"][-1]  # the restarted group's
         killed = events["killed"]
+        after = [e for e in log if e["event"] == "startup" and e["time"] > killed]
+        if not after:
+            return {"error": f"no start-up after the SIGKILL at {killed:.2f}: {events}, {log}"}
+        startup = after[0]  # the restarted group's
         group_ended = events.get("group_ended", events.get("new_worker", killed))
         return {
             "load_avg_1m": load,

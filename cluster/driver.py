@@ -43,6 +43,10 @@ from trainer.progress import group_stopped
 
 log = logging.getLogger("pretrain")
 
+# Ray Train's switch for its controller's poll of the worker group (propagated to the controller).
+HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+HEALTH_CHECK_INTERVAL_S = 0.5
+
 
 def absolutize(cfg: Config) -> Config:
     """Paths relative to the user's working directory, fixed before workers (other cwd) see them."""
@@ -114,10 +118,19 @@ def read_run_record(run_dir: Path) -> dict:
     return record
 
 
-def start_ray(cfg: Config):
+def ray_train_environment() -> None:
+    """Ray Train's switches for this run, as environment variables it propagates to its controller
+    and workers; a person's own setting of one stands."""
     # Ray Train's print patch echoes every worker line twice through the driver; plain stdout
-    # forwarding (log_to_driver) already shows it once. Propagated to workers by Ray Train.
+    # forwarding (log_to_driver) already shows it once.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    # How often the controller polls the workers: a dead worker is seen, and a finished group
+    # ended, within this (Ray's default 2 s). One poll is one small RPC per worker.
+    os.environ.setdefault(HEALTH_CHECK_ENV, str(HEALTH_CHECK_INTERVAL_S))
+
+
+def start_ray(cfg: Config):
+    ray_train_environment()
     import ray
 
     if ray.is_initialized():

@@ -4,6 +4,7 @@ On a laptop's few cores every import is paid in series with the rest of the star
 check the outcome that matters, in a fresh interpreter: which heavy modules a process ends up
 holding."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -183,3 +184,19 @@ def test_the_program_leaves_its_heap_to_the_os_at_exit(tmp_path):
     assert "steps: 7" in out  # the command itself ran
     assert "exit code: 0" in out
     assert "frozen at exit: True" in out
+
+
+def test_ray_train_polls_its_workers_every_half_second(monkeypatch):
+    """A dead worker is seen (and a finished group ended) within Ray Train's poll interval: the
+    driver sets Ray Train's own switch, under the name Ray Train reads and passes to its controller."""
+    from ray.train.v2._internal.constants import ENV_VARS_TO_PROPAGATE, HEALTH_CHECK_INTERVAL_S_ENV_VAR
+
+    from cluster import driver
+
+    monkeypatch.delenv(HEALTH_CHECK_INTERVAL_S_ENV_VAR, raising=False)
+    driver.ray_train_environment()
+    assert HEALTH_CHECK_INTERVAL_S_ENV_VAR in ENV_VARS_TO_PROPAGATE
+    assert float(os.environ[HEALTH_CHECK_INTERVAL_S_ENV_VAR]) == 0.5
+    monkeypatch.setenv(HEALTH_CHECK_INTERVAL_S_ENV_VAR, "3")  # a person's own setting stands
+    driver.ray_train_environment()
+    assert os.environ[HEALTH_CHECK_INTERVAL_S_ENV_VAR] == "3"
