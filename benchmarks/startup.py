@@ -5,11 +5,15 @@ workers, DeepSpeed ZeRO-3, MLflow in SQLite) for a few steps as a subprocess, `-
 in one working directory, and splits each start-up into where it went:
 
 - driver: the CLI's imports, config and corpus check (until the run directory's config.yaml is
-  written); Ray's import; Ray's start (`ray.init`, from the run's `ray_started` event), while the
-  MLflow run is created on a thread; what is left of that and of Ray Train's import when Ray is up
-  (until the run's `workers_requested` event);
-- the worker group: Ray Train's controller, placement group and worker processes (from the
-  driver's request to rank 0 entering the training function);
+  written); Ray's import; Ray's start (`ray.init`, from the run's `ray_started` event); what is
+  left of Ray Train's import when Ray is up (until the run's `workers_requested` event). The MLflow
+  run is created on a thread from Ray's import on, while Ray and the worker group start: its
+  `mlflow_run_created` event is shown apart, as seconds from the command's start (off the path to
+  the first step unless the ranks wait for its id);
+- the worker group, from the driver's request (process start times of the run's processes):
+  Ray Train's controller process starts; its imports and placement group until the first worker
+  process starts; the workers' Ray imports and Ray Train's set-up until rank 0 enters the
+  training function;
 - in rank 0 (from the run's `startup` event): imports, the torch process group (rendezvous of all
   ranks) and the layout's groups, model build (under ZeRO-3
   with DeepSpeed's import and comm init), `deepspeed.initialize`, data open and resume, tracking
@@ -48,10 +52,12 @@ sys.path.insert(0, str(ROOT))
 # (key, label) in the order they happen; the in-worker keys are the `startup` event's phases.
 ROWS = [
     ("cli", "CLI: imports, config, corpus check"),
-    ("mlflow_run", "driver: Ray's import (the MLflow run is created from here)"),
+    ("mlflow_run", "driver: Ray's import"),
     ("ray_init", "Ray start (ray.init)"),
-    ("after_ray", "driver: rest of the MLflow run, Ray Train's import"),
-    ("worker_group", "worker group: controller, placement, worker processes"),
+    ("after_ray", "driver: rest of Ray Train's import, the trainer"),
+    ("controller", "worker group: Ray Train's controller process starts"),
+    ("to_workers", "worker group: controller set-up, placement -> worker processes"),
+    ("to_train_fn", "worker group: workers' Ray imports, Ray Train set-up"),
     ("imports", "  rank 0: imports"),
     ("process_group", "  rank 0: process groups (all ranks meet)"),
     ("model", "  rank 0: model build (ZeRO-3: DeepSpeed import + comm init)"),
@@ -60,6 +66,7 @@ ROWS = [
     ("tracking", "  rank 0: metrics logger, event log"),
     ("first_step", "  rank 0: first step (first batch included)"),
     ("total", "total to the first finished step"),
+    ("mlflow_created", "(MLflow run created, from the command's start; overlapped)"),
     ("wall", "whole command (steps, shutdown included)"),
 ]
 CPU_KINDS = {
@@ -130,11 +137,13 @@ def run_once(config: str, corpus: Path, work: Path, name: str, steps: int, extra
     # CPU seconds of every process of the run (the driver and all it starts), sampled until the
     # first step has finished: a busy machine's load stretches wall time, far less the CPU spent.
     root, cpu, kinds, first_step_cpu = psutil.Process(proc.pid), {}, {}, None
+    started: dict[int, float] = {}  # process start times, for the worker group's phases
     while proc.poll() is None and first_step_cpu is None:
         for p in [root, *root.children(recursive=True)]:
             try:
                 kinds[p.pid] = process_kind(p, proc.pid)  # a worker is ray::IDLE until it has a task
                 cpu[p.pid] = sum(p.cpu_times()[:2])
+                started.setdefault(p.pid, p.create_time())
             except psutil.Error:
                 pass
         if "startup" in read_events(run_dir):
@@ -149,13 +158,24 @@ def run_once(config: str, corpus: Path, work: Path, name: str, steps: int, extra
     ray_up, requested, startup = events["ray_started"], events["workers_requested"], events["startup"]
     ray_begin = ray_up["time"] - ray_up["init_s"]
     config_written = (run_dir / "config.yaml").stat().st_mtime
+
+    def first_started(kind: str) -> float:  # the first process of `kind` started after the request
+        times = [t for pid, t in started.items() if kinds.get(pid) == kind and t >= requested["time"] - 0.5]
+        return min(times, default=float("nan"))
+
+    controller, workers = first_started("ray_train_actors"), first_started("workers")
+    created = events.get("mlflow_run_created")
     return {
         "load_avg_1m": load[0],
         "cli": config_written - t0,
         "mlflow_run": ray_begin - config_written,
         "ray_init": ray_up["init_s"],
         "after_ray": requested["time"] - ray_up["time"],
+        "controller": controller - requested["time"],
+        "to_workers": workers - controller,
+        "to_train_fn": startup["since"] - workers,
         "worker_group": startup["since"] - requested["time"],
+        "mlflow_created": created["time"] - t0 if created else float("nan"),
         **startup["phases_s"],
         "first_batch_wait": startup["first_batch_wait_s"],
         "total": startup["time"] - t0,
