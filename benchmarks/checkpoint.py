@@ -203,12 +203,14 @@ def print_stall(which: str = "both") -> None:
 
 def recovery_time(steps: int = 40) -> dict:
     """SIGKILL one Ray Train worker after the first commit; time until the first step after resume,
-    split into its phases (wall-clock times, `time.time()`, compared with the run's events.jsonl):
+    split into its phases (wall-clock times, `time.time()`, set against the run's events.jsonl and
+    Ray Train's controller log in the session directory of the Ray the run started):
 
-    - detection: the SIGKILL -> the surviving rank's process ends (Ray Train saw the group fail
-      and shut it down);
-    - group restart: -> the first new worker process exists, -> the new rank 0 enters the training
-      function (Ray Train's controller, placement group, worker processes and their Ray imports);
+    - detection: the SIGKILL -> the controller's decision to restart the group (its poll of the
+      workers saw one dead);
+    - group restart: the old group shut down; the new worker processes and actors (a Python process
+      each, Ray's and Ray Train's imports); Ray Train's set-up until the training function is
+      launched; -> the new rank 0 in the training function;
     - rank 0's start-up phases of the new attempt (its `startup` event): imports, process groups,
       model, `deepspeed.initialize`, the checkpoint's verification and load (`data_and_resume`),
       tracking, the first step.
@@ -252,12 +254,9 @@ def recovery_time(steps: int = 40) -> dict:
             events["killed"] = time.time()
             os.kill(victim, signal.SIGKILL)
             survivors = [p for pid, p in old.items() if pid != victim]
-            while proc.poll() is None and "new_worker" not in events:
-                if "group_ended" not in events and not any(p.is_running() for p in survivors):
+            while proc.poll() is None and "group_ended" not in events:
+                if not any(p.is_running() for p in survivors):
                     events["group_ended"] = time.time()
-                new = [p for pid, p in train_workers().items() if pid not in old]
-                if new:  # a new group's rank records its process at the start of its training function
-                    events["new_worker"] = min(p.create_time() for p in new)
                 time.sleep(0.02)
 
         threading.Thread(target=killer, daemon=True).start()
@@ -273,20 +272,55 @@ def recovery_time(steps: int = 40) -> dict:
         if not after:
             return {"error": f"no start-up after the SIGKILL at {killed:.2f}: {events}, {log}"}
         startup = after[0]  # the restarted group's
-        group_ended = events.get("group_ended", events.get("new_worker", killed))
+        ctl = controller_times(proc.pid, killed)
         return {
             "load_avg_1m": load,
-            "detection": group_ended - killed,
-            "new_processes": events.get("new_worker", group_ended) - group_ended,
-            "to_train_fn": startup["since"] - events.get("new_worker", group_ended),
+            "detection": ctl.get("retry", float("nan")) - killed,
+            "teardown": ctl.get("starting", float("nan")) - ctl.get("retry", float("nan")),
+            "worker_processes": ctl.get("created", float("nan")) - ctl.get("starting", float("nan")),
+            "ray_train_setup": ctl.get("started", float("nan")) - ctl.get("created", float("nan")),
+            "to_train_fn": startup["since"] - ctl.get("started", float("nan")),
+            "survivor_ended": events.get("group_ended", float("nan")) - killed,
             **startup["phases_s"],
             "death_to_first_step_s": startup["time"] - killed,
         }
 
 
+def controller_times(driver_pid: int, since: float) -> dict[str, float]:
+    """When Ray Train's controller (its own log, in the session directory of the Ray this driver
+    started) decided to retry after `since`, began starting the new group, had its worker actors
+    and had launched the training function on them."""
+    import datetime
+    import glob
+    import json
+
+    root = os.environ.get("RAY_TMPDIR", "/tmp/ray")
+    marks = {
+        "retry": "[FailurePolicy] RETRY",
+        "starting": "Attempting to start training worker group",
+        "created": "worker actors created in",
+        "started": "Worker group startup completed",
+    }
+    found: dict[str, float] = {}
+    for path in glob.glob(f"{root}/session_*_{driver_pid}/logs/train/ray-train-sys-controller-*.log"):
+        for line in open(path):
+            try:
+                entry = json.loads(line)
+                t = datetime.datetime.strptime(entry["asctime"], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            except (ValueError, KeyError):
+                continue
+            for key, text in marks.items():
+                if t >= since and key not in found and text in entry.get("message", ""):
+                    if key == "retry" or "retry" in found:
+                        found[key] = t
+    return found
+
+
 RECOVERY_ROWS = [
-    ("detection", "detection: SIGKILL -> the surviving rank's process ended"),
-    ("new_processes", "group restart: -> first new worker process"),
+    ("detection", "detection: SIGKILL -> Ray Train's controller decides to restart"),
+    ("teardown", "group restart: old group shut down"),
+    ("worker_processes", "group restart: new worker processes and actors (Ray imports)"),
+    ("ray_train_setup", "group restart: Ray Train's set-up, training function launched"),
     ("to_train_fn", "group restart: -> rank 0 in the training function"),
     ("imports", "  rank 0: imports"),
     ("process_group", "  rank 0: process groups"),
@@ -296,6 +330,7 @@ RECOVERY_ROWS = [
     ("tracking", "  rank 0: metrics logger, event log"),
     ("first_step", "  rank 0: first step"),
     ("death_to_first_step_s", "SIGKILL -> first step of the restarted group"),
+    ("survivor_ended", "(the surviving rank's process ended, after the SIGKILL)"),
 ]
 
 

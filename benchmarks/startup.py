@@ -137,13 +137,14 @@ def run_once(config: str, corpus: Path, work: Path, name: str, steps: int, extra
     # CPU seconds of every process of the run (the driver and all it starts), sampled until the
     # first step has finished: a busy machine's load stretches wall time, far less the CPU spent.
     root, cpu, kinds, first_step_cpu = psutil.Process(proc.pid), {}, {}, None
-    started: dict[int, float] = {}  # process start times, for the worker group's phases
+    started, names = {}, {}  # process start times and names, for the worker group's phases
     while proc.poll() is None and first_step_cpu is None:
         for p in [root, *root.children(recursive=True)]:
             try:
                 kinds[p.pid] = process_kind(p, proc.pid)  # a worker is ray::IDLE until it has a task
                 cpu[p.pid] = sum(p.cpu_times()[:2])
                 started.setdefault(p.pid, p.create_time())
+                names[p.pid] = (p.cmdline() or [""])[0]  # an actor's, once the process holds it
             except psutil.Error:
                 pass
         if "startup" in read_events(run_dir):
@@ -159,11 +160,10 @@ def run_once(config: str, corpus: Path, work: Path, name: str, steps: int, extra
     ray_begin = ray_up["time"] - ray_up["init_s"]
     config_written = (run_dir / "config.yaml").stat().st_mtime
 
-    def first_started(kind: str) -> float:  # the first process of `kind` started after the request
-        times = [t for pid, t in started.items() if kinds.get(pid) == kind and t >= requested["time"] - 0.5]
-        return min(times, default=float("nan"))
+    def first_started(name: str) -> float:  # when the first process holding actor `name` started
+        return min((t for pid, t in started.items() if names[pid].startswith(name)), default=float("nan"))
 
-    controller, workers = first_started("ray_train_actors"), first_started("workers")
+    controller, workers = first_started("ray::TrainController"), first_started("ray::RayTrainWorker")
     created = events.get("mlflow_run_created")
     return {
         "load_avg_1m": load[0],
