@@ -209,8 +209,8 @@ def recovery_time(steps: int = 40) -> dict:
     - detection: the SIGKILL -> the controller's decision to restart the group (its poll of the
       workers saw one dead);
     - group restart: the old group shut down; the new worker processes and actors (a Python process
-      each, Ray's and Ray Train's imports); Ray Train's set-up until the training function is
-      launched; -> the new rank 0 in the training function;
+      each, Ray's and Ray Train's imports); Ray Train's set-up until the new rank 0 is in the
+      training function;
     - rank 0's start-up phases of the new attempt (its `startup` event): imports, process groups,
       model, `deepspeed.initialize`, the checkpoint's verification and load (`data_and_resume`),
       tracking, the first step.
@@ -278,8 +278,7 @@ def recovery_time(steps: int = 40) -> dict:
             "detection": ctl.get("retry", float("nan")) - killed,
             "teardown": ctl.get("starting", float("nan")) - ctl.get("retry", float("nan")),
             "worker_processes": ctl.get("created", float("nan")) - ctl.get("starting", float("nan")),
-            "ray_train_setup": ctl.get("started", float("nan")) - ctl.get("created", float("nan")),
-            "to_train_fn": startup["since"] - ctl.get("started", float("nan")),
+            "ray_train_setup": startup["since"] - ctl.get("created", float("nan")),
             "survivor_ended": events.get("group_ended", float("nan")) - killed,
             **startup["phases_s"],
             "death_to_first_step_s": startup["time"] - killed,
@@ -287,41 +286,21 @@ def recovery_time(steps: int = 40) -> dict:
 
 
 def controller_times(driver_pid: int, since: float) -> dict[str, float]:
-    """When Ray Train's controller (its own log, in the session directory of the Ray this driver
-    started) decided to retry after `since`, began starting the new group, had its worker actors
-    and had launched the training function on them."""
-    import datetime
-    import glob
-    import json
+    """When Ray Train's controller decided to retry after `since`, and then began starting the new
+    group and had its worker actors."""
+    from benchmarks.startup import GROUP_MARKS, controller_log_times
 
-    root = os.environ.get("RAY_TMPDIR", "/tmp/ray")
-    marks = {
-        "retry": "[FailurePolicy] RETRY",
-        "starting": "Attempting to start training worker group",
-        "created": "worker actors created in",
-        "started": "Worker group startup completed",
-    }
-    found: dict[str, float] = {}
-    for path in glob.glob(f"{root}/session_*_{driver_pid}/logs/train/ray-train-sys-controller-*.log"):
-        for line in open(path):
-            try:
-                entry = json.loads(line)
-                t = datetime.datetime.strptime(entry["asctime"], "%Y-%m-%d %H:%M:%S,%f").timestamp()
-            except (ValueError, KeyError):
-                continue
-            for key, text in marks.items():
-                if t >= since and key not in found and text in entry.get("message", ""):
-                    if key == "retry" or "retry" in found:
-                        found[key] = t
-    return found
+    retry = controller_log_times(driver_pid, {"retry": "[FailurePolicy] RETRY"}, since)
+    if "retry" not in retry:
+        return {}
+    return {**retry, **controller_log_times(driver_pid, GROUP_MARKS, retry["retry"])}
 
 
 RECOVERY_ROWS = [
     ("detection", "detection: SIGKILL -> Ray Train's controller decides to restart"),
     ("teardown", "group restart: old group shut down"),
     ("worker_processes", "group restart: new worker processes and actors (Ray imports)"),
-    ("ray_train_setup", "group restart: Ray Train's set-up, training function launched"),
-    ("to_train_fn", "group restart: -> rank 0 in the training function"),
+    ("ray_train_setup", "group restart: Ray Train's set-up -> rank 0 in the training function"),
     ("imports", "  rank 0: imports"),
     ("process_group", "  rank 0: process groups"),
     ("model", "  rank 0: model build"),

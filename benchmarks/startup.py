@@ -10,10 +10,11 @@ in one working directory, and splits each start-up into where it went:
   run is created on a thread from Ray's import on, while Ray and the worker group start: its
   `mlflow_run_created` event is shown apart, as seconds from the command's start (off the path to
   the first step unless the ranks wait for its id);
-- the worker group, from the driver's request (process start times of the run's processes):
-  Ray Train's controller process starts; its imports and placement group until the first worker
-  process starts; the workers' Ray imports and Ray Train's set-up until rank 0 enters the
-  training function;
+- the worker group, from the driver's request (Ray Train's controller log, in the session
+  directory of the Ray the run started): the controller's process, imports and first decision;
+  the placement group and the worker processes with their Ray and Ray Train imports, until the
+  actors exist; Ray Train's set-up (train context, our backend's rendezvous variables) until rank
+  0 is in the training function;
 - in rank 0 (from the run's `startup` event): imports, the torch process group (rendezvous of all
   ranks) and the layout's groups, model build (under ZeRO-3
   with DeepSpeed's import and comm init), `deepspeed.initialize`, data open and resume, tracking
@@ -55,9 +56,9 @@ ROWS = [
     ("mlflow_run", "driver: Ray's import"),
     ("ray_init", "Ray start (ray.init)"),
     ("after_ray", "driver: rest of Ray Train's import, the trainer"),
-    ("controller", "worker group: Ray Train's controller process starts"),
-    ("to_workers", "worker group: controller set-up, placement -> worker processes"),
-    ("to_train_fn", "worker group: workers' Ray imports, Ray Train set-up"),
+    ("controller", "worker group: Ray Train's controller starts"),
+    ("to_workers", "worker group: placement, worker processes (Ray's imports)"),
+    ("ray_train_setup", "worker group: Ray Train's set-up -> rank 0 in the training function"),
     ("imports", "  rank 0: imports"),
     ("process_group", "  rank 0: process groups (all ranks meet)"),
     ("model", "  rank 0: model build (ZeRO-3: DeepSpeed import + comm init)"),
@@ -100,6 +101,35 @@ def read_events(run_dir: Path) -> dict[str, dict]:
     return out
 
 
+def controller_log_times(driver_pid: int, marks: dict[str, str], since: float = 0.0) -> dict[str, float]:
+    """When Ray Train's controller first logged each of `marks` (key -> text in its message) at or
+    after `since` (time.time()): its own log, in the session directory of the Ray that the driver
+    with `driver_pid` started (Ray names the directory after that pid)."""
+    import datetime
+    import glob
+
+    root = os.environ.get("RAY_TMPDIR", "/tmp/ray")
+    found: dict[str, float] = {}
+    for path in glob.glob(f"{root}/session_*_{driver_pid}/logs/train/ray-train-sys-controller-*.log"):
+        for line in open(path):
+            try:
+                entry = json.loads(line)
+                t = datetime.datetime.strptime(entry["asctime"], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            except (ValueError, KeyError, TypeError):
+                continue
+            for key, text in marks.items():
+                if t >= since and key not in found and text in entry.get("message", ""):
+                    found[key] = t
+    return found
+
+
+# What Ray Train's controller logs as it starts a worker group.
+GROUP_MARKS = {
+    "starting": "Attempting to start training worker group",
+    "created": "worker actors created in",
+}
+
+
 def process_kind(p: psutil.Process, driver_pid: int) -> str:
     """Whose CPU a process's is: the nearest Ray worker among it and its parents decides (a compiler
     a training worker started is the worker's), else the driver's own or Ray's services'."""
@@ -137,14 +167,11 @@ def run_once(config: str, corpus: Path, work: Path, name: str, steps: int, extra
     # CPU seconds of every process of the run (the driver and all it starts), sampled until the
     # first step has finished: a busy machine's load stretches wall time, far less the CPU spent.
     root, cpu, kinds, first_step_cpu = psutil.Process(proc.pid), {}, {}, None
-    started, names = {}, {}  # process start times and names, for the worker group's phases
     while proc.poll() is None and first_step_cpu is None:
         for p in [root, *root.children(recursive=True)]:
             try:
                 kinds[p.pid] = process_kind(p, proc.pid)  # a worker is ray::IDLE until it has a task
                 cpu[p.pid] = sum(p.cpu_times()[:2])
-                started.setdefault(p.pid, p.create_time())
-                names[p.pid] = (p.cmdline() or [""])[0]  # an actor's, once the process holds it
             except psutil.Error:
                 pass
         if "startup" in read_events(run_dir):
@@ -160,10 +187,8 @@ def run_once(config: str, corpus: Path, work: Path, name: str, steps: int, extra
     ray_begin = ray_up["time"] - ray_up["init_s"]
     config_written = (run_dir / "config.yaml").stat().st_mtime
 
-    def first_started(name: str) -> float:  # when the first process holding actor `name` started
-        return min((t for pid, t in started.items() if names[pid].startswith(name)), default=float("nan"))
-
-    controller, workers = first_started("ray::TrainController"), first_started("ray::RayTrainWorker")
+    group = controller_log_times(proc.pid, GROUP_MARKS)
+    nan = float("nan")
     created = events.get("mlflow_run_created")
     return {
         "load_avg_1m": load[0],
@@ -171,9 +196,9 @@ def run_once(config: str, corpus: Path, work: Path, name: str, steps: int, extra
         "mlflow_run": ray_begin - config_written,
         "ray_init": ray_up["init_s"],
         "after_ray": requested["time"] - ray_up["time"],
-        "controller": controller - requested["time"],
-        "to_workers": workers - controller,
-        "to_train_fn": startup["since"] - workers,
+        "controller": group.get("starting", nan) - requested["time"],
+        "to_workers": group.get("created", nan) - group.get("starting", nan),
+        "ray_train_setup": startup["since"] - group.get("created", nan),
         "worker_group": startup["since"] - requested["time"],
         "mlflow_created": created["time"] - t0 if created else float("nan"),
         **startup["phases_s"],
