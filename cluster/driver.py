@@ -263,12 +263,8 @@ def run_training(cfg: Config) -> dict:
     imported = pool.submit(_import_ray_train)
     mlflow_run = pool.submit(_create_mlflow_run, cfg, run_dir) if cfg.tracking.enabled else _known("")
     try:
-        try:
-            start_ray_logged(cfg, run_dir)
-            imported.result()
-        except BaseException:
-            _mlflow_run_id(mlflow_run, wait=True)  # created while Ray failed to start: deleted below
-            raise
+        start_ray_logged(cfg, run_dir)
+        imported.result()
         if mlflow_run.done():
             mlflow_run.result()  # its error now, before any worker starts
         write_run_record(run_dir, {"name": name, "state": "running", "tracking_uri": cfg.tracking.uri})
@@ -276,7 +272,7 @@ def run_training(cfg: Config) -> dict:
         pool.shutdown(wait=False)
         lease.release()
         shutil.rmtree(run_dir, ignore_errors=True)  # never leave a half-made run behind
-        if mlflow_run_id := _mlflow_run_id(mlflow_run):
+        if mlflow_run_id := _mlflow_run_id(mlflow_run, wait=True):  # never an orphan
             delete_mlflow_run(cfg, mlflow_run_id)
         raise
     # Queued behind the run's creation: its id (or its error) into run.json, for the workers.
