@@ -4,7 +4,8 @@
    record, verification on load) against copying the same bytes with a plain file copy on the
    same disk.
 2. Recovery: the time from a Ray Train worker's SIGKILL to the first finished step after Ray
-   restarted the group and it resumed from the newest commit (real local Ray, 2 workers).
+   restarted the group and it resumed from the newest commit (real local Ray, 2 workers), in
+   phases: detection, group restart, rank 0's start-up (checkpoint verify + load among them).
 3. The training stall of a synchronous save against a background one (`checkpoint.async`), for
    the quick-start model (configs/tiny-cpu.yaml) and a ~100M-parameter model: the seconds
    training stood still, and the step time while the background save was in flight against the
@@ -12,13 +13,13 @@
 
     python benchmarks/checkpoint.py            # ~8-10 minutes on 2 CPU cores (the ~100M model: ~5)
     python benchmarks/checkpoint.py --only-stall --threads 1 [--stall-models quick|100m]
+    python benchmarks/checkpoint.py --only-recovery [--recovery-repeats 3]   # ~1 minute a run
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
 import signal
 import statistics
@@ -201,7 +202,23 @@ def print_stall(which: str = "both") -> None:
 
 
 def recovery_time(steps: int = 40) -> dict:
-    """SIGKILL one Ray Train worker after the first commit; time until the first step after resume."""
+    """SIGKILL one Ray Train worker after the first commit; time until the first step after resume,
+    split into its phases (wall-clock times, `time.time()`, set against the run's events.jsonl and
+    Ray Train's controller log in the session directory of the Ray the run started):
+
+    - detection: the SIGKILL -> the controller's decision to restart the group (its poll of the
+      workers saw one dead);
+    - group restart: the old group shut down; the new worker processes and actors (a Python process
+      each, Ray's and Ray Train's imports); Ray Train's set-up until the new rank 0 is in the
+      training function;
+    - rank 0's start-up phases of the new attempt (its `startup` event): imports, process groups,
+      model, `deepspeed.initialize`, the checkpoint's verification and load (`data_and_resume`),
+      tracking, the first step.
+    """
+    import json
+
+    import psutil
+
     from tests.data_fixtures import stdlib_corpus
     from tests.run_fixtures import tiny_run
 
@@ -210,34 +227,110 @@ def recovery_time(steps: int = 40) -> dict:
         sets = tiny_run(f"{tmp}/corpus", tmp, "rec", steps, "checkpoint.every=5", tracking=True)
         cmd = [sys.executable, "-m", "launch.cli", "train", "configs/tiny-cpu.yaml"]
         cmd += [a for s in sets for a in ("--set", s)]
+        load = os.getloadavg()[0]
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         events: dict[str, float] = {}
-        commit = Path(tmp) / "runs" / "rec" / "checkpoints" / "step_5" / "commit.json"
+        run_dir = Path(tmp) / "runs" / "rec"
+        commit = run_dir / "checkpoints" / "step_5" / "commit.json"
+
+        def train_workers() -> dict[int, psutil.Process]:
+            """This run's training workers, from their own records (never another run's on the machine)."""
+            found = {}
+            for record in (run_dir / "workers").glob("rank*.json"):
+                try:
+                    pid = json.loads(record.read_text())["pid"]
+                    found[pid] = psutil.Process(pid)
+                except (OSError, ValueError, KeyError, psutil.Error):
+                    pass  # being rewritten, or that process is gone
+            return found
 
         def killer():
             while not commit.exists() and proc.poll() is None:
                 time.sleep(0.05)
-            out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-            pids = [int(line.split()[0]) for line in out.splitlines() if "RayTrainWorker" in line]
-            if pids:
-                events["killed"] = time.perf_counter()
-                os.kill(pids[-1], signal.SIGKILL)
+            old = train_workers()
+            victim = json.loads((run_dir / "workers" / "rank1.json").read_text())["pid"]
+            if victim not in old:
+                return
+            events["killed"] = time.time()
+            os.kill(victim, signal.SIGKILL)
+            survivors = [p for pid, p in old.items() if pid != victim]
+            while proc.poll() is None and "group_ended" not in events:
+                if not any(p.is_running() for p in survivors):
+                    events["group_ended"] = time.time()
+                time.sleep(0.02)
 
         threading.Thread(target=killer, daemon=True).start()
-        step_line = re.compile(r"step (\d+) \|")
+        output = []
         for line in proc.stdout:
-            if "resumed from committed checkpoint" in line and "killed" in events:
-                events.setdefault("resumed", time.perf_counter())
-            m = step_line.search(line)
-            if m and "resumed" in events and "first_step" not in events:
-                events["first_step"] = time.perf_counter()
+            output.append(line)
         proc.wait()
-        if proc.returncode != 0 or "first_step" not in events:
-            return {"error": f"exit {proc.returncode}, events {sorted(events)}"}
+        if proc.returncode != 0 or "killed" not in events:
+            return {"error": f"exit {proc.returncode}, events {sorted(events)}: {''.join(output)[-3000:]}"}
+        log = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines() if x.strip()]
+        killed = events["killed"]
+        after = [e for e in log if e["event"] == "startup" and e["time"] > killed]
+        if not after:
+            return {"error": f"no start-up after the SIGKILL at {killed:.2f}: {events}, {log}"}
+        startup = after[0]  # the restarted group's
+        ctl = controller_times(proc.pid, killed)
         return {
-            "death_to_resume_s": events["resumed"] - events["killed"],
-            "death_to_first_step_s": events["first_step"] - events["killed"],
+            "load_avg_1m": load,
+            "detection": ctl.get("retry", float("nan")) - killed,
+            "teardown": ctl.get("starting", float("nan")) - ctl.get("retry", float("nan")),
+            "worker_processes": ctl.get("created", float("nan")) - ctl.get("starting", float("nan")),
+            "ray_train_setup": startup["since"] - ctl.get("created", float("nan")),
+            "survivor_ended": events.get("group_ended", float("nan")) - killed,
+            **startup["phases_s"],
+            "death_to_first_step_s": startup["time"] - killed,
         }
+
+
+def controller_times(driver_pid: int, since: float) -> dict[str, float]:
+    """When Ray Train's controller decided to retry after `since`, and then began starting the new
+    group and had its worker actors."""
+    from benchmarks.startup import GROUP_MARKS, controller_log_times
+
+    retry = controller_log_times(driver_pid, {"retry": "[FailurePolicy] RETRY"}, since)
+    if "retry" not in retry:
+        return {}
+    return {**retry, **controller_log_times(driver_pid, GROUP_MARKS, retry["retry"])}
+
+
+RECOVERY_ROWS = [
+    ("detection", "detection: SIGKILL -> Ray Train's controller decides to restart"),
+    ("teardown", "group restart: old group shut down"),
+    ("worker_processes", "group restart: new worker processes and actors (Ray imports)"),
+    ("ray_train_setup", "group restart: Ray Train's set-up -> rank 0 in the training function"),
+    ("imports", "  rank 0: imports"),
+    ("process_group", "  rank 0: process groups"),
+    ("model", "  rank 0: model build"),
+    ("deepspeed_initialize", "  rank 0: deepspeed.initialize"),
+    ("data_and_resume", "  rank 0: checkpoint verify + load, data"),
+    ("tracking", "  rank 0: metrics logger, event log"),
+    ("first_step", "  rank 0: first step"),
+    ("death_to_first_step_s", "SIGKILL -> first step of the restarted group"),
+    ("survivor_ended", "(the surviving rank's process ended, after the SIGKILL)"),
+]
+
+
+def print_recovery(repeats: int) -> int:
+    runs = [recovery_time() for _ in range(repeats)]
+    failed = [r["error"] for r in runs if "error" in r]
+    if failed:
+        print(f"recovery: FAILED ({failed[0]})")
+        return 1
+    label_w = max(len(label) for _, label in RECOVERY_ROWS)
+    print("recovery after SIGKILL of a worker (tiny model, 2 Ray workers), seconds")
+    for key, label in RECOVERY_ROWS:
+        values = [r.get(key, float("nan")) for r in runs]
+        cells = "".join(f"{v:8.2f}" for v in values)
+        print(
+            f"{label:{label_w}}{cells}{statistics.median(values):9.2f}"
+            if len(runs) > 1
+            else f"{label:{label_w}}{cells}"
+        )
+    print(f"{'load average (1 min) at start':{label_w}}" + "".join(f"{r['load_avg_1m']:8.2f}" for r in runs))
+    return 0
 
 
 def main() -> int:
@@ -248,7 +341,11 @@ def main() -> int:
     ap.add_argument("--only-stall", action="store_true", help="only the sync vs async save stall")
     ap.add_argument("--stall-models", choices=("both", "quick", "100m"), default="both")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--only-recovery", action="store_true", help="only the restart after a SIGKILL")
+    ap.add_argument("--recovery-repeats", type=int, default=1, help="runs of the restart measurement")
     args = ap.parse_args()
+    if args.only_recovery:
+        return print_recovery(args.recovery_repeats)
     if args.threads:
         import torch
 
@@ -266,14 +363,7 @@ def main() -> int:
         )
     print_stall(args.stall_models)
     if not args.skip_recovery:
-        r = recovery_time()
-        if "error" in r:
-            print(f"recovery: FAILED ({r['error']})")
-            return 1
-        print(
-            f"recovery after SIGKILL of a worker: resumed after {r['death_to_resume_s']:.1f} s, first step "
-            f"after {r['death_to_first_step_s']:.1f} s (Ray restart + DeepSpeed init + checkpoint load)"
-        )
+        return print_recovery(args.recovery_repeats)
     return 0
 
 

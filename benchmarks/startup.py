@@ -5,11 +5,16 @@ workers, DeepSpeed ZeRO-3, MLflow in SQLite) for a few steps as a subprocess, `-
 in one working directory, and splits each start-up into where it went:
 
 - driver: the CLI's imports, config and corpus check (until the run directory's config.yaml is
-  written); Ray's import; Ray's start (`ray.init`, from the run's `ray_started` event), while the
-  MLflow run is created on a thread; what is left of that and of Ray Train's import when Ray is up
-  (until the run's `workers_requested` event);
-- the worker group: Ray Train's controller, placement group and worker processes (from the
-  driver's request to rank 0 entering the training function);
+  written); Ray's import; Ray's start (`ray.init`, from the run's `ray_started` event); what is
+  left of Ray Train's import when Ray is up (until the run's `workers_requested` event). The MLflow
+  run is created on a thread from Ray's import on, while Ray and the worker group start: its
+  `mlflow_run_created` event is shown apart, as seconds from the command's start (off the path to
+  the first step unless the ranks wait for its id);
+- the worker group, from the driver's request (Ray Train's controller log, in the session
+  directory of the Ray the run started): the controller's process, imports and first decision;
+  the placement group and the worker processes with their Ray and Ray Train imports, until the
+  actors exist; Ray Train's set-up (train context, our backend's rendezvous variables) until rank
+  0 is in the training function;
 - in rank 0 (from the run's `startup` event): imports, the torch process group (rendezvous of all
   ranks) and the layout's groups, model build (under ZeRO-3
   with DeepSpeed's import and comm init), `deepspeed.initialize`, data open and resume, tracking
@@ -48,10 +53,12 @@ sys.path.insert(0, str(ROOT))
 # (key, label) in the order they happen; the in-worker keys are the `startup` event's phases.
 ROWS = [
     ("cli", "CLI: imports, config, corpus check"),
-    ("mlflow_run", "driver: Ray's import (the MLflow run is created from here)"),
+    ("mlflow_run", "driver: Ray's import"),
     ("ray_init", "Ray start (ray.init)"),
-    ("after_ray", "driver: rest of the MLflow run, Ray Train's import"),
-    ("worker_group", "worker group: controller, placement, worker processes"),
+    ("after_ray", "driver: rest of Ray Train's import, the trainer"),
+    ("controller", "worker group: Ray Train's controller starts"),
+    ("to_workers", "worker group: placement, worker processes (Ray's imports)"),
+    ("ray_train_setup", "worker group: Ray Train's set-up -> rank 0 in the training function"),
     ("imports", "  rank 0: imports"),
     ("process_group", "  rank 0: process groups (all ranks meet)"),
     ("model", "  rank 0: model build (ZeRO-3: DeepSpeed import + comm init)"),
@@ -60,6 +67,7 @@ ROWS = [
     ("tracking", "  rank 0: metrics logger, event log"),
     ("first_step", "  rank 0: first step (first batch included)"),
     ("total", "total to the first finished step"),
+    ("mlflow_created", "(MLflow run created, from the command's start; overlapped)"),
     ("wall", "whole command (steps, shutdown included)"),
 ]
 CPU_KINDS = {
@@ -91,6 +99,35 @@ def read_events(run_dir: Path) -> dict[str, dict]:
             continue
         out.setdefault(e["event"], e)
     return out
+
+
+def controller_log_times(driver_pid: int, marks: dict[str, str], since: float = 0.0) -> dict[str, float]:
+    """When Ray Train's controller first logged each of `marks` (key -> text in its message) at or
+    after `since` (time.time()): its own log, in the session directory of the Ray that the driver
+    with `driver_pid` started (Ray names the directory after that pid)."""
+    import datetime
+    import glob
+
+    root = os.environ.get("RAY_TMPDIR", "/tmp/ray")
+    found: dict[str, float] = {}
+    for path in glob.glob(f"{root}/session_*_{driver_pid}/logs/train/ray-train-sys-controller-*.log"):
+        for line in open(path):
+            try:
+                entry = json.loads(line)
+                t = datetime.datetime.strptime(entry["asctime"], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            except (ValueError, KeyError, TypeError):
+                continue
+            for key, text in marks.items():
+                if t >= since and key not in found and text in entry.get("message", ""):
+                    found[key] = t
+    return found
+
+
+# What Ray Train's controller logs as it starts a worker group.
+GROUP_MARKS = {
+    "starting": "Attempting to start training worker group",
+    "created": "worker actors created in",
+}
 
 
 def process_kind(p: psutil.Process, driver_pid: int) -> str:
@@ -149,13 +186,21 @@ def run_once(config: str, corpus: Path, work: Path, name: str, steps: int, extra
     ray_up, requested, startup = events["ray_started"], events["workers_requested"], events["startup"]
     ray_begin = ray_up["time"] - ray_up["init_s"]
     config_written = (run_dir / "config.yaml").stat().st_mtime
+
+    group = controller_log_times(proc.pid, GROUP_MARKS)
+    nan = float("nan")
+    created = events.get("mlflow_run_created")
     return {
         "load_avg_1m": load[0],
         "cli": config_written - t0,
         "mlflow_run": ray_begin - config_written,
         "ray_init": ray_up["init_s"],
         "after_ray": requested["time"] - ray_up["time"],
+        "controller": group.get("starting", nan) - requested["time"],
+        "to_workers": group.get("created", nan) - group.get("starting", nan),
+        "ray_train_setup": startup["since"] - group.get("created", nan),
         "worker_group": startup["since"] - requested["time"],
+        "mlflow_created": created["time"] - t0 if created else float("nan"),
         **startup["phases_s"],
         "first_batch_wait": startup["first_batch_wait_s"],
         "total": startup["time"] - t0,

@@ -12,7 +12,8 @@ import shutil
 import signal
 import socket
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from cluster.commits import newest_commit
 from cluster.commits import where as store_where
 from cluster.errors import CapacityError, RunError, RunStopped, save_traceback
 from cluster.lease import RunLease
-from cluster.ray_session import STOPPED_BY
+from cluster.ray_session import MLFLOW_ERROR, STOPPED_BY
 from cluster.tracking import (
     check_reachable,
     create_mlflow_run,
@@ -42,6 +43,10 @@ from trainer.fsutil import write_json_atomic
 from trainer.progress import group_stopped
 
 log = logging.getLogger("pretrain")
+
+# Ray Train's switch for its controller's poll of the worker group (propagated to the controller).
+HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+HEALTH_CHECK_INTERVAL_S = 0.5
 
 
 def absolutize(cfg: Config) -> Config:
@@ -114,10 +119,19 @@ def read_run_record(run_dir: Path) -> dict:
     return record
 
 
-def start_ray(cfg: Config):
+def ray_train_environment() -> None:
+    """Ray Train's switches for this run, as environment variables it propagates to its controller
+    and workers; a person's own setting of one stands."""
     # Ray Train's print patch echoes every worker line twice through the driver; plain stdout
-    # forwarding (log_to_driver) already shows it once. Propagated to workers by Ray Train.
+    # forwarding (log_to_driver) already shows it once.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    # How often the controller polls the workers: a dead worker is seen, and a finished group
+    # ended, within this (Ray's default 2 s). One poll is one small RPC per worker.
+    os.environ.setdefault(HEALTH_CHECK_ENV, str(HEALTH_CHECK_INTERVAL_S))
+
+
+def start_ray(cfg: Config):
+    ray_train_environment()
     import ray
 
     if ray.is_initialized():
@@ -236,36 +250,78 @@ def run_training(cfg: Config) -> dict:
         check_reachable(cfg.tracking.uri)
     cfg = replace(cfg, cluster=replace(cfg.cluster, run_name=name))
     lease = create_run_dir(cfg, run_dir)
-    mlflow_run_id = ""
     try:
         save_config(cfg, run_dir / "config.yaml")
-        # The MLflow run is created, and Ray Train imported, while Ray starts: MLflow's import and
-        # store set-up and Ray Train's import fill a core that Ray's start leaves waiting for its
-        # services.
-        with ThreadPoolExecutor(1, thread_name_prefix="while-ray-starts") as pool:
-            created = pool.submit(_create_mlflow_run, cfg, run_dir) if cfg.tracking.enabled else None
-            pool.submit(_import_ray_train)
-            try:
-                start_ray_logged(cfg, run_dir)
-            finally:
-                mlflow_run_id = created.result() if created else ""  # its error first, if both fail
-        write_run_record(
-            run_dir,
-            {
-                "name": name,
-                "mlflow_run_id": mlflow_run_id,
-                "state": "running",
-                "tracking_uri": cfg.tracking.uri,
-            },
-        )
     except Exception:
         lease.release()
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    # One thread, in this order: Ray Train's import (done while Ray starts), then the MLflow run
+    # (MLflow's import and store set-up: seconds of CPU), which goes on while Ray Train starts the
+    # worker group; the workers read its id from run.json when they need it (cluster/ray_session.py).
+    pool = ThreadPoolExecutor(1, thread_name_prefix="while-ray-starts")
+    imported = pool.submit(_import_ray_train)
+    mlflow_run = pool.submit(_create_mlflow_run, cfg, run_dir) if cfg.tracking.enabled else _known("")
+    try:
+        start_ray_logged(cfg, run_dir)
+        imported.result()
+        if mlflow_run.done():
+            mlflow_run.result()  # its error now, before any worker starts
+        write_run_record(run_dir, {"name": name, "state": "running", "tracking_uri": cfg.tracking.uri})
+    except Exception:
+        pool.shutdown(wait=False)
+        lease.release()
         shutil.rmtree(run_dir, ignore_errors=True)  # never leave a half-made run behind
-        if mlflow_run_id:  # created while Ray failed to start
+        if mlflow_run_id := _mlflow_run_id(mlflow_run, wait=True):  # never an orphan
             delete_mlflow_run(cfg, mlflow_run_id)
         raise
-    with _released(lease):
-        return _fit(cfg, run_dir, mlflow_run_id, t0)
+    # Queued behind the run's creation: its id (or its error) into run.json, for the workers.
+    recorded = pool.submit(_record_mlflow_run, cfg, run_dir, mlflow_run)
+    pool.shutdown(wait=False)
+    try:
+        with _released(lease):
+            return _fit(cfg, run_dir, recorded, t0)
+    except Exception as e:
+        if recorded.done() and recorded.exception() is not None:  # no MLflow run, so no run either:
+            shutil.rmtree(run_dir, ignore_errors=True)  # no rank trained (they wait for its id)
+            e.run_dir = ""
+        raise
+
+
+def _known(value: str) -> Future:
+    done = Future()
+    done.set_result(value)
+    return done
+
+
+def _mlflow_run_id(mlflow_run: Future, wait: bool = False) -> str:
+    """The run's MLflow run id; "" while it is being created (unless `wait`) or if that failed."""
+    if not (wait or mlflow_run.done()):
+        return ""
+    try:
+        return mlflow_run.result()
+    except Exception:
+        return ""
+
+
+def _record_mlflow_run(cfg: Config, run_dir: Path, mlflow_run: Future) -> str:
+    """Once the MLflow run exists: its id in run.json (the workers wait for it there), the Ray job
+    it runs in, and its link; its error in run.json instead when it could not be created."""
+    try:
+        mlflow_run_id = mlflow_run.result()
+    except Exception as e:
+        write_run_record(run_dir, {**read_run_record(run_dir), MLFLOW_ERROR: str(e)})
+        raise
+    write_run_record(run_dir, {**read_run_record(run_dir), "mlflow_run_id": mlflow_run_id})
+    EventLog(str(run_dir)).write("mlflow_run_created")  # overlaps Ray's start and the workers'
+    _announce_mlflow_run(cfg, run_dir, mlflow_run_id)
+    return mlflow_run_id
+
+
+def _announce_mlflow_run(cfg: Config, run_dir: Path, mlflow_run_id: str) -> None:
+    _record_ray_job(cfg, run_dir, mlflow_run_id)
+    if cfg.tracking.enabled and (link := run_link(cfg.tracking.uri, mlflow_run_id)):
+        log.info("mlflow: %s", link)  # the run's charts, while it runs
 
 
 @contextlib.contextmanager
@@ -394,7 +450,8 @@ def resume_training(
             "tracking_uri": cfg.tracking.uri,
         }
         write_run_record(run_dir, {**record, **resumed})
-        return _fit(cfg, run_dir, mlflow_run_id, t0)
+        _announce_mlflow_run(cfg, run_dir, mlflow_run_id)
+        return _fit(cfg, run_dir, _known(mlflow_run_id), t0)
 
 
 def check_storage_switch(run_dir: Path, stored: str, storage: str) -> None:
@@ -438,16 +495,15 @@ def check_resume_point(run_dir: Path, storage: str, from_scratch: bool) -> None:
         )
 
 
-def _fit(cfg: Config, run_dir: Path, mlflow_run_id: str, t0: float) -> dict:
-    """Run the worker group to the end; `t0` (perf_counter) is when this command began the run."""
+def _fit(cfg: Config, run_dir: Path, mlflow_run: Future, t0: float) -> dict:
+    """Run the worker group to the end; `t0` (perf_counter) is when this command began the run;
+    `mlflow_run`: the MLflow run's id, perhaps still being created (run.json gets it then)."""
     ray = start_ray_logged(cfg, run_dir)
     from ray.train import TrainingFailedError
 
     from cluster.capacity import check_capacity
 
-    _record_ray_job(cfg, run_dir, mlflow_run_id)
-    if cfg.tracking.enabled and (link := run_link(cfg.tracking.uri, mlflow_run_id)):
-        log.info("mlflow: %s", link)  # the run's charts, while it runs
+    mlflow_run_id = mlflow_run.result() if mlflow_run.done() else None  # None: workers read run.json
     cl = cfg.cluster
     use_gpu = cl.use_gpu == "true" or (cl.use_gpu == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
     layouts = elastic_layouts(cfg)
@@ -464,9 +520,10 @@ def _fit(cfg: Config, run_dir: Path, mlflow_run_id: str, t0: float) -> dict:
         # From here Ray Train places and starts the workers: on a busy or autoscaling cluster the
         # wait for nodes shows as the gap between this event and the workers' `start`.
         EventLog(str(run_dir)).write("workers_requested", workers=cl.num_workers, min_workers=sizes[-1])
-        watchdog = _start_watchdog(cfg, run_dir, mlflow_run_id)
+        watchdog = _start_watchdog(cfg, run_dir, lambda: _mlflow_run_id(mlflow_run))
         try:
             result = trainer.fit()
+            mlflow_run_id = mlflow_run.result()  # its error, if the workers stopped for it
         except SystemExit:  # Ray Train's Ctrl-C handler gives up on an abort this way
             if not sigterm.received:
                 raise
@@ -474,6 +531,7 @@ def _fit(cfg: Config, run_dir: Path, mlflow_run_id: str, t0: float) -> dict:
         except TrainingFailedError as e:  # Ray's word for it, as the user's error and in run.json
             if sigterm.received:  # the controller was aborted
                 sigterm.stop()
+            mlflow_run.result()  # the MLflow run's error comes first
             # A rank's failure that a restart would repeat (out of memory) ended the group.
             failure = _stopped_by_workers(group_stopped(str(run_dir)), run_dir)
             failure = failure or _training_failed(e, run_dir)
@@ -509,10 +567,10 @@ def _fit(cfg: Config, run_dir: Path, mlflow_run_id: str, t0: float) -> dict:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-        _close_run(cfg, run_dir, mlflow_run_id, state, error)
+        _close_run(cfg, run_dir, _mlflow_run_id(mlflow_run, wait=True), state, error)
 
 
-def _start_watchdog(cfg: Config, run_dir: Path, mlflow_run_id: str):
+def _start_watchdog(cfg: Config, run_dir: Path, mlflow_run_id: Callable[[], str]):
     """The hang watchdog over this run's worker group (cluster/watchdog.py), unless turned off."""
     from cluster.watchdog import HangWatchdog
     from trainer.progress import STOP_RECORD
@@ -521,8 +579,12 @@ def _start_watchdog(cfg: Config, run_dir: Path, mlflow_run_id: str):
     if not cfg.cluster.hang_watchdog:
         return None
     on_hang = None
-    if cfg.tracking.enabled and mlflow_run_id:
-        on_hang = lambda path: log_hang_artifacts(cfg, mlflow_run_id, path)  # noqa: E731
+    if cfg.tracking.enabled:
+
+        def on_hang(path):
+            if run_id := mlflow_run_id():
+                log_hang_artifacts(cfg, run_id, path)
+
     return HangWatchdog(cfg, run_dir, on_hang).start()
 
 

@@ -9,6 +9,8 @@ import traceback
 import warnings
 
 STOPPED_BY = "stopped_by"  # the key of a worker's return value that ends the run with an error
+MLFLOW_ERROR = "mlflow_error"  # run.json's key for the driver's failure to create the MLflow run
+MLFLOW_WAIT_S = 600.0  # how long a worker waits for the driver to record the MLflow run
 
 
 def worker_main(loop_config: dict) -> dict | None:
@@ -38,6 +40,11 @@ def worker_main(loop_config: dict) -> dict | None:
             get_info = getattr(ray.train, "get_preemption_info", None)
             return get_info is not None and get_info() is not None
 
+    mlflow_run_id = loop_config["mlflow_run_id"]
+    if mlflow_run_id is None:  # the driver was still creating it when the group started
+        mlflow_run_id = wait_for_mlflow_run(loop_config["run_dir"])
+        if isinstance(mlflow_run_id, dict):  # it failed: every rank stops here, before training
+            return mlflow_run_id
     ctx = ray.train.get_context()
     session = RaySession(
         rank=ctx.get_world_rank(),
@@ -45,7 +52,7 @@ def worker_main(loop_config: dict) -> dict | None:
         local_rank=ctx.get_local_rank(),
         local_world_size=ctx.get_local_world_size(),
         run_dir=loop_config["run_dir"],
-        mlflow_run_id=loop_config["mlflow_run_id"],
+        mlflow_run_id=mlflow_run_id,
         extra={"worker_started_at": started_at},
     )
     record_worker(session.run_dir, session.rank, ctx)
@@ -74,6 +81,31 @@ def worker_main(loop_config: dict) -> dict | None:
             raise  # once Ray Train has ended the group, before it could restart it
         return stopped
     return None
+
+
+def wait_for_mlflow_run(run_dir: str, timeout_s: float = MLFLOW_WAIT_S) -> str | dict:
+    """The MLflow run id the driver records in run.json once it has created the run, or, when that
+    failed, the return value that ends the group without a restart."""
+    import json
+
+    path, deadline = os.path.join(run_dir, "run.json"), time.monotonic() + timeout_s
+    while True:
+        try:
+            with open(path) as f:
+                record = json.load(f)
+        except (OSError, ValueError):  # written atomically: only missing or unreadable, not torn
+            record = {}
+        if MLFLOW_ERROR in record:
+            return {STOPPED_BY: "TrackingError", "message": record[MLFLOW_ERROR], "field": "tracking.uri"}
+        if isinstance(record.get("mlflow_run_id"), str):
+            return record["mlflow_run_id"]
+        if time.monotonic() > deadline:
+            from cluster.errors import RunError
+
+            raise RunError(
+                f"the driver did not record the run's MLflow run in {path} within {timeout_s:.0f} s"
+            )
+        time.sleep(0.05)
 
 
 def record_worker(run_dir: str, rank: int, ctx) -> None:

@@ -4,10 +4,13 @@ On a laptop's few cores every import is paid in series with the rest of the star
 check the outcome that matters, in a fresh interpreter: which heavy modules a process ends up
 holding."""
 
+import json
+import os
 import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 from tests.conftest import ROOT
@@ -183,3 +186,61 @@ def test_the_program_leaves_its_heap_to_the_os_at_exit(tmp_path):
     assert "steps: 7" in out  # the command itself ran
     assert "exit code: 0" in out
     assert "frozen at exit: True" in out
+
+
+def test_ray_train_polls_its_workers_every_half_second(monkeypatch):
+    """A dead worker is seen (and a finished group ended) within Ray Train's poll interval: the
+    driver sets Ray Train's own switch, under the name Ray Train reads and passes to its controller."""
+    from ray.train.v2._internal.constants import ENV_VARS_TO_PROPAGATE, HEALTH_CHECK_INTERVAL_S_ENV_VAR
+
+    from cluster import driver
+
+    monkeypatch.delenv(HEALTH_CHECK_INTERVAL_S_ENV_VAR, raising=False)
+    driver.ray_train_environment()
+    assert HEALTH_CHECK_INTERVAL_S_ENV_VAR in ENV_VARS_TO_PROPAGATE
+    assert float(os.environ[HEALTH_CHECK_INTERVAL_S_ENV_VAR]) == 0.5
+    monkeypatch.setenv(HEALTH_CHECK_INTERVAL_S_ENV_VAR, "3")  # a person's own setting stands
+    driver.ray_train_environment()
+    assert os.environ[HEALTH_CHECK_INTERVAL_S_ENV_VAR] == "3"
+
+
+def _late_mlflow_run(pretrain_cli, corpus, tmp_path, outcome: str):
+    """The tiny run, its MLflow run created only after the driver has asked for the worker group."""
+    from tests.run_fixtures import hooked_env, tiny_run
+
+    sets = tiny_run(corpus, tmp_path, "late", 3, tracking=True)
+    p = pretrain_cli(
+        "train",
+        str(ROOT / "configs/tiny-cpu.yaml"),
+        *[a for s in sets for a in ("--set", s)],
+        cwd=tmp_path,
+        env=hooked_env(PRETRAIN_TEST_MLFLOW_AFTER_WORKERS=outcome),
+    )
+    return p, tmp_path / "runs" / "late"
+
+
+@pytest.mark.slow
+def test_workers_start_while_the_mlflow_run_is_created(pretrain_cli, corpus, tmp_path):
+    """The driver asks for the worker group without waiting for the MLflow run (MLflow's import and
+    store take seconds); the ranks find the run's id in run.json and log into that run."""
+    from mlflow.tracking import MlflowClient
+
+    p, run_dir = _late_mlflow_run(pretrain_cli, corpus, tmp_path, "ok")
+    assert p.returncode == 0, p.stderr[-3000:]
+    run_id = json.loads((run_dir / "run.json").read_text())["mlflow_run_id"]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1, 2, 3]
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_an_mlflow_run_that_fails_after_the_workers_started_leaves_no_run(pretrain_cli, corpus, tmp_path):
+    """Its error is the command's one message (exit 2), as when it fails while Ray starts; the ranks
+    stop before training and no run directory is left."""
+    p, run_dir = _late_mlflow_run(pretrain_cli, corpus, tmp_path, "fail")
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert p.stderr.strip().splitlines()[-1] == (
+        f"pretrain: error: tracking.uri sqlite:///{tmp_path}/mlflow.db: injected failure"
+    )
+    assert "Traceback" not in p.stderr
+    assert not run_dir.exists()

@@ -20,7 +20,9 @@ data (a slow loader or node: a straggler). With `PRETRAIN_TEST_OOM_AT=<n>:<rank>
 n-th loss computation (0-based; one per micro batch) raises `torch.OutOfMemoryError`, as a GPU out of
 memory does. With `PRETRAIN_TEST_PREPARE_KILL_AFTER=<n>` set, a `pretrain prepare` process SIGKILLs
 itself right after writing its n-th completion record (trainer/data/pipeline.py: the tokenize units'
-records, one per input, then the shards'). Nothing in the project imports this module."""
+records, one per input, then the shards'). With `PRETRAIN_TEST_MLFLOW_AFTER_WORKERS=ok|fail` set, the
+driver creates the MLflow run only after it has asked for the worker group, or fails to create it
+then. Nothing in the project imports this module."""
 
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ STALL_ENV = "PRETRAIN_TEST_STALL_AT"
 SLOW_ENV = "PRETRAIN_TEST_SLOW_RANK"
 OOM_ENV = "PRETRAIN_TEST_OOM_AT"
 PREPARE_KILL_ENV = "PRETRAIN_TEST_PREPARE_KILL_AFTER"
+MLFLOW_LATE_ENV = "PRETRAIN_TEST_MLFLOW_AFTER_WORKERS"
 
 
 def _failing(save, pattern: str):
@@ -252,6 +255,27 @@ def prepare_kill_after(pipeline_module, n: int) -> None:
     pipeline_module._record = patched
 
 
+def mlflow_after_workers(driver_module, outcome: str) -> None:
+    """Patch the driver so that it creates the MLflow run only once it has asked Ray Train for the
+    worker group (the run's `workers_requested` event), and then fails with TrackingError when
+    `outcome` is "fail"; a driver that waits for the MLflow run before that fails after 120 s."""
+    real = driver_module._create_mlflow_run
+
+    def patched(cfg, run_dir):
+        events, deadline = os.path.join(run_dir, "events.jsonl"), time.time() + 120
+        while not (os.path.exists(events) and "workers_requested" in open(events).read()):
+            if time.time() > deadline:
+                raise RuntimeError("no worker group was requested before the MLflow run existed")
+            time.sleep(0.05)
+        if outcome == "fail":
+            from trainer.errors import PretrainError
+
+            raise PretrainError(f"tracking.uri {cfg.tracking.uri}: injected failure", field="tracking.uri")
+        return real(cfg, run_dir)
+
+    driver_module._create_mlflow_run = patched
+
+
 def _patch_loop(module) -> None:
     if os.environ.get(STALL_ENV):
         stall_at(module, os.environ[STALL_ENV])
@@ -269,6 +293,10 @@ if os.environ.get(KILL_ENV):
     )
 if any(os.environ.get(v) for v in (STALL_ENV, SLOW_ENV, OOM_ENV)):
     sys.meta_path.insert(0, _PatchOnImport("trainer.loop", _patch_loop))
+if os.environ.get(MLFLOW_LATE_ENV):
+    sys.meta_path.insert(
+        0, _PatchOnImport("cluster.driver", lambda m: mlflow_after_workers(m, os.environ[MLFLOW_LATE_ENV]))
+    )
 if os.environ.get(PREPARE_KILL_ENV):
     sys.meta_path.insert(
         0,
