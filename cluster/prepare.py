@@ -31,7 +31,8 @@ def ray_runner(address: str) -> Callable[[Callable[..., Any], list[tuple]], Iter
         flush=True,
     )
 
-    def run(fn: Callable[..., Any], arglist: list[tuple]) -> Iterator[Any]:
+    def run(fn: Callable[..., Any], arglist: list[tuple], gil_bound: bool = False) -> Iterator[Any]:
+        # Every task is a process of its own, GIL-bound or not.
         if not arglist:
             return
         nodes = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]]
