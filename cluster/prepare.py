@@ -39,6 +39,8 @@ def ray_runner(address: str) -> Callable[[Callable[..., Any], list[tuple]], Iter
         total, biggest = int(sum(nodes)) or 1, int(max(nodes, default=1)) or 1
         threads = max(1, min(biggest, total // len(arglist)))
         task = ray.remote(num_cpus=threads, max_retries=3)(fn)
+        what = fn.__name__.replace("_", " ")
+        print(f"[prepare] {len(arglist)} {what} tasks, {threads} CPUs each", file=sys.stderr, flush=True)
         refs = [task.remote(*args, threads=threads) for args in arglist]
         got = 0
         try:
