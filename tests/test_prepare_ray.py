@@ -1,7 +1,8 @@
-"""`pretrain prepare`'s units (trainer/data/pipeline.py) give the same bytes whoever runs them: one
-process, several, a 2-node Ray cluster (`--address`), inputs listed in another order, another
-tokenization batch size; and a preparation killed (SIGKILL, at a known record) resumes, redoing only
-the units without a completion record."""
+"""`pretrain prepare`'s units (trainer/data/pipeline.py, and the clean units of
+trainer/data/curate.py) give the same bytes whoever runs them: one process, several, a 2-node Ray
+cluster (`--address`), inputs listed in another order, another tokenization batch size; and a
+preparation killed (SIGKILL, at a known record) resumes, redoing only the units without a
+completion record."""
 
 from __future__ import annotations
 

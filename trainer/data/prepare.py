@@ -12,11 +12,13 @@ Documents are tokenized in the order of the input files' sorted paths, each foll
 concatenated into one stream and cut into blocks of exactly `block_len` tokens (the tail that does
 not fill a block is dropped). The last `val_blocks` blocks form the "val" split. Everything is built
 in a work directory next to `out` and moved in at the end, so an interrupted run leaves no manifest
-that lies; without cleaning stages the work is resumable units (trainer/data/pipeline.py) that run
-in threads here or as Ray tasks (cluster/prepare.py), with the same output.
+that lies; the work is resumable units (cleaning: trainer/data/curate.py; tokenize and shards:
+trainer/data/pipeline.py) that run here (threads, or processes for cleaning) or as Ray tasks
+(cluster/prepare.py), with the same output.
 
-When the tokenizer is trained here, the inputs are read twice (train, then tokenize) rather than
-held in memory; URLs are therefore fetched twice.
+When the tokenizer is trained here without cleaning stages, the inputs are read twice (train, then
+tokenize) rather than held in memory; URLs are therefore fetched twice. With cleaning stages the
+inputs are read once, into the clean units' files.
 """
 
 from __future__ import annotations
@@ -112,8 +114,8 @@ def prepare(
 
     `filters` ("gopher_quality,c4"), `dedup` ("exact,near") and `recipe` (a YAML file) switch on
     the cleaning stages (trainer/data/clean.py); with any of them a quality report is written too.
-    Without them the work runs as resumable units (trainer/data/pipeline.py) on `runner` (default:
-    this machine's `workers` cores); the output is the same whoever runs them.
+    The work runs as resumable units (trainer/data/curate.py, trainer/data/pipeline.py) on `runner`
+    (default: this machine's `workers` cores); the output is the same whoever runs them.
     """
     start = time.monotonic()
     opts = _Options(
@@ -297,7 +299,7 @@ def _build_units(
 def _manifest(
     dtype: str, block_len: int, vocab: int, eos_id: int, tok_path: str, splits: dict, source: dict
 ) -> Manifest:
-    """The sealed manifest of a prepared corpus (both the unit and the curated paths)."""
+    """The sealed manifest of a prepared corpus."""
     return Manifest(
         version=1,
         dtype=dtype,
