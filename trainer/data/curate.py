@@ -13,7 +13,9 @@ preparation redoes only the units without one:
     clean-000003.json             the record {documents, kept}: the unit is done iff it exists
 
 Then one deterministic step over every unit's keys (`decide`, on the driver) marks the documents
-kept; the tokenizer and the tokenize units read the kept documents back (`kept_texts`).
+kept; the tokenizer and the tokenize units read the kept documents back (`kept_texts`); and, with
+the final tokenizer, one more unit per clean unit counts the tokens each stage removed from it
+(`removed_tokens_unit`, record clean-000003.removed-tokens.json), for the report.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import json
 import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,35 +69,10 @@ class Curated:
         docs = (t for i in range(len(self.counts)) for t in kept_texts(self.work, i, self.unit_keep(i)))
         yield from docs if limit is None else (t for _, t in zip(range(limit), docs, strict=False))
 
-    def count_removed_tokens(self, encode: Callable[[list[str]], list[int]], batch: int = 256) -> None:
-        """Tokens removed by each stage, with the final tokenizer (`encode`: texts -> token counts)."""
-        # Documents the filters removed or shortened: tokens of what was there minus what is left.
-        pending: list[tuple[str, str, str]] = []
-        for unit, n_in in enumerate(self.inputs):
-            for ordinal, stage, _, before, after in _read_lines(_path(self.work, unit, ".removed.jsonl")):
-                if ordinal >= n_in:
-                    break
-                pending.append((stage, before, after))
-                if len(pending) >= batch:
-                    self._add_tokens(pending, encode)
-                    pending = []
-        # Documents dedup removed: all their tokens.
-        for i, (_, text) in enumerate(_lines(self.work, self.counts)):
-            if not self.keep[i]:
-                pending.append((self.dedup_reason[i], text, ""))
-                if len(pending) >= batch:
-                    self._add_tokens(pending, encode)
-                    pending = []
-        if pending:
-            self._add_tokens(pending, encode)
-
-    def _add_tokens(
-        self, items: list[tuple[str, str, str]], encode: Callable[[list[str]], list[int]]
-    ) -> None:
-        before = encode([b for _, b, _ in items])
-        after = encode([a for _, _, a in items])
-        for (stage, _, _), nb, na in zip(items, before, after, strict=True):
-            self.report.stage(stage).tokens += nb - na
+    def unit_reasons(self, index: int) -> dict[int, str]:
+        """`dedup_reason` of unit `index`'s lines, numbered from its first line."""
+        lo = sum(self.counts[:index])
+        return {i - lo: r for i, r in self.dedup_reason.items() if lo <= i < lo + self.counts[index]}
 
 
 @dataclass(frozen=True)
@@ -254,6 +232,54 @@ def decide(
     report.kept_characters = [c for c, k in zip(chars, keep, strict=True) if k]
     report.kept_sources = [s for s, k in zip(srcs, keep, strict=True) if k]
     return Curated(work, counts, inputs, keep, result.reason, report)
+
+
+def removed_tokens_unit(
+    work: str,
+    index: int,
+    n_inputs: int,
+    keep: np.ndarray,
+    reasons: dict[int, str],
+    tokenizer: str,
+    threads: int = 1,
+) -> dict[str, int]:
+    """Tokens (of the final tokenizer, file `tokenizer`) each stage removed from unit `index`'s first
+    `n_inputs` input documents, for the report: {stage: tokens}. Filters: the tokens of the text
+    before minus after; dedup (`keep` and `reasons` over the unit's lines): all the document's."""
+    path = _path(work, index, ".removed-tokens.json")
+    done = pipeline.read_record(path)
+    if done is not None:
+        return done
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # our threads, not Rayon's, use the cores given
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(tokenizer)
+    tok.encode_special_tokens = True  # as the tokenize units encode
+
+    def items() -> Iterator[tuple[str, str, str]]:
+        for ordinal, stage, _, before, after in _read_lines(_path(work, index, ".removed.jsonl")):
+            if ordinal >= n_inputs:
+                return
+            yield stage, before, after
+        lines = itertools.islice(_read_lines(_path(work, index, ".jsonl")), len(keep))
+        for i, (_, text) in enumerate(lines):
+            if not keep[i]:
+                yield reasons[i], text, ""
+
+    def count(chunk: list[tuple[str, str, str]]) -> list[tuple[str, int]]:
+        before = tok.encode_batch_fast([b for _, b, _ in chunk], add_special_tokens=False)
+        after = tok.encode_batch_fast([a for _, _, a in chunk], add_special_tokens=False)
+        return [(st, len(b.ids) - len(a.ids)) for (st, _, _), b, a in zip(chunk, before, after, strict=True)]
+
+    counts: dict[str, int] = {}
+    pending = items()
+    chunks = iter(lambda: list(itertools.islice(pending, 256)), [])  # lists of 256 until one is empty
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        for pairs in pool.map(count, chunks):
+            for stage, n in pairs:
+                counts[stage] = counts.get(stage, 0) + n
+    pipeline._record(path, counts)  # through the module: tests hook it
+    return counts
 
 
 def curate(

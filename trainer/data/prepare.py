@@ -45,7 +45,15 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from trainer.data import pipeline
 from trainer.data.clean import CleanRecipe, make_recipe
-from trainer.data.curate import Curated, clean_name, clean_unit, decide, kept_texts, sourced
+from trainer.data.curate import (
+    Curated,
+    clean_name,
+    clean_unit,
+    decide,
+    kept_texts,
+    removed_tokens_unit,
+    sourced,
+)
 from trainer.data.manifest import MANIFEST_NAME, Manifest, ShardInfo, SplitInfo, write_manifest
 from trainer.data.pipeline import Runner, local_runner
 from trainer.data.report import REPORT_JSON, REPORT_PNG, QualityReport
@@ -254,6 +262,14 @@ def _build_units(
         results.close()
     n_blocks, n_val = _count_blocks(inputs, n_docs, n_tokens, opts)
     n_train = n_blocks - n_val
+    if curated is not None:
+        removed = [
+            (work, i, curated.inputs[i], curated.unit_keep(i), curated.unit_reasons(i), tok_path)
+            for i in range(len(curated.counts))
+        ]
+        for counts in runner(removed_tokens_unit, removed):
+            for stage, n in counts.items():
+                curated.report.stage(stage).tokens += n
 
     # Shards: blocks of the stream, `samples_per_shard` each, train first.
     bl, per = opts.block_len, opts.samples_per_shard
@@ -288,11 +304,9 @@ def _build_units(
         return _manifest(dtype, bl, vocab, eos_id, tok_path, splits, source), None
     # Only with cleaning on, so the quick start's manifest (and fingerprint) stay as they were.
     source["cleaning"] = curated.report.recipe
-    _finish_report(
-        curated,
-        tok,
-        [np.fromfile(os.path.join(work, pipeline.unit_name(i) + ".docs"), "<u4") for i, _ in used],
-    )
+    # Tokens per kept document: the tokenize units' per-document counts.
+    doc_tokens = [np.fromfile(os.path.join(work, pipeline.unit_name(i) + ".docs"), "<u4") for i, _ in used]
+    curated.report.kept_tokens = np.concatenate(doc_tokens)
     return _manifest(dtype, bl, vocab, eos_id, tok_path, splits, source), curated.report
 
 
@@ -351,18 +365,6 @@ def _clean(
             field="--filters",
         )
     return curated
-
-
-def _finish_report(curated: Curated, tok: Tokenizer, doc_tokens: list[np.ndarray]) -> None:
-    """Token counts for the report: per kept document, and removed by each stage."""
-    counter = Tokenizer.from_str(tok.to_str())
-    counter.encode_special_tokens = True  # as the tokenization pass encodes
-
-    def count(texts: list[str]) -> list[int]:
-        return [len(e.ids) for e in counter.encode_batch(texts, add_special_tokens=False)]
-
-    curated.count_removed_tokens(count)
-    curated.report.kept_tokens = np.concatenate(doc_tokens) if doc_tokens else np.zeros(0, dtype=np.int64)
 
 
 def _make_tokenizer(
