@@ -18,12 +18,14 @@ count. rensa and datasketch read the same shingles (normalized words, joined by 
 Tokenization (wall time, all cores, the same documents in 16 JSON Lines files, the same reused
 byte-level BPE tokenizer of 8,192 ids): tokens/s of `encode_batch` on the documents already in
 memory; of `prepare()` (reading, tokenizing, shards and manifest) on this machine; of the same on a
-1-node Ray cluster started here (`--address`'s runner; its start-up not counted); and of Ray Data
+1-node Ray cluster started here (`--address`'s runner; its start-up not counted); of Ray Data
 reading the same files and tokenizing them (`read_json` + `map_batches`, counting tokens, writing
-nothing: the alternative to Ray tasks). Rounds are interleaved after a warm-up round; the median is
-printed, with the load average before and after. Where Ray's extra time goes: the median seconds of
-each stage (tokenize units, shard units, the rest: tokenizer copy, manifest, moves) locally and on
-Ray, and Ray's one-off costs, not counted above: `ray.init` and the first task's worker start-up.
+nothing: the alternative to Ray tasks); and of `prepare --dedup exact,near` locally and on Ray
+(clean units: exact and MinHash keys; the decision; the tokenize units; the report's token
+counts). Rounds are interleaved after a warm-up round; the median is printed, with the load average
+before and after. Where Ray's extra time goes: the median wall and CPU seconds of each stage (clean,
+tokenize, removed-token and shard units; whole runs) locally and on Ray, and Ray's one-off costs,
+not counted above: `ray.init` and the first task's worker start-up.
 """
 
 from __future__ import annotations
@@ -196,12 +198,13 @@ def tokenize_rates(megabytes: float, rounds: int, worker_niceness: int | None = 
             t = Tokenizer.from_file(tok_path)
             return sum(len(e.ids) for e in t.encode_batch_fast(docs, add_special_tokens=False))
 
-        def run_prepare(r, where: str) -> int:
+        def run_prepare(r, where: str, **kw) -> int:
             n[0] += 1
             out = os.path.join(root, f"out-{n[0]}")
             t = time.perf_counter()
-            m = prep.prepare(files, out, tokenizer=tok_path, block_len=2049, workers=cores, runner=r)
-            stages[where].setdefault("whole prepare", []).append(time.perf_counter() - t)
+            m = prep.prepare(files, out, tokenizer=tok_path, block_len=2049, workers=cores, runner=r, **kw)
+            whole = "whole prepare" + (" + dedup" if kw else "")
+            stages[where].setdefault(whole, []).append(time.perf_counter() - t)
             shutil.rmtree(out)
             return m.source["tokens"]
 
@@ -227,6 +230,8 @@ def tokenize_rates(megabytes: float, rounds: int, worker_niceness: int | None = 
             "prepare, local": lambda: run_prepare(local, "local"),
             "prepare, Ray 1 node": lambda: run_prepare(runner, "Ray"),
             "Ray Data, tokenize only": ray_data,
+            "prepare + dedup, local": lambda: run_prepare(local, "local", dedup="exact,near"),
+            "prepare + dedup, Ray 1 node": lambda: run_prepare(runner, "Ray", dedup="exact,near"),
         }
         rates: dict[str, list[float]] = {name: [] for name in cases}
         load = [os.getloadavg()[0]]
@@ -256,11 +261,12 @@ def tokenize_rates(megabytes: float, rounds: int, worker_niceness: int | None = 
 
 
 def _cpu_s() -> float:
-    """CPU seconds (user + system) of this process so far, all threads."""
+    """CPU seconds (user + system) of this process so far, all threads, and of its children that
+    ended (the local runner's spawned processes, once its pool has shut down)."""
     import resource
 
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def _with_cpu_time(fn):
@@ -333,14 +339,15 @@ def main() -> None:
     )
     base = tok["tokens_per_s"]["encode_batch"]
     for name, rate in tok["tokens_per_s"].items():
-        print(f"  {name:<20} {rate:12,.0f} tokens/s  {rate / base:5.2f}x encode_batch")
-    ray_vs_local = tok["tokens_per_s"]["prepare, local"] / tok["tokens_per_s"]["prepare, Ray 1 node"]
-    print(f"  Ray 1 node takes {ray_vs_local:.2f}x the time of local")
+        print(f"  {name:<28} {rate:12,.0f} tokens/s  {rate / base:5.2f}x encode_batch")
+    for what in ("prepare", "prepare + dedup"):
+        ray_vs_local = tok["tokens_per_s"][f"{what}, local"] / tok["tokens_per_s"][f"{what}, Ray 1 node"]
+        print(f"  {what}: Ray 1 node takes {ray_vs_local:.2f}x the time of local")
     print("  where the time goes (median s per stage):")
     local_s, ray_s = tok["stage_s"]["local"], tok["stage_s"]["Ray"]
-    for stage in ("tokenize_unit", "tokenize_unit CPU", "write_shard", "write_shard CPU", "whole prepare"):
+    for stage in [k for k in local_s if k in ray_s]:
         print(
-            f"    {stage:<18} local {local_s[stage]:7.2f}  Ray {ray_s[stage]:7.2f}  Ray - local {ray_s[stage] - local_s[stage]:+6.2f}"
+            f"    {stage:<28} local {local_s[stage]:7.2f}  Ray {ray_s[stage]:7.2f}  Ray - local {ray_s[stage] - local_s[stage]:+6.2f}"
         )
     for what, s in tok["ray_startup_s"].items():
         print(f"  Ray start-up, not counted above: {what} {s:.2f} s")
