@@ -185,14 +185,15 @@ def tokenize_rates(megabytes: float, rounds: int, worker_niceness: int | None = 
                 for record in runner(task, arglist, **kw):
                     cpu += record.pop("task_cpu_s", 0.0)
                     yield record
-                stages[where].setdefault(name, []).append(time.perf_counter() - t)
-                stages[where].setdefault(f"{name} CPU", []).append(_cpu_s() - c + cpu)
+                stages[where].setdefault(name + case[0], []).append(time.perf_counter() - t)
+                stages[where].setdefault(f"{name}{case[0]} CPU", []).append(_cpu_s() - c + cpu)
 
             return run
 
         local = timed(local_runner(cores), "local")
         runner = timed(ray_runner("local"), "Ray")
         n = [0]
+        case = [""]  # " + dedup" while prepare runs with dedup: its stages are counted apart
 
         def encode_batch() -> int:
             t = Tokenizer.from_file(tok_path)
@@ -201,10 +202,10 @@ def tokenize_rates(megabytes: float, rounds: int, worker_niceness: int | None = 
         def run_prepare(r, where: str, **kw) -> int:
             n[0] += 1
             out = os.path.join(root, f"out-{n[0]}")
+            case[0] = " + dedup" if kw else ""
             t = time.perf_counter()
             m = prep.prepare(files, out, tokenizer=tok_path, block_len=2049, workers=cores, runner=r, **kw)
-            whole = "whole prepare" + (" + dedup" if kw else "")
-            stages[where].setdefault(whole, []).append(time.perf_counter() - t)
+            stages[where].setdefault("whole prepare" + case[0], []).append(time.perf_counter() - t)
             shutil.rmtree(out)
             return m.source["tokens"]
 
@@ -229,9 +230,10 @@ def tokenize_rates(megabytes: float, rounds: int, worker_niceness: int | None = 
             "encode_batch": encode_batch,
             "prepare, local": lambda: run_prepare(local, "local"),
             "prepare, Ray 1 node": lambda: run_prepare(runner, "Ray"),
-            "Ray Data, tokenize only": ray_data,
             "prepare + dedup, local": lambda: run_prepare(local, "local", dedup="exact,near"),
             "prepare + dedup, Ray 1 node": lambda: run_prepare(runner, "Ray", dedup="exact,near"),
+            # Last: its actors hold CPUs for a while after it returns, which would starve the next case.
+            "Ray Data, tokenize only": ray_data,
         }
         rates: dict[str, list[float]] = {name: [] for name in cases}
         load = [os.getloadavg()[0]]
