@@ -260,6 +260,7 @@ def _build_units(
                 break
     finally:
         results.close()
+        progress.done()
     n_blocks, n_val = _count_blocks(inputs, n_docs, n_tokens, opts)
     n_train = n_blocks - n_val
     if curated is not None:
@@ -354,6 +355,7 @@ def _clean(
                 break
     finally:
         results.close()
+    progress.done()  # the runner's next lines start on their own line
     progress.reset()
     curated = decide(work, units, opts.clean, sources, opts.max_docs)
     report = curated.report
