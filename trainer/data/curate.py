@@ -20,6 +20,7 @@ the final tokenizer, one more unit per clean unit counts the tokens each stage r
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
@@ -59,20 +60,27 @@ class Curated:
     """Line (index into `keep`) dedup removed -> "exact_dedup" / "near_dedup"."""
     report: QualityReport
 
+    @functools.cached_property
+    def offsets(self) -> np.ndarray:
+        """(units + 1,) index into `keep` of each unit's first line, and the total."""
+        return np.concatenate([[0], np.cumsum(self.counts, dtype=np.int64)])
+
     def unit_keep(self, index: int) -> np.ndarray:
         """`keep` of unit `index`'s lines."""
-        lo = sum(self.counts[:index])
-        return self.keep[lo : lo + self.counts[index]]
+        return self.keep[self.offsets[index] : self.offsets[index + 1]]
 
     def documents(self, limit: int | None = None) -> Iterator[str]:
         """The kept documents' cleaned text, in input order, at most `limit`."""
         docs = (t for i in range(len(self.counts)) for t in kept_texts(self.work, i, self.unit_keep(i)))
         yield from docs if limit is None else (t for _, t in zip(range(limit), docs, strict=False))
 
-    def unit_reasons(self, index: int) -> dict[int, str]:
-        """`dedup_reason` of unit `index`'s lines, numbered from its first line."""
-        lo = sum(self.counts[:index])
-        return {i - lo: r for i, r in self.dedup_reason.items() if lo <= i < lo + self.counts[index]}
+    def unit_reasons(self) -> list[dict[int, str]]:
+        """`dedup_reason` per unit, its lines numbered from the unit's first line."""
+        found: list[dict[int, str]] = [{} for _ in self.counts]
+        for i, reason in self.dedup_reason.items():
+            unit = int(np.searchsorted(self.offsets, i, side="right")) - 1
+            found[unit][i - int(self.offsets[unit])] = reason
+        return found
 
 
 @dataclass(frozen=True)

@@ -264,8 +264,9 @@ def _build_units(
     n_blocks, n_val = _count_blocks(inputs, n_docs, n_tokens, opts)
     n_train = n_blocks - n_val
     if curated is not None:
+        reasons = curated.unit_reasons()
         removed = [
-            (work, i, curated.inputs[i], curated.unit_keep(i), curated.unit_reasons(i), tok_path)
+            (work, i, curated.inputs[i], curated.unit_keep(i), reasons[i], tok_path)
             for i in range(len(curated.counts))
         ]
         for counts in runner(removed_tokens_unit, removed):
