@@ -20,9 +20,12 @@ byte-level BPE tokenizer of 8,192 ids): tokens/s of `encode_batch` on the docume
 memory; of `prepare()` (reading, tokenizing, shards and manifest) on this machine; of the same on a
 1-node Ray cluster started here (`--address`'s runner; its start-up not counted); of Ray Data
 reading the same files and tokenizing them (`read_json` + `map_batches`, counting tokens, writing
-nothing: the alternative to Ray tasks); and of the old single-stream stage (one reader feeding a
-process pool, still used with cleaning stages). Rounds are
-interleaved after a warm-up round; the median is printed, with the load average before and after.
+nothing: the alternative to Ray tasks); and of `prepare --dedup exact,near` locally and on Ray
+(clean units: exact and MinHash keys; the decision; the tokenize units; the report's token
+counts). Rounds are interleaved after a warm-up round; the median is printed, with the load average
+before and after. Where Ray's extra time goes: the median wall and CPU seconds of each stage (clean,
+tokenize, removed-token and shard units; whole runs) locally and on Ray, and Ray's one-off costs,
+not counted above: `ray.init` and the first task's worker start-up.
 """
 
 from __future__ import annotations
@@ -130,7 +133,7 @@ def clean_rates(megabytes: float) -> dict[str, float]:
 TOKENIZE_FILES = 16
 
 
-def tokenize_rates(megabytes: float, rounds: int) -> dict[str, Any]:
+def tokenize_rates(megabytes: float, rounds: int, worker_niceness: int | None = None) -> dict[str, Any]:
     """Median tokens/s of encode_batch, prepare locally, prepare on a 1-node Ray, the old stage."""
     import shutil
     import statistics
@@ -142,6 +145,7 @@ def tokenize_rates(megabytes: float, rounds: int) -> dict[str, Any]:
 
     from cluster.prepare import ray_runner
     from trainer.data import prepare as prep
+    from trainer.data.pipeline import local_runner
 
     cores = os.cpu_count() or 1
     root = tempfile.mkdtemp(prefix="prepare-bench-")
@@ -158,18 +162,50 @@ def tokenize_rates(megabytes: float, rounds: int) -> dict[str, Any]:
         # Ray's workers import this checkout's modules, as this process does.
         here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
+        if worker_niceness is not None:
+            # Ray's config from the environment of the process that starts the node (default 15).
+            os.environ["RAY_worker_niceness"] = str(worker_niceness)
+        t0 = time.perf_counter()
         ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
-        runner = ray_runner("local")
+        startup = {"ray.init": time.perf_counter() - t0}
+        t0 = time.perf_counter()
+        ray.get(ray.remote(num_cpus=1)(_worker_imports).remote())
+        startup["first task (worker start, imports)"] = time.perf_counter() - t0
+        niceness = ray.get(ray.remote(num_cpus=1)(_niceness).remote())
+        stages: dict[str, dict[str, list[float]]] = {"local": {}, "Ray": {}}
+
+        def timed(runner, where: str):
+            """The runner, adding each stage's wall time to stages[where], and its CPU time (of this
+            process, plus that of the Ray workers' tasks) under "<stage> CPU"."""
+
+            def run(fn, arglist, **kw):
+                name, cpu = fn.__name__, 0.0
+                task = _with_cpu_time(fn) if where == "Ray" else fn
+                t, c = time.perf_counter(), _cpu_s()
+                for record in runner(task, arglist, **kw):
+                    cpu += record.pop("task_cpu_s", 0.0)
+                    yield record
+                stages[where].setdefault(name + case[0], []).append(time.perf_counter() - t)
+                stages[where].setdefault(f"{name}{case[0]} CPU", []).append(_cpu_s() - c + cpu)
+
+            return run
+
+        local = timed(local_runner(cores), "local")
+        runner = timed(ray_runner("local"), "Ray")
         n = [0]
+        case = [""]  # " + dedup" while prepare runs with dedup: its stages are counted apart
 
         def encode_batch() -> int:
             t = Tokenizer.from_file(tok_path)
             return sum(len(e.ids) for e in t.encode_batch_fast(docs, add_special_tokens=False))
 
-        def run_prepare(r) -> int:
+        def run_prepare(r, where: str, **kw) -> int:
             n[0] += 1
             out = os.path.join(root, f"out-{n[0]}")
-            m = prep.prepare(files, out, tokenizer=tok_path, block_len=2049, workers=cores, runner=r)
+            case[0] = " + dedup" if kw else ""
+            t = time.perf_counter()
+            m = prep.prepare(files, out, tokenizer=tok_path, block_len=2049, workers=cores, runner=r, **kw)
+            stages[where].setdefault("whole prepare" + case[0], []).append(time.perf_counter() - t)
             shutil.rmtree(out)
             return m.source["tokens"]
 
@@ -190,20 +226,14 @@ def tokenize_rates(megabytes: float, rounds: int) -> dict[str, Any]:
             )
             return int(ds.sum("n"))
 
-        def old_stage() -> int:
-            eos = tok.token_to_id(prep.EOS_TOKEN)
-            docs_in = prep.iter_documents(sorted(files), "text")
-            path = os.path.join(root, "old.bin")
-            _, tokens = prep._tokenize_to_file(docs_in, tok, eos, "uint16", cores, path, prep._Progress())
-            os.remove(path)
-            return tokens
-
         cases = {
             "encode_batch": encode_batch,
-            "prepare, local": lambda: run_prepare(None),
-            "prepare, Ray 1 node": lambda: run_prepare(runner),
+            "prepare, local": lambda: run_prepare(local, "local"),
+            "prepare, Ray 1 node": lambda: run_prepare(runner, "Ray"),
+            "prepare + dedup, local": lambda: run_prepare(local, "local", dedup="exact,near"),
+            "prepare + dedup, Ray 1 node": lambda: run_prepare(runner, "Ray", dedup="exact,near"),
+            # Last: its actors hold CPUs for a while after it returns, which would starve the next case.
             "Ray Data, tokenize only": ray_data,
-            "old tokenize stage": old_stage,
         }
         rates: dict[str, list[float]] = {name: [] for name in cases}
         load = [os.getloadavg()[0]]
@@ -218,7 +248,51 @@ def tokenize_rates(megabytes: float, rounds: int) -> dict[str, Any]:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     median = {name: statistics.median(v) for name, v in rates.items()}
-    return {"tokens": tokens, "cores": cores, "load_average": load, "tokens_per_s": median, "runs": rates}
+    # Stage seconds without the warm-up round.
+    stage_s = {where: {k: statistics.median(v[1:]) for k, v in d.items()} for where, d in stages.items()}
+    return {
+        "tokens": tokens,
+        "cores": cores,
+        "load_average": load,
+        "tokens_per_s": median,
+        "runs": rates,
+        "stage_s": stage_s,
+        "ray_startup_s": startup,
+        "ray_worker_niceness": niceness,
+    }
+
+
+def _cpu_s() -> float:
+    """CPU seconds (user + system) of this process so far, all threads, and of its children that
+    ended (the local runner's spawned processes, once its pool has shut down)."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _with_cpu_time(fn):
+    """`fn`, its record carrying the CPU seconds of the process that ran it (a Ray worker runs one
+    task at a time) as "task_cpu_s"."""
+
+    def unit(*args, **kw):
+        c = _cpu_s()
+        record = dict(fn(*args, **kw))
+        record["task_cpu_s"] = _cpu_s() - c
+        return record
+
+    unit.__name__ = fn.__name__
+    return unit
+
+
+def _niceness() -> int:
+    return os.nice(0)
+
+
+def _worker_imports() -> None:
+    """What a Ray worker imports to run prepare's units."""
+    import trainer.data.curate  # noqa: F401
+    import trainer.data.pipeline  # noqa: F401
 
 
 def main() -> None:
@@ -227,6 +301,13 @@ def main() -> None:
     p.add_argument("--tokenize-mb", type=float, default=40.0, help="MB of text to tokenize (default 40)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved tokenization rounds (default 3)")
     p.add_argument("--json", default=None, help="also write the figures here")
+    p.add_argument(
+        "--ray-worker-niceness",
+        type=int,
+        default=None,
+        help="niceness of the 1-node Ray cluster's workers (Ray's default: 15, which loses CPU to any "
+        "other work on a shared machine)",
+    )
     args = p.parse_args()
     print(f"cleaning, {args.mb:.0f} MB of documents that pass every rule, one core:")
     cleaning = clean_rates(args.mb)
@@ -252,17 +333,26 @@ def main() -> None:
     for name, rate in results.items():
         if base and name != "rensa (chosen)":
             print(f"  rensa (chosen) / {name} = {base / rate:.2f}x")
-    tok = tokenize_rates(args.tokenize_mb, args.rounds)
+    tok = tokenize_rates(args.tokenize_mb, args.rounds, args.ray_worker_niceness)
     print(
         f"tokenize, {args.tokenize_mb:g} MB in {TOKENIZE_FILES} files = {tok['tokens']:,} tokens, {tok['cores']} cores, "
         f"median of {args.rounds} interleaved rounds, load average {tok['load_average'][0]:.1f} -> "
-        f"{tok['load_average'][1]:.1f}:"
+        f"{tok['load_average'][1]:.1f}, Ray worker niceness {tok['ray_worker_niceness']}:"
     )
     base = tok["tokens_per_s"]["encode_batch"]
     for name, rate in tok["tokens_per_s"].items():
-        print(f"  {name:<20} {rate:12,.0f} tokens/s  {rate / base:5.2f}x encode_batch")
-    ray_vs_local = tok["tokens_per_s"]["prepare, local"] / tok["tokens_per_s"]["prepare, Ray 1 node"]
-    print(f"  Ray 1 node takes {ray_vs_local:.2f}x the time of local")
+        print(f"  {name:<28} {rate:12,.0f} tokens/s  {rate / base:5.2f}x encode_batch")
+    for what in ("prepare", "prepare + dedup"):
+        ray_vs_local = tok["tokens_per_s"][f"{what}, local"] / tok["tokens_per_s"][f"{what}, Ray 1 node"]
+        print(f"  {what}: Ray 1 node takes {ray_vs_local:.2f}x the time of local")
+    print("  where the time goes (median s per stage):")
+    local_s, ray_s = tok["stage_s"]["local"], tok["stage_s"]["Ray"]
+    for stage in [k for k in local_s if k in ray_s]:
+        print(
+            f"    {stage:<28} local {local_s[stage]:7.2f}  Ray {ray_s[stage]:7.2f}  Ray - local {ray_s[stage] - local_s[stage]:+6.2f}"
+        )
+    for what, s in tok["ray_startup_s"].items():
+        print(f"  Ray start-up, not counted above: {what} {s:.2f} s")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(

@@ -31,13 +31,16 @@ def ray_runner(address: str) -> Callable[[Callable[..., Any], list[tuple]], Iter
         flush=True,
     )
 
-    def run(fn: Callable[..., Any], arglist: list[tuple]) -> Iterator[Any]:
+    def run(fn: Callable[..., Any], arglist: list[tuple], gil_bound: bool = False) -> Iterator[Any]:
+        # Every task is a process of its own, GIL-bound or not.
         if not arglist:
             return
         nodes = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]]
         total, biggest = int(sum(nodes)) or 1, int(max(nodes, default=1)) or 1
         threads = max(1, min(biggest, total // len(arglist)))
         task = ray.remote(num_cpus=threads, max_retries=3)(fn)
+        what = fn.__name__.replace("_", " ")
+        print(f"[prepare] {len(arglist)} {what} tasks, {threads} CPUs each", file=sys.stderr, flush=True)
         refs = [task.remote(*args, threads=threads) for args in arglist]
         got = 0
         try:

@@ -76,7 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--address",
         default=None,
-        help="run the tokenize and shard units as tasks on the Ray cluster at this GCS address (HEAD:6379, "
+        help="run the clean, tokenize and shard units as tasks on the Ray cluster at this GCS address (HEAD:6379, "
         "or auto); inside a Ray job its cluster is used. The output's parent directory must be shared by "
         "every node. Same output as on this machine (docs/data.md#preparing-on-a-cluster)",
     )

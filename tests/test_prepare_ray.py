@@ -1,7 +1,8 @@
-"""`pretrain prepare`'s units (trainer/data/pipeline.py) give the same bytes whoever runs them: one
-process, several, a 2-node Ray cluster (`--address`), inputs listed in another order, another
-tokenization batch size; and a preparation killed (SIGKILL, at a known record) resumes, redoing only
-the units without a completion record."""
+"""`pretrain prepare`'s units (trainer/data/pipeline.py, and the clean units of
+trainer/data/curate.py) give the same bytes whoever runs them: one process, several, a 2-node Ray
+cluster (`--address`), inputs listed in another order, another tokenization batch size; and a
+preparation killed (SIGKILL, at a known record) resumes, redoing only the units without a
+completion record."""
 
 from __future__ import annotations
 
@@ -21,6 +22,9 @@ from trainer.data.prepare import prepare
 
 WORDS = "the of and to in is was for on that with as by at from this data model token shard".split()
 OPTS = ["--vocab-size", "300", "--block-len", "33", "--samples-per-shard", "4", "--val-blocks", "2"]
+# Cleaning and dedup stages: c4 drops lines and documents, min_length short ones, dedup the copies.
+CLEAN = {"filters": "c4,min_length", "dedup": "exact,near"}
+CLEAN_OPTS = ["--filters", CLEAN["filters"], "--dedup", CLEAN["dedup"]]
 
 
 @pytest.fixture
@@ -37,6 +41,33 @@ def inputs(tmp_path: Path) -> list[str]:
         paths.append(str(p))
     (tmp_path / "notes.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(80)))
     return [*paths, str(tmp_path / "notes.txt")]
+
+
+@pytest.fixture
+def dirty(tmp_path: Path) -> list[str]:
+    """Four inputs (three JSON Lines files and a text file) of documents of several sentences, with
+    exact copies (case changed) and near copies (one word changed) of documents in other files, lines
+    C4 drops, and documents too short for min_length."""
+    rng = random.Random(1)
+
+    def doc(lines: int) -> str:
+        return "\n".join(
+            " ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 14))) + "." for _ in range(lines)
+        )
+
+    docs = [doc(rng.randint(6, 9)) for _ in range(24)]
+    docs += [d.upper() for d in docs[:3]]  # exact duplicates
+    docs += [d.replace(" ", " river ", 1) for d in docs[3:6]]  # near duplicates
+    docs += [doc(5) + "\nno terminal punctuation here" for _ in range(3)]  # C4 drops a line
+    docs += ["Too short.", doc(2)]  # removed
+    rng.shuffle(docs)
+    paths = []
+    for i in range(3):
+        p = tmp_path / f"dirty-{i}.jsonl"
+        p.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[i::4]))
+        paths.append(str(p))
+    (tmp_path / "dirty-notes.txt").write_text(docs[3])  # a text file: one document
+    return paths + [str(tmp_path / "dirty-notes.txt")]
 
 
 def _prepare(inputs: list[str], out: Path, **kw):
@@ -81,10 +112,26 @@ def test_a_big_json_lines_file_is_several_units_with_the_same_bytes(inputs, tmp_
 
 
 @pytest.mark.slow
-def test_ray_cluster_of_two_nodes_gives_the_local_bytes(inputs, tmp_path):
+def test_cleaning_gives_the_same_bytes_however_the_inputs_are_cut_into_units(dirty, tmp_path, monkeypatch):
+    whole = _prepare(dirty, tmp_path / "whole", max_docs=20, **CLEAN)
+    monkeypatch.setattr(prepare_mod, "UNIT_BYTES", 1000)  # a few lines each: 3 files -> 8+ units
+    split = _prepare(list(reversed(dirty)), tmp_path / "split", workers=2, max_docs=20, **CLEAN)
+    assert len(prepare_mod._unit_reads(sorted(dirty), "text")) >= 8
+    report = json.loads((tmp_path / "whole" / "report.json").read_text())
+    assert report["input"]["documents"] == 20 and report["removed"]["exact_dedup"]["documents"] >= 1
+    assert split.fingerprint == whole.fingerprint
+    assert _shards(tmp_path / "split") == _shards(tmp_path / "whole")
+    assert (tmp_path / "split" / "report.json").read_bytes() == (
+        tmp_path / "whole" / "report.json"
+    ).read_bytes()
+
+
+@pytest.mark.slow
+def test_ray_cluster_of_two_nodes_gives_the_local_bytes(inputs, dirty, tmp_path):
     from tests.test_multinode import TwoNodes
 
     local = _prepare(inputs, tmp_path / "local")
+    local_clean = _prepare(dirty, tmp_path / "local-clean", **CLEAN)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"text": \n')
     cluster = TwoNodes()
@@ -95,6 +142,17 @@ def test_ray_cluster_of_two_nodes_gives_the_local_bytes(inputs, tmp_path):
         # Bad input found by a task (the tokenizer is given: the driver reads no input): the one
         # message naming the file, exit 2.
         tok = ["--tokenizer", str(tmp_path / "local" / "tokenizer.json")]
+        # Cleaning and dedup as Ray tasks, the inputs listed in another order.
+        cleaned = run_pretrain(
+            "prepare",
+            *reversed(dirty),
+            "--out",
+            str(tmp_path / "ray-clean"),
+            *OPTS,
+            *CLEAN_OPTS,
+            "--address",
+            cluster.address,
+        )
         failed = run_pretrain(
             "prepare",
             *inputs,
@@ -115,6 +173,13 @@ def test_ray_cluster_of_two_nodes_gives_the_local_bytes(inputs, tmp_path):
     assert p.stdout.strip() == str(tmp_path / "ray" / "manifest.json")
     assert load_manifest(str(tmp_path / "ray")).fingerprint == local.fingerprint
     assert _shards(tmp_path / "ray") == _shards(tmp_path / "local")
+    assert cleaned.returncode == 0, cleaned.stderr[-3000:]
+    assert "[prepare] 4 clean unit tasks, 1 CPUs each" in cleaned.stderr  # the cleaning ran as Ray tasks
+    assert "exact_dedup: 2 documents" in cleaned.stderr and "near_dedup: 1 documents" in cleaned.stderr
+    assert load_manifest(str(tmp_path / "ray-clean")).fingerprint == local_clean.fingerprint
+    assert _shards(tmp_path / "ray-clean") == _shards(tmp_path / "local-clean")
+    for name in ("report.json", "report.png"):
+        assert (tmp_path / "ray-clean" / name).read_bytes() == (tmp_path / "local-clean" / name).read_bytes()
 
 
 @pytest.mark.slow
@@ -149,4 +214,58 @@ def test_killed_prepare_resumes_redoing_only_unfinished_units(
     assert {n: os.stat(out / n).st_ino for n in kept if n.endswith(".tar")} == {
         n: i for n, i in inodes.items() if n.endswith(".tar")
     }
+    assert not work.exists()
+
+
+def _unit_files(work: Path, stems: list[str]) -> dict[str, tuple[int, int]]:
+    """(inode, mtime) of every file of the units `stems` (clean-000001, unit-000002, ...)."""
+    return {
+        p.name: (p.stat().st_ino, p.stat().st_mtime_ns)
+        for stem in stems
+        for p in sorted(work.glob(stem + ".*"))
+        if not p.name.endswith(".partial")
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "kill_after, cleaned, tokenized",
+    [(2, 2, 0), (6, 4, 2)],  # records: one per input (4) cleaned, then one per input tokenized
+    ids=["while cleaning", "while tokenizing the kept documents"],
+)
+def test_killed_prepare_with_cleaning_resumes_redoing_only_unfinished_units(
+    dirty, tmp_path, kill_after, cleaned, tokenized
+):
+    reference = _prepare(dirty, tmp_path / "reference", **CLEAN)
+    out = tmp_path / "out"
+    args = ["prepare", *dirty, "--out", str(out), *OPTS, *CLEAN_OPTS, "--workers", "1"]
+    p = run_pretrain(*args, extra_env=hooked_env(PRETRAIN_TEST_PREPARE_KILL_AFTER=str(kill_after)))
+    assert p.returncode == -signal.SIGKILL, p.stderr[-3000:]
+    (work,) = tmp_path.glob(".out.prepare-*")
+    assert not (work / f"clean-{cleaned:06d}.json").exists() or cleaned == 4
+    assert not (work / f"unit-{tokenized:06d}.json").exists()
+    done = [f"clean-{i:06d}" for i in range(cleaned)] + [f"unit-{i:06d}" for i in range(tokenized)]
+    before = _unit_files(work, done)
+    assert (
+        len(before) == 4 * cleaned + 3 * tokenized
+    )  # .jsonl .removed.jsonl .npz .json / .tokens .docs .json
+
+    # Resumed and killed again once the stage's unfinished units have their records: had it redone
+    # a finished unit, it would have been killed before the last one.
+    left = (4 - cleaned) or (4 - tokenized)
+    p = run_pretrain(*args, extra_env=hooked_env(PRETRAIN_TEST_PREPARE_KILL_AFTER=str(left)))
+    assert p.returncode == -signal.SIGKILL, p.stderr[-3000:]
+    assert (
+        f"resuming {work}: {cleaned}/4 units cleaned, {tokenized}/4 input units tokenized, 0 shards"
+        in p.stderr
+    )
+    stage = "clean" if cleaned < 4 else "unit"
+    assert all((work / f"{stage}-{i:06d}.json").exists() for i in range(4))
+    assert _unit_files(work, done) == before  # finished units: the same files, not rewritten
+
+    p = run_pretrain(*args)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert load_manifest(str(out)).fingerprint == reference.fingerprint
+    assert _shards(out) == _shards(tmp_path / "reference")
+    assert (out / "report.json").read_bytes() == (tmp_path / "reference" / "report.json").read_bytes()
     assert not work.exists()

@@ -1,81 +1,86 @@
-"""The cleaning and dedup pass of `pretrain prepare`, before the tokenizer sees any text.
+"""The cleaning and dedup stages of `pretrain prepare`, before the tokenizer sees any text.
 
-One read of the inputs: each document goes through the recipe's filters (pure functions of its
-text, trainer/data/clean.py); the survivors' cleaned text is written to a temporary JSON Lines file
-with their dedup keys kept in memory (trainer/data/dedup.py). Then one deterministic dedup step
-marks the documents kept. The tokenizer and the tokenization pass read the kept documents back
-from that file, so the inputs are read once and cleaned once.
+Per unit (an input, or a piece of a big one; any process or Ray task, like the tokenize units of
+trainer/data/pipeline.py): each document goes through the recipe's filters (pure functions of its
+text, trainer/data/clean.py) and the survivors get their dedup keys (trainer/data/dedup.py). The
+unit's files are written to temporary names and renamed, then its completion record, so a killed
+preparation redoes only the units without one:
+
+    clean-000003.jsonl            kept documents, [source index, cleaned text] per line
+    clean-000003.removed.jsonl    what the filters took, [input ordinal, filter, rule, before, after]
+    clean-000003.npz              per input document: characters; per kept one: input ordinal,
+                                  characters, content / exact keys, LSH band keys
+    clean-000003.json             the record {documents, kept}: the unit is done iff it exists
+
+Then one deterministic step over every unit's keys (`decide`, on the driver) marks the documents
+kept; the tokenizer and the tokenize units read the kept documents back (`kept_texts`); and, with
+the final tokenizer, one more unit per clean unit counts the tokens each stage removed from it
+(`removed_tokens_unit`, record clean-000003.removed-tokens.json), for the report.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
+from trainer.data import pipeline
 from trainer.data.clean import CleanRecipe
 from trainer.data.dedup import DedupResult, MinHasher, content_key, exact_key, find_duplicates, shingles
 from trainer.data.report import QualityReport
 
-# Temporary files in prepare's work directory: kept text, and what the filters took.
-CLEANED_NAME = "cleaned.jsonl"
-REMOVED_NAME = "removed.jsonl"
-# Work unit of the per-document stages: big enough to amortize IPC, small enough to spread.
+# Work unit of the per-document stages inside a unit: big enough to amortize IPC, small enough to spread.
 _BATCH_DOCS = 256
 _BATCH_CHARS = 1 << 20
 
 
+def clean_name(index: int) -> str:
+    return f"clean-{index:06d}"
+
+
 @dataclass
 class Curated:
-    """The kept documents (lines of `path` where `keep` is True) and the report so far."""
+    """The kept documents of units 0..len(counts)-1 and the report so far."""
 
-    path: str
-    removed_path: str
+    work: str
+    counts: list[int]
+    """Lines of each unit's clean-N.jsonl that count (all of them, unless --max-docs cut)."""
+    inputs: list[int]
+    """Input documents of each unit that count."""
     keep: np.ndarray
+    """(sum(counts),) bool over those lines, in unit order."""
     dedup_reason: dict[int, str]
-    """Line of `path` dedup removed -> "exact_dedup" / "near_dedup"."""
+    """Line (index into `keep`) dedup removed -> "exact_dedup" / "near_dedup"."""
     report: QualityReport
+
+    @functools.cached_property
+    def offsets(self) -> np.ndarray:
+        """(units + 1,) index into `keep` of each unit's first line, and the total."""
+        return np.concatenate([[0], np.cumsum(self.counts, dtype=np.int64)])
+
+    def unit_keep(self, index: int) -> np.ndarray:
+        """`keep` of unit `index`'s lines."""
+        return self.keep[self.offsets[index] : self.offsets[index + 1]]
 
     def documents(self, limit: int | None = None) -> Iterator[str]:
         """The kept documents' cleaned text, in input order, at most `limit`."""
-        count = 0
-        for i, (_, text) in enumerate(_read_lines(self.path)):
-            if limit is not None and count >= limit:
-                return
-            if self.keep[i]:
-                count += 1
-                yield text
+        docs = (t for i in range(len(self.counts)) for t in kept_texts(self.work, i, self.unit_keep(i)))
+        yield from docs if limit is None else (t for _, t in zip(range(limit), docs, strict=False))
 
-    def count_removed_tokens(self, encode: Callable[[list[str]], list[int]], batch: int = 256) -> None:
-        """Tokens removed by each stage, with the final tokenizer (`encode`: texts -> token counts)."""
-        # Documents the filters removed or shortened: tokens of what was there minus what is left.
-        pending: list[tuple[str, str, str]] = []
-        for stage, before, after in _read_lines(self.removed_path):
-            pending.append((stage, before, after))
-            if len(pending) >= batch:
-                self._add_tokens(pending, encode)
-                pending = []
-        # Documents dedup removed: all their tokens.
-        for i, (_, text) in enumerate(_read_lines(self.path)):
-            if not self.keep[i]:
-                pending.append((self.dedup_reason[i], text, ""))
-                if len(pending) >= batch:
-                    self._add_tokens(pending, encode)
-                    pending = []
-        if pending:
-            self._add_tokens(pending, encode)
-
-    def _add_tokens(
-        self, items: list[tuple[str, str, str]], encode: Callable[[list[str]], list[int]]
-    ) -> None:
-        before = encode([b for _, b, _ in items])
-        after = encode([a for _, _, a in items])
-        for (stage, _, _), nb, na in zip(items, before, after, strict=True):
-            self.report.stage(stage).tokens += nb - na
+    def unit_reasons(self) -> list[dict[int, str]]:
+        """`dedup_reason` per unit, its lines numbered from the unit's first line."""
+        found: list[dict[int, str]] = [{} for _ in self.counts]
+        for i, reason in self.dedup_reason.items():
+            unit = int(np.searchsorted(self.offsets, i, side="right")) - 1
+            found[unit][i - int(self.offsets[unit])] = reason
+        return found
 
 
 @dataclass(frozen=True)
@@ -130,71 +135,190 @@ def analyse(docs: list[tuple[int, str]], recipe: CleanRecipe) -> list[Outcome]:
     return outcomes
 
 
-def curate(
-    docs: Iterable[tuple[int, str]],
+def clean_unit(
+    work: str,
+    index: int,
+    read: Callable[[], Iterator[tuple[int, str]]],
     recipe: CleanRecipe,
-    sources: Sequence[str],
-    workdir: str,
-    progress: Callable[[int], None] = lambda n: None,
-    workers: int = 1,
+    threads: int = 1,
+) -> dict[str, int]:
+    """Filters and dedup keys of the documents `read()` yields ((source index, text)), as unit
+    `index` in `work`; returns its record {documents, kept}. With `threads` > 1 the batches go to
+    that many processes (the filters are Python, held by the GIL)."""
+    stem = os.path.join(work, clean_name(index))
+    done = pipeline.read_record(stem + ".json")
+    if done is not None:
+        return done
+    dd = recipe.dedup
+    input_chars: list[int] = []
+    kept_keys: list[tuple[int, int, int, int, int]] = []  # ordinal, source, chars, content, exact
+    bands: list[np.ndarray] = []
+    with (
+        open(stem + ".jsonl.partial", "w", encoding="utf-8") as kept,
+        open(stem + ".removed.jsonl.partial", "w", encoding="utf-8") as removed,
+    ):
+        for outcomes in _ordered_batches(_batches(d for d in read() if d[1]), recipe, threads):
+            for o in outcomes:
+                ordinal = len(input_chars)
+                input_chars.append(o.characters)
+                for name, rule, before, after in o.changes:
+                    removed.write(json.dumps([ordinal, name, rule, before, after], ensure_ascii=False) + "\n")
+                if o.text is None:
+                    continue
+                kept_keys.append((ordinal, o.source, len(o.text), o.content, o.exact))
+                if o.bands is not None:
+                    bands.append(o.bands)
+                kept.write(json.dumps([o.source, o.text], ensure_ascii=False) + "\n")
+        for f in (kept, removed):
+            f.flush()
+            os.fsync(f.fileno())
+    cols = np.array(kept_keys, dtype=np.uint64).reshape(len(kept_keys), 5)
+    with open(stem + ".npz.partial", "wb") as f:
+        np.savez(
+            f,
+            input_chars=np.array(input_chars, dtype=np.int64),
+            ordinal=cols[:, 0].astype(np.int64),
+            source=cols[:, 1].astype(np.int64),
+            chars=cols[:, 2].astype(np.int64),
+            content=cols[:, 3],
+            exact=cols[:, 4],
+            bands=np.array(bands, dtype=np.uint64).reshape(len(kept_keys), dd.bands if dd.near else 0),
+        )
+        f.flush()
+        os.fsync(f.fileno())
+    for ext in (".jsonl", ".removed.jsonl", ".npz"):
+        os.replace(stem + ext + ".partial", stem + ext)
+    record = {"documents": len(input_chars), "kept": len(kept_keys)}
+    pipeline._record(stem + ".json", record)  # through the module: tests hook it
+    return record
+
+
+def decide(
+    work: str, units: int, recipe: CleanRecipe, sources: Sequence[str], max_docs: int | None = None
 ) -> Curated:
-    """Clean and dedup `docs` ((source index, text) in input order) into files under `workdir`,
-    the per-document stages on `workers` processes (the result does not depend on it)."""
+    """The dedup decision over the finished clean units 0..units-1 of `work` (only their first
+    `max_docs` input documents in all), and the report of what the filters and dedup removed."""
     report = QualityReport(recipe=recipe.to_dict(), sources=list(sources))
     dd = recipe.dedup
     # Every stage in the report, in recipe order, even when it removed nothing.
     for name in [f.name for f in recipe.filters] + ["exact_dedup"] * dd.exact + ["near_dedup"] * dd.near:
         report.stage(name)
-    contents: list[int] = []
-    exacts: list[int] = []
-    bands: list[np.ndarray] = []
-    chars: list[int] = []
-    srcs: list[int] = []
-    path = os.path.join(workdir, CLEANED_NAME)
-    removed_path = os.path.join(workdir, REMOVED_NAME)
-    with open(path, "w", encoding="utf-8") as out, open(removed_path, "w", encoding="utf-8") as removed:
-        for outcomes in _ordered_batches(_batches(docs), recipe, workers):
-            progress(len(outcomes))
-            for o in outcomes:
-                report.input_documents += 1
-                report.input_characters += o.characters
-                _record_changes(o, report, removed)
-                if o.text is None:
-                    continue
-                contents.append(o.content)
-                exacts.append(o.exact)
-                if o.bands is not None:
-                    bands.append(o.bands)
-                chars.append(len(o.text))
-                srcs.append(o.source)
-                out.write(json.dumps([o.source, o.text], ensure_ascii=False) + "\n")
-
-    n = len(contents)
+    counts: list[int] = []
+    inputs: list[int] = []
+    cols: dict[str, list[np.ndarray]] = {k: [] for k in ("source", "chars", "content", "exact", "bands")}
+    left = max_docs
+    for i in range(units):
+        with np.load(_path(work, i, ".npz")) as z:
+            n_in = len(z["input_chars"]) if left is None else min(left, len(z["input_chars"]))
+            k = int(np.searchsorted(z["ordinal"], n_in))  # kept documents among the first n_in
+            report.input_documents += n_in
+            report.input_characters += int(z["input_chars"][:n_in].sum())
+            for key, got in cols.items():
+                got.append(z[key][:k])
+        for ordinal, name, rule, before, after in _read_lines(_path(work, i, ".removed.jsonl")):
+            if ordinal >= n_in:
+                break
+            _record_change(report, name, rule, before, after)
+        counts.append(k)
+        inputs.append(n_in)
+        if left is not None:
+            left -= n_in
+            if left <= 0:
+                break
+    n = sum(counts)
+    chars = np.concatenate(cols["chars"]).tolist()
+    srcs = np.concatenate(cols["source"]).tolist()
     result = find_duplicates(
-        np.array(contents, dtype=np.uint64),
-        np.array(exacts, dtype=np.uint64) if dd.exact else None,
-        np.array(bands, dtype=np.uint64).reshape(n, dd.bands) if dd.near else None,
-        (lambda ids: _shingles_of(path, ids, dd.shingle_words)) if dd.confirm else None,
+        np.concatenate(cols["content"]),
+        np.concatenate(cols["exact"]) if dd.exact else None,
+        np.concatenate(cols["bands"]).reshape(n, dd.bands) if dd.near else None,
+        (lambda ids: _shingles_of(work, counts, ids, dd.shingle_words)) if dd.confirm else None,
         dd.jaccard,
     )
     _record_dedup(result, chars, report)
     keep = result.keep
     report.kept_characters = [c for c, k in zip(chars, keep, strict=True) if k]
     report.kept_sources = [s for s, k in zip(srcs, keep, strict=True) if k]
-    return Curated(path=path, removed_path=removed_path, keep=keep, dedup_reason=result.reason, report=report)
+    return Curated(work, counts, inputs, keep, result.reason, report)
 
 
-def _record_changes(o: Outcome, report: QualityReport, removed) -> None:
-    """What each filter took from the document, into the report and the removed file."""
-    for name, rule, before, after in o.changes:
-        stage = report.stage(name)
-        if rule == f"{name}_lines":  # shortened: the dropped lines count
-            stage.characters += len(before) - len(after)
-        else:
-            stage.documents += 1
-            stage.characters += len(before)
-        stage.rules[rule] = stage.rules.get(rule, 0) + 1
-        removed.write(json.dumps([name, before, after], ensure_ascii=False) + "\n")
+def removed_tokens_unit(
+    work: str,
+    index: int,
+    n_inputs: int,
+    keep: np.ndarray,
+    reasons: dict[int, str],
+    tokenizer: str,
+    threads: int = 1,
+) -> dict[str, int]:
+    """Tokens (of the final tokenizer, file `tokenizer`) each stage removed from unit `index`'s first
+    `n_inputs` input documents, for the report: {stage: tokens}. Filters: the tokens of the text
+    before minus after; dedup (`keep` and `reasons` over the unit's lines): all the document's."""
+    path = _path(work, index, ".removed-tokens.json")
+    done = pipeline.read_record(path)
+    if done is not None:
+        return done
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # our threads, not Rayon's, use the cores given
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(tokenizer)
+    tok.encode_special_tokens = True  # as the tokenize units encode
+
+    def items() -> Iterator[tuple[str, str, str]]:
+        for ordinal, stage, _, before, after in _read_lines(_path(work, index, ".removed.jsonl")):
+            if ordinal >= n_inputs:
+                return
+            yield stage, before, after
+        lines = itertools.islice(_read_lines(_path(work, index, ".jsonl")), len(keep))
+        for i, (_, text) in enumerate(lines):
+            if not keep[i]:
+                yield reasons[i], text, ""
+
+    def count(chunk: list[tuple[str, str, str]]) -> list[tuple[str, int]]:
+        before = tok.encode_batch_fast([b for _, b, _ in chunk], add_special_tokens=False)
+        after = tok.encode_batch_fast([a for _, _, a in chunk], add_special_tokens=False)
+        return [(st, len(b.ids) - len(a.ids)) for (st, _, _), b, a in zip(chunk, before, after, strict=True)]
+
+    counts: dict[str, int] = {}
+    pending = items()
+    chunks = iter(lambda: list(itertools.islice(pending, 256)), [])  # lists of 256 until one is empty
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        for pairs in pool.map(count, chunks):
+            for stage, n in pairs:
+                counts[stage] = counts.get(stage, 0) + n
+    pipeline._record(path, counts)  # through the module: tests hook it
+    return counts
+
+
+def curate(
+    docs: Iterable[tuple[int, str]], recipe: CleanRecipe, sources: Sequence[str], work: str, workers: int = 1
+) -> Curated:
+    """Clean and dedup `docs` ((source index, text) in input order) as one unit in `work`."""
+    clean_unit(work, 0, lambda: iter(docs), recipe, threads=workers)
+    return decide(work, 1, recipe, sources)
+
+
+def kept_texts(work: str, index: int, keep: np.ndarray) -> Iterator[str]:
+    """The texts of unit `index`'s lines where `keep` (its first len(keep) lines) is True."""
+    for (_, text), k in zip(_read_lines(_path(work, index, ".jsonl")), keep, strict=False):
+        if k:
+            yield text
+
+
+def sourced(source: int, read: Callable[[], Iterator[str]]) -> Iterator[tuple[int, str]]:
+    """(source, document) for the documents of `read()`: a clean unit's reader."""
+    return ((source, doc) for doc in read())
+
+
+def _record_change(report: QualityReport, name: str, rule: str, before: str, after: str) -> None:
+    """What a filter took from a document, into the report."""
+    stage = report.stage(name)
+    if rule == f"{name}_lines":  # shortened: the dropped lines count
+        stage.characters += len(before) - len(after)
+    else:
+        stage.documents += 1
+        stage.characters += len(before)
+    stage.rules[rule] = stage.rules.get(rule, 0) + 1
 
 
 def _batches(docs: Iterable[tuple[int, str]]) -> Iterator[list[tuple[int, str]]]:
@@ -241,18 +365,28 @@ def _record_dedup(result: DedupResult, chars: list[int], report: QualityReport) 
     report.cluster_sizes = result.cluster_sizes
 
 
-def _shingles_of(path: str, ids: Sequence[int], n: int) -> dict[int, set[str]]:
-    """Shingle sets of the cleaned documents `ids` (sorted), read back from `path`."""
+def _shingles_of(work: str, counts: list[int], ids: Sequence[int], n: int) -> dict[int, set[str]]:
+    """Shingle sets of the kept lines `ids` (sorted indices over the units' counted lines)."""
     wanted = iter(ids)
     target = next(wanted, None)
     found: dict[int, set[str]] = {}
-    for i, (_, text) in enumerate(_read_lines(path)):
+    for i, (_, text) in enumerate(_lines(work, counts)):
         if target is None:
             break
         if i == target:
             found[i] = set(shingles(text, n))
             target = next(wanted, None)
     return found
+
+
+def _lines(work: str, counts: list[int]) -> Iterator[list]:
+    """The counted lines of the units' clean-N.jsonl, in unit order."""
+    for unit, count in enumerate(counts):
+        yield from itertools.islice(_read_lines(_path(work, unit, ".jsonl")), count)
+
+
+def _path(work: str, index: int, ext: str) -> str:
+    return os.path.join(work, clean_name(index) + ext)
 
 
 def _read_lines(path: str) -> Iterator[list]:

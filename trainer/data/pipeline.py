@@ -20,11 +20,12 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import multiprocessing as mp
 import os
 import tarfile
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -32,9 +33,11 @@ import numpy as np
 from trainer.data.manifest import ShardInfo
 from trainer.fsutil import sha256_file, write_json_atomic
 
-Runner = Callable[[Callable[..., Any], list[tuple]], Iterator[Any]]
-"""`runner(fn, arglist)` runs `fn(*args, threads=n)` for every args of the list, anywhere, and yields
-the results in the order of the list; closing the iterator early cancels what has not run."""
+Runner = Callable[..., Iterator[Any]]
+"""`runner(fn, arglist, gil_bound=False)` runs `fn(*args, threads=n)` for every args of the list,
+anywhere, and yields the results in the order of the list; closing the iterator early cancels what
+has not run. `gil_bound`: `fn` is mostly Python (the cleaning filters), so units sharing a machine
+need processes, not threads; `fn` and the args are then pickled."""
 
 # Tokenization work unit inside one input: big enough to amortize the call, small enough to spread.
 _BATCH_DOCS = 512
@@ -220,17 +223,23 @@ def shard_pieces(used: list[tuple[int, int]], start: int, stop: int) -> list[tup
 
 def local_runner(workers: int) -> Runner:
     """Units on this machine, in threads of this process (the tokenizer and hashing release the GIL,
-    and threads start in no time, with nothing to pickle): `workers` cores shared by
-    min(workers, units) units at a time, each with workers // that many threads."""
+    and threads start in no time, with nothing to pickle) or, for `gil_bound` units, in spawned
+    processes: `workers` cores shared by min(workers, units) units at a time, each with
+    workers // that many threads."""
 
-    def run(fn: Callable[..., Any], arglist: list[tuple]) -> Iterator[Any]:
+    def run(fn: Callable[..., Any], arglist: list[tuple], gil_bound: bool = False) -> Iterator[Any]:
         at_once = max(1, min(workers, len(arglist)))
         threads = max(1, workers // at_once)
         if at_once == 1:
             for args in arglist:
                 yield fn(*args, threads=threads)
             return
-        pool = ThreadPoolExecutor(at_once, thread_name_prefix="prepare")
+        pool: Executor
+        if gil_bound:
+            # spawn, not fork: this process may already run the tokenizer's Rayon threads.
+            pool = ProcessPoolExecutor(at_once, mp_context=mp.get_context("spawn"))
+        else:
+            pool = ThreadPoolExecutor(at_once, thread_name_prefix="prepare")
         try:
             futures = [pool.submit(fn, *args, threads=threads) for args in arglist]
             for future in futures:

@@ -12,11 +12,13 @@ Documents are tokenized in the order of the input files' sorted paths, each foll
 concatenated into one stream and cut into blocks of exactly `block_len` tokens (the tail that does
 not fill a block is dropped). The last `val_blocks` blocks form the "val" split. Everything is built
 in a work directory next to `out` and moved in at the end, so an interrupted run leaves no manifest
-that lies; without cleaning stages the work is resumable units (trainer/data/pipeline.py) that run
-in threads here or as Ray tasks (cluster/prepare.py), with the same output.
+that lies; the work is resumable units (cleaning: trainer/data/curate.py; tokenize and shards:
+trainer/data/pipeline.py) that run here (threads, or processes for cleaning) or as Ray tasks
+(cluster/prepare.py), with the same output.
 
-When the tokenizer is trained here, the inputs are read twice (train, then tokenize) rather than
-held in memory; URLs are therefore fetched twice.
+When the tokenizer is trained here without cleaning stages, the inputs are read twice (train, then
+tokenize) rather than held in memory; URLs are therefore fetched twice. With cleaning stages the
+inputs are read once, into the clean units' files.
 """
 
 from __future__ import annotations
@@ -26,16 +28,13 @@ import gzip
 import hashlib
 import io
 import json
-import multiprocessing as mp
 import os
 import shutil
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -46,7 +45,15 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from trainer.data import pipeline
 from trainer.data.clean import CleanRecipe, make_recipe
-from trainer.data.curate import Curated, curate
+from trainer.data.curate import (
+    Curated,
+    clean_name,
+    clean_unit,
+    decide,
+    kept_texts,
+    removed_tokens_unit,
+    sourced,
+)
 from trainer.data.manifest import MANIFEST_NAME, Manifest, ShardInfo, SplitInfo, write_manifest
 from trainer.data.pipeline import Runner, local_runner
 from trainer.data.report import REPORT_JSON, REPORT_PNG, QualityReport
@@ -115,8 +122,8 @@ def prepare(
 
     `filters` ("gopher_quality,c4"), `dedup` ("exact,near") and `recipe` (a YAML file) switch on
     the cleaning stages (trainer/data/clean.py); with any of them a quality report is written too.
-    Without them the work runs as resumable units (trainer/data/pipeline.py) on `runner` (default:
-    this machine's `workers` cores); the output is the same whoever runs them.
+    The work runs as resumable units (trainer/data/curate.py, trainer/data/pipeline.py) on `runner`
+    (default: this machine's `workers` cores); the output is the same whoever runs them.
     """
     start = time.monotonic()
     opts = _Options(
@@ -138,44 +145,27 @@ def prepare(
     sources = sorted(resolve_inputs(inputs))
     inputs = sorted(inputs)
 
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    if opts.clean.enabled and runner is not None:
-        print("[prepare] the cleaning stages run on this machine, as one stream", file=sys.stderr, flush=True)
-    if not opts.clean.enabled:
-        manifest = _prepare_units(
-            out, inputs, sources, opts, runner or local_runner(opts.workers or os.cpu_count() or 1)
-        )
-        _print_summary(manifest, out, time.monotonic() - start)
-        return manifest
-    # Same filesystem as `out`, so the final moves are renames; the dot hides it from directory inputs.
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.prepare-", dir=parent)
-    progress = _Progress()
-    report = None
-    try:
-        manifest, report = _build_dataset(tmp, list(inputs), sources, opts, progress)
-        names = [s.name for split in manifest.splits.values() for s in split.shards] + [TOKENIZER_NAME]
-        if report is not None:
-            names += report.write(tmp)
-        _commit(tmp, out, names, manifest)
-    finally:
-        progress.done()
-        shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    manifest, report = _prepare_units(
+        out, inputs, sources, opts, runner or local_runner(opts.workers or os.cpu_count() or 1)
+    )
     _print_summary(manifest, out, time.monotonic() - start, report)
     return manifest
 
 
 def _prepare_units(
     out: str, inputs: list[str], sources: list[str], opts: _Options, runner: Runner
-) -> Manifest:
+) -> tuple[Manifest, QualityReport | None]:
     """Tokenizer, units and manifest in the work directory of these inputs and options, then moved
     into `out`. A run killed before the end leaves the work directory; the same command resumes it."""
     work = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.prepare-{_work_key(sources, opts)}")
     os.makedirs(work, exist_ok=True)
     progress = _Progress()
     try:
-        manifest = _build_units(work, inputs, sources, opts, progress, runner)
+        manifest, report = _build_units(work, inputs, sources, opts, progress, runner)
         names = [s.name for split in manifest.splits.values() for s in split.shards] + [TOKENIZER_NAME]
+        if report is not None:
+            names += report.write(work)
         _commit(work, out, names, manifest)
     except PrepareError:
         shutil.rmtree(work, ignore_errors=True)  # bad input: nothing worth resuming
@@ -183,7 +173,7 @@ def _prepare_units(
     finally:
         progress.done()
     shutil.rmtree(work, ignore_errors=True)
-    return manifest
+    return manifest, report
 
 
 def _work_key(sources: list[str], opts: _Options) -> str:
@@ -194,6 +184,8 @@ def _work_key(sources: list[str], opts: _Options) -> str:
         for s in sources
     ]
     fields = {k: v for k, v in opts.__dict__.items() if k not in ("workers", "clean")}
+    if opts.clean.enabled:
+        fields["clean"] = opts.clean.to_dict()
     if opts.tokenizer and os.path.isfile(opts.tokenizer):
         fields["tokenizer"] = sha256_file(opts.tokenizer)
     blob = json.dumps([files, fields, UNIT_BYTES, _tool_version()], sort_keys=True, default=str).encode()
@@ -202,28 +194,44 @@ def _work_key(sources: list[str], opts: _Options) -> str:
 
 def _build_units(
     work: str, inputs: list[str], sources: list[str], opts: _Options, progress: _Progress, runner: Runner
-) -> Manifest:
-    """Tokenizer, one tokenize unit per input, one unit per shard, and the sealed manifest, in
-    `work`; units finished by an earlier run (their records) are not run again."""
+) -> tuple[Manifest, QualityReport | None]:
+    """Clean units and the dedup decision (with cleaning stages), tokenizer, one tokenize unit per
+    input, one unit per shard, and the sealed manifest, in `work`; and the quality report when
+    cleaning stages ran. Units finished by an earlier run (their records) are not run again."""
     tok_path = os.path.join(work, TOKENIZER_NAME)
     reads = _unit_reads(sources, opts.text_field)
     unit_records = [
         pipeline.read_record(os.path.join(work, pipeline.unit_name(i) + ".json")) for i in range(len(reads))
     ]
-    if os.path.exists(tok_path):
+    cleaned = [
+        pipeline.read_record(os.path.join(work, clean_name(i) + ".json"))
+        for i in range(len(reads) if opts.clean.enabled else 0)
+    ]
+    if os.path.exists(tok_path) or any(r is not None for r in cleaned):
         shard_records = [
             n for n in os.listdir(work) if n.startswith(("train-", "val-")) and n.endswith(".json")
         ]
+        what = f"{sum(r is not None for r in cleaned)}/{len(reads)} units cleaned, " if cleaned else ""
         print(
-            f"[prepare] resuming {work}: {sum(r is not None for r in unit_records)}/{len(reads)} input units "
+            f"[prepare] resuming {work}: {what}{sum(r is not None for r in unit_records)}/{len(reads)} input units "
             f"tokenized, {len(shard_records)} shards written",
             file=sys.stderr,
             flush=True,
         )
+    curated = None
+    max_docs = opts.max_docs
+    if opts.clean.enabled:
+        curated = _clean(work, reads, sources, opts, progress, runner)
+        # The tokenize units read the kept documents of the clean units (--max-docs applied there).
+        reads = [
+            functools.partial(kept_texts, work, i, curated.unit_keep(i)) for i in range(len(curated.counts))
+        ]
+        max_docs = None
+    if os.path.exists(tok_path):
         tok = Tokenizer.from_file(tok_path)
         tokenizer_source = _tokenizer_source(opts)
     else:
-        tok, tokenizer_source = _make_tokenizer(sources, tok_path + ".partial", opts, progress)
+        tok, tokenizer_source = _make_tokenizer(sources, tok_path + ".partial", opts, progress, curated)
         os.replace(tok_path + ".partial", tok_path)
     eos_id = tok.token_to_id(EOS_TOKEN)
     vocab = tok.get_vocab_size(with_added_tokens=True)
@@ -242,18 +250,28 @@ def _build_units(
                     f"tokenizer produced id {record['max_id']}, which does not fit {dtype}",
                     field="--tokenizer",
                 )
-            left = None if opts.max_docs is None else opts.max_docs - n_docs
+            left = None if max_docs is None else max_docs - n_docs
             docs, tokens = pipeline.used_tokens(work, i, record, left)
             used.append((i, tokens))
             n_docs += docs
             n_tokens += tokens
             progress.update("tokenizing", docs=docs, tokens=tokens)
-            if left is not None and n_docs >= opts.max_docs:
+            if left is not None and n_docs >= max_docs:
                 break
     finally:
         results.close()
+        progress.done()
     n_blocks, n_val = _count_blocks(inputs, n_docs, n_tokens, opts)
     n_train = n_blocks - n_val
+    if curated is not None:
+        reasons = curated.unit_reasons()
+        removed = [
+            (work, i, curated.inputs[i], curated.unit_keep(i), reasons[i], tok_path)
+            for i in range(len(curated.counts))
+        ]
+        for counts in runner(removed_tokens_unit, removed):
+            for stage, n in counts.items():
+                curated.report.stage(stage).tokens += n
 
     # Shards: blocks of the stream, `samples_per_shard` each, train first.
     bl, per = opts.block_len, opts.samples_per_shard
@@ -284,60 +302,20 @@ def _build_units(
         "tokenizer": tokenizer_source,
         "tool_version": _tool_version(),
     }
-    return _manifest(dtype, bl, vocab, eos_id, tok_path, splits, source)
-
-
-def _build_dataset(
-    tmp: str, inputs: list[str], sources: list[str], opts: _Options, progress: _Progress
-) -> tuple[Manifest, QualityReport | None]:
-    """Tokenizer, token stream, shards and the sealed manifest, all in `tmp`; and the quality report
-    when cleaning stages ran."""
-    curated = _curate(tmp, sources, opts, progress) if opts.clean.enabled else None
-    tok_path = os.path.join(tmp, TOKENIZER_NAME)
-    tok, tokenizer_source = _make_tokenizer(sources, tok_path, opts, progress, curated)
-    eos_id = tok.token_to_id(EOS_TOKEN)
-    vocab = tok.get_vocab_size(with_added_tokens=True)
-    dtype = "uint16" if vocab <= 1 << 16 else "uint32"
-
-    tokens_path = os.path.join(tmp, "tokens.bin")
-    docs = curated.documents() if curated else iter_documents(sources, opts.text_field, opts.max_docs)
-    workers = opts.workers or os.cpu_count() or 1
-    doc_tokens: list[np.ndarray] | None = [] if curated else None
-    n_docs, n_tokens = _tokenize_to_file(docs, tok, eos_id, dtype, workers, tokens_path, progress, doc_tokens)
-    if curated:
-        _finish_report(curated, tok, doc_tokens)
-    n_blocks, n_val = _count_blocks(inputs, n_docs, n_tokens, opts)
-    n_train = n_blocks - n_val
-
-    blocks = np.memmap(tokens_path, dtype=_np_dtype(dtype), mode="r", shape=(n_blocks, opts.block_len))
-    splits = {
-        "train": _write_split(tmp, "train", blocks, 0, n_train, opts.samples_per_shard, progress),
-        "val": _write_split(tmp, "val", blocks, n_train, n_blocks, opts.samples_per_shard, progress),
-    }
-    del blocks  # release the mapping before the temp dir goes
-    progress.done()
-
-    source: dict[str, Any] = {
-        "inputs": inputs,
-        "documents": n_docs,
-        "tokens": n_tokens,
-        "dropped_tail_tokens": n_tokens - n_blocks * opts.block_len,
-        "text_field": opts.text_field,
-        "max_docs": opts.max_docs,
-        "tokenizer": tokenizer_source,
-        "tool_version": _tool_version(),
-    }
-    if curated:
-        # Only with cleaning on, so the quick start's manifest (and fingerprint) stay as they were.
-        source["cleaning"] = curated.report.recipe
-    manifest = _manifest(dtype, opts.block_len, vocab, eos_id, tok_path, splits, source)
-    return manifest, (curated.report if curated else None)
+    if curated is None:
+        return _manifest(dtype, bl, vocab, eos_id, tok_path, splits, source), None
+    # Only with cleaning on, so the quick start's manifest (and fingerprint) stay as they were.
+    source["cleaning"] = curated.report.recipe
+    # Tokens per kept document: the tokenize units' per-document counts.
+    doc_tokens = [np.fromfile(os.path.join(work, pipeline.unit_name(i) + ".docs"), "<u4") for i, _ in used]
+    curated.report.kept_tokens = np.concatenate(doc_tokens)
+    return _manifest(dtype, bl, vocab, eos_id, tok_path, splits, source), curated.report
 
 
 def _manifest(
     dtype: str, block_len: int, vocab: int, eos_id: int, tok_path: str, splits: dict, source: dict
 ) -> Manifest:
-    """The sealed manifest of a prepared corpus (both the unit and the curated paths)."""
+    """The sealed manifest of a prepared corpus."""
     return Manifest(
         version=1,
         dtype=dtype,
@@ -352,12 +330,35 @@ def _manifest(
     ).seal()
 
 
-def _curate(tmp: str, sources: list[str], opts: _Options, progress: _Progress) -> Curated:
-    """Run the cleaning and dedup stages over the inputs (read once) into `tmp`."""
-    docs = _iter_sourced(sources, opts.text_field, opts.max_docs)
-    workers = opts.workers or os.cpu_count() or 1
-    curated = curate(docs, opts.clean, sources, tmp, lambda n: progress.update("cleaning", docs=n), workers)
+def _clean(
+    work: str,
+    reads: list[Callable[[], Iterator[str]]],
+    sources: list[str],
+    opts: _Options,
+    progress: _Progress,
+    runner: Runner,
+) -> Curated:
+    """The clean units (filters and dedup keys, one per tokenize unit's input) on `runner`, in input
+    order up to --max-docs input documents; then the dedup decision over them, here."""
+    index = {s: k for k, s in enumerate(sources)}
+    args = [
+        (work, i, functools.partial(sourced, index[read.args[0]], read), opts.clean)  # type: ignore[attr-defined]
+        for i, read in enumerate(reads)
+    ]
+    results = runner(clean_unit, args, gil_bound=True)
+    units = seen = 0
+    try:
+        for record in results:
+            units += 1
+            seen += record["documents"]
+            progress.update("cleaning", docs=record["documents"])
+            if opts.max_docs is not None and seen >= opts.max_docs:
+                break
+    finally:
+        results.close()
+    progress.done()  # the runner's next lines start on their own line
     progress.reset()
+    curated = decide(work, units, opts.clean, sources, opts.max_docs)
     report = curated.report
     if report.input_documents and not curated.keep.any():
         removed = ", ".join(f"{name} {r.documents}" for name, r in report.removed.items())
@@ -367,18 +368,6 @@ def _curate(tmp: str, sources: list[str], opts: _Options, progress: _Progress) -
             field="--filters",
         )
     return curated
-
-
-def _finish_report(curated: Curated, tok: Tokenizer, doc_tokens: list[np.ndarray] | None) -> None:
-    """Token counts for the report: per kept document, and removed by each stage."""
-    counter = Tokenizer.from_str(tok.to_str())
-    counter.encode_special_tokens = True  # as the tokenization pass encodes
-
-    def count(texts: list[str]) -> list[int]:
-        return [len(e.ids) for e in counter.encode_batch(texts, add_special_tokens=False)]
-
-    curated.count_removed_tokens(count)
-    curated.report.kept_tokens = np.concatenate(doc_tokens) if doc_tokens else np.zeros(0, dtype=np.int64)
 
 
 def _make_tokenizer(
@@ -713,161 +702,7 @@ def _load_tokenizer(path: str, copy_to: str) -> Tokenizer:
     return tok
 
 
-# ---- tokenization -----------------------------------------------------------------------------
-
-_WORKER: dict[str, Any] = {}
-
-
-def _init_worker(tokenizer_json: str, eos_id: int, child: bool) -> None:
-    if child:
-        # Each process is one worker; Rayon threads inside each would oversubscribe the cores.
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    tok = Tokenizer.from_str(tokenizer_json)
-    # A literal "<|endoftext|>" inside a document is text, not a document boundary.
-    tok.encode_special_tokens = True
-    _WORKER.update(tokenizer=tok, eos_id=eos_id)
-
-
-def _encode_docs(docs: list[str]) -> np.ndarray:
-    """Ids of `docs`, each followed by EOS, as one uint32 array."""
-    tok: Tokenizer = _WORKER["tokenizer"]
-    eos_id: int = _WORKER["eos_id"]
-    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)  # no offsets: faster where available
-    ids = [e.ids for e in encode(docs, add_special_tokens=False)]
-    out = np.empty(sum(len(x) for x in ids) + len(ids), dtype=np.uint32)
-    pos = 0
-    for x in ids:
-        out[pos : pos + len(x)] = x
-        pos += len(x)
-        out[pos] = eos_id
-        pos += 1
-    return out
-
-
-def _ordered_map(
-    fn: Callable[[list[str]], np.ndarray], batches: Iterator[list[str]], workers: int, initargs: tuple
-) -> Iterator[tuple[int, np.ndarray]]:
-    """(len(batch), fn(batch)) in input order; like Pool.imap but with bounded read-ahead.
-
-    Pool.imap's feeder thread drains the whole input at once, which would hold a corpus in memory.
-    """
-    if workers == 1:
-        _init_worker(*initargs, False)
-        for batch in batches:
-            yield len(batch), fn(batch)
-        return
-    # spawn, not fork: the parent may already run Rayon/OpenMP threads, and forking those can deadlock.
-    ctx = mp.get_context("spawn")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(*initargs, True)) as pool:
-        pending: deque[tuple[int, Any]] = deque()
-        for batch in batches:
-            pending.append((len(batch), pool.apply_async(fn, (batch,))))
-            if len(pending) >= 2 * workers:
-                n, result = pending.popleft()
-                yield n, result.get()
-        while pending:
-            n, result = pending.popleft()
-            yield n, result.get()
-
-
-def _tokenize_to_file(
-    docs: Iterator[str],
-    tok: Tokenizer,
-    eos_id: int,
-    dtype: str,
-    workers: int,
-    path: str,
-    progress: _Progress,
-    doc_tokens: list[np.ndarray] | None = None,
-) -> tuple[int, int]:
-    """Write the EOS-separated token stream of `docs` to `path`; returns (documents, tokens).
-    `doc_tokens`, if given, collects each document's token count (EOS not counted)."""
-    np_dtype = _np_dtype(dtype)
-    limit = np.iinfo(np_dtype).max
-    n_docs = n_tokens = 0
-    with open(path, "wb") as f:
-        for n, ids in _ordered_map(
-            _encode_docs, pipeline.batches(docs, _BATCH_DOCS, _BATCH_CHARS), workers, (tok.to_str(), eos_id)
-        ):
-            if ids.size and int(ids.max()) > limit:
-                raise PrepareError(
-                    f"tokenizer produced id {int(ids.max())}, which does not fit {dtype}", field="--tokenizer"
-                )
-            f.write(ids.astype(np_dtype).tobytes())
-            if doc_tokens is not None:
-                # EOS only ends documents (a literal <|endoftext|> in text is encoded as text).
-                doc_tokens.append(np.diff(np.flatnonzero(ids == eos_id), prepend=-1) - 1)
-            n_docs += n
-            n_tokens += ids.size
-            progress.update("tokenizing", docs=n, tokens=ids.size)
-    return n_docs, n_tokens
-
-
-# ---- shards -----------------------------------------------------------------------------------
-
-
-def _write_split(
-    tmp: str,
-    split: str,
-    blocks: np.ndarray,
-    start: int,
-    stop: int,
-    samples_per_shard: int,
-    progress: _Progress,
-) -> SplitInfo:
-    """Write blocks[start:stop] as `<split>-%06d.tar` shards; key = global block index."""
-    import webdataset as wds  # imported here: it pulls in torch, which tokenizer workers do not need
-
-    block_len = blocks.shape[1]
-    shards: list[ShardInfo] = []
-    counts: dict[str, int] = {}
-    open_files: dict[str, IO[bytes]] = {}
-
-    # Our own opener/post instead of gopen: no URL parsing of local paths, and we fsync + hash each
-    # shard as ShardWriter closes it, recording exactly the file names it produced.
-    def opener(fname: str) -> IO[bytes]:
-        f = open(fname, "wb")
-        open_files[fname] = f
-        counts[fname] = 0
-        return f
-
-    def post(fname: str) -> None:
-        f = open_files.pop(fname)
-        f.flush()
-        os.fsync(f.fileno())
-        f.close()
-        samples = counts[fname]
-        shards.append(
-            ShardInfo(
-                name=os.path.basename(fname),
-                samples=samples,
-                tokens=samples * block_len,
-                bytes=os.path.getsize(fname),
-                sha256=sha256_file(fname),
-            )
-        )
-        progress.update("writing shards", shards=1)
-
-    pattern = os.path.join(tmp.replace("%", "%%"), f"{split}-%06d.tar")
-    try:
-        writer = wds.ShardWriter(
-            pattern,
-            maxcount=samples_per_shard,
-            maxsize=float(1 << 62),
-            post=post,
-            verbose=0,
-            opener=opener,
-            encoder=False,  # values are already bytes; nothing is ever pickled
-            mtime=0.0,  # fixed tar member times: same data gives byte-identical shards and sha256s
-        )
-        with writer:
-            for i in range(start, stop):
-                writer.write({"__key__": f"{i:09d}", "tokens": blocks[i].tobytes()})
-                counts[writer.fname] += 1
-    finally:
-        for f in open_files.values():
-            f.close()
-    return SplitInfo(shards=shards, samples=stop - start, tokens=(stop - start) * block_len)
+# ---- commit -----------------------------------------------------------------------------------
 
 
 def _commit(tmp: str, out: str, names: list[str], manifest: Manifest) -> None:
