@@ -127,8 +127,9 @@ def test_prepare_benchmark_prints_cleaning_and_minhash_rates(tmp_path):
         "encode_batch",
         "prepare, local",
         "prepare, Ray 1 node",
+        "prepare + dedup, local",
+        "prepare + dedup, Ray 1 node",
         "Ray Data, tokenize only",
-        "old tokenize stage",
     }
     assert all(r > 0 for r in rates.values())
     assert "x encode_batch" in p.stdout and "Ray 1 node takes" in p.stdout
