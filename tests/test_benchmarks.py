@@ -81,20 +81,28 @@ def test_startup_benchmark_prints_the_breakdown(corpus, tmp_path):
     assert "total to the first finished step" in p.stdout and "CPU seconds" in p.stdout
 
 
-def test_overhead_benchmark_prints_both_ratios():
-    """Plain loop, then `pretrain train` at ZeRO-0 and ZeRO-3, in a few short windows."""
+def test_overhead_benchmark_prints_every_ratio():
+    """Plain loop, then `pretrain train` at ZeRO-0, ZeRO-3 and the quick-start layout, in a few short
+    windows."""
+    args = ["--steps", "12", "--log-every", "4", "--plain-steps", "4", "--rounds", "1"]
     p = subprocess.run(
-        [sys.executable, "benchmarks/overhead.py", "--steps", "12", "--log-every", "4", "--rounds", "1"],
+        [sys.executable, "benchmarks/overhead.py", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    ratios = [float(r) for r in re.findall(r"ZeRO-[03]: median ratio ([\d.]+) over 1 rounds", p.stdout)]
-    assert len(ratios) == 2 and all(r > 0 for r in ratios), p.stdout
-    assert len(re.findall(r"tokens/s -> ratio [\d.]+ \(against", p.stdout)) == 2, p.stdout
-    assert "steps 2-4 (start-up's tail)" in p.stdout
+    ratios = re.findall(r"pretrain train, (.*?): median ratio ([\d.]+) over 1 rounds", p.stdout)
+    assert [name for name, _ in ratios] == [
+        "1 worker, ZeRO-0",
+        "1 worker, ZeRO-3",
+        "quick start (ZeRO-3, 2 workers of 1 thread, global batch 16)",
+    ], p.stdout
+    assert all(float(r) > 0 for _, r in ratios), p.stdout
+    assert len(re.findall(r"tokens/s -> ratio [\d.]+ \(against", p.stdout)) == 3, p.stdout
+    assert "steps 2-4 (start-up's tail)" in p.stdout and "load average" in p.stdout
+    assert "plain PyTorch loop (2 threads, batch 16)" in p.stdout
 
 
 def test_prepare_benchmark_prints_cleaning_and_minhash_rates(tmp_path):
