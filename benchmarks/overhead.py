@@ -96,7 +96,7 @@ def load_average() -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=50, help="steps of each `pretrain train` run")
+    ap.add_argument("--steps", type=int, default=40, help="steps of each `pretrain train` run")
     ap.add_argument("--plain-steps", type=int, default=20, help="timed steps of each plain loop run")
     ap.add_argument("--log-every", type=int, default=10, help="steps per logged window")
     ap.add_argument("--threads", type=int, default=2)
