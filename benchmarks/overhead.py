@@ -16,7 +16,7 @@ system metrics on their threads meanwhile), with the first window and the whole 
 shown beside it. Each of ours runs between two runs of the plain loop of its shape, `--rounds`
 times; the median ratio is the figure. Start-up itself: benchmarks/startup.py.
 
-    python benchmarks/overhead.py --rounds 5     # zero0 and quickstart: about 12 minutes on 2 cores
+    python benchmarks/overhead.py --rounds 5     # zero0 and quickstart; a quiet 2-core machine: < 12 min
     python benchmarks/overhead.py --only zero0,zero3,quickstart
 """
 
