@@ -1,4 +1,5 @@
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -41,3 +42,23 @@ def undisturbed(corpus, tmp_path_factory) -> dict[int, float]:
     p = pretrain(*train_args(corpus, tmp, "ref"))
     assert p.returncode == 0, p.stderr[-3000:]
     return losses(tmp / "runs" / "ref")
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A 5 MB tmpfs: two committed checkpoints of the tiny model (2 MB each) fit, a third does not.
+    Yields (path, remount): remount(size) makes it bigger, as freeing space would."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=5m", "tmpfs", str(disk)], capture_output=True
+    ).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+
+    def remount(size: str) -> None:
+        subprocess.run(["mount", "-o", f"remount,size={size}", str(disk)], check=True)
+
+    try:
+        yield disk, remount
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import subprocess
 import threading
 
 import pytest
@@ -236,30 +235,16 @@ def test_sigkill_during_the_background_write(corpus, tmp_path, undisturbed):
     assert watch.first is not None and watch.gaps == [], watch.gaps
 
 
-@pytest.fixture()
-def small_disk(tmp_path):
-    """A 5 MB tmpfs: two committed checkpoints of the tiny model (2 MB each) fit, a third does not."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=5m", "tmpfs", str(disk)], capture_output=True
-    ).returncode:
-        pytest.skip("mounting a tmpfs needs root")
-    try:
-        yield disk
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
-
-
 @pytest.mark.slow
 def test_full_disk_during_the_background_write(corpus, tmp_path, small_disk):
     """ENOSPC while step 6 is written in the background: the ranks agree on it at the commit, step
     6 is removed, step 4 stays the newest commit, the run ends with exit 2 and one message, last.
     (The resume from there is the synchronous case's, tests/test_chaos.py; the exact resume after
     a background write is the SIGKILL case above.)"""
-    run = small_disk / "full"
+    disk, _ = small_disk
+    run = disk / "full"
     with CommitWatch(run / "checkpoints") as watch:
-        p = pretrain(*train_args(corpus, tmp_path, "full", ASYNC, storage=small_disk))
+        p = pretrain(*train_args(corpus, tmp_path, "full", ASYNC, storage=disk))
     assert p.returncode == 2, p.stderr[-3000:]
     assert watch.first is not None and watch.gaps == [], watch.gaps
     last = p.stderr.strip().splitlines()[-1]

@@ -58,26 +58,6 @@ def step_dirs(run: Path) -> list[int]:
     return sorted(int(p.name[5:]) for p in (run / "checkpoints").iterdir() if p.name.startswith("step_"))
 
 
-@pytest.fixture()
-def small_disk(tmp_path):
-    """A 5 MB tmpfs: two committed checkpoints of the tiny model (2 MB each) fit, a third does not.
-    Yields (path, remount): remount(size) makes it bigger, as freeing space would."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=5m", "tmpfs", str(disk)], capture_output=True
-    ).returncode:
-        pytest.skip("mounting a tmpfs needs root")
-
-    def remount(size: str) -> None:
-        subprocess.run(["mount", "-o", f"remount,size={size}", str(disk)], check=True)
-
-    try:
-        yield disk, remount
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
-
-
 def test_full_disk_at_a_save_stops_the_run_then_resume_finishes_it(corpus, tmp_path, small_disk, undisturbed):
     """ENOSPC at the third save (step 6): every rank stops within seconds (no barrier waits out the
     process group's timeout), step 6 is removed, the run ends with exit 2, `state: failed` and one
