@@ -92,3 +92,16 @@ def hooked_env(**hooks: str) -> dict:
     """Environment variables that arm tests/fault_hooks in every Python process a `pretrain`
     subprocess starts (its Ray workers too): the hooks' variables, and PYTHONPATH with the hooks first."""
     return {"PYTHONPATH": os.pathsep.join([HOOKS, *filter(None, [os.environ.get("PYTHONPATH")])]), **hooks}
+
+
+def committed(run: Path) -> list[int]:
+    """The steps of a run directory that have a commit record."""
+    ck = run / "checkpoints"
+    return sorted(
+        int(p.name[5:]) for p in ck.iterdir() if p.name.startswith("step_") and (p / "commit.json").is_file()
+    )
+
+
+def step_dirs(run: Path) -> list[int]:
+    """Every step directory of a run directory, committed or not."""
+    return sorted(int(p.name[5:]) for p in (run / "checkpoints").iterdir() if p.name.startswith("step_"))

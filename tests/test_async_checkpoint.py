@@ -12,8 +12,8 @@ import threading
 import pytest
 import torch
 
-from tests.run_fixtures import hooked_env, tiny_config
-from tests.test_chaos import CommitWatch, committed, events, losses, pretrain, step_dirs, train_args
+from tests.run_fixtures import committed, hooked_env, step_dirs, tiny_config
+from tests.test_chaos import CommitWatch, events, losses, pretrain, train_args
 from trainer.checkpoint import COMMIT
 from trainer.events import EventLog
 from trainer.loop import train
@@ -32,17 +32,6 @@ def _cfg(corpus, background: bool, save_final: bool = True, **train_):
 
 def _commit(run, step: int) -> dict:
     return json.loads((run / "checkpoints" / f"step_{step}" / COMMIT).read_text())
-
-
-def _committed(run) -> list[int]:
-    ck = run / "checkpoints"
-    return sorted(
-        int(p.name[5:]) for p in ck.iterdir() if p.name.startswith("step_") and (p / COMMIT).is_file()
-    )
-
-
-def _step_dirs(run) -> list[int]:
-    return sorted(int(p.name[5:]) for p in (run / "checkpoints").iterdir() if p.name.startswith("step_"))
 
 
 def _read(path):
@@ -109,7 +98,7 @@ def test_training_goes_on_while_the_files_are_written(corpus, tmp_path, saved_in
     assert steps_when_written == [True]
     reference, ref_run = saved_in_step
     assert result.losses == reference.losses  # bitwise
-    assert _step_dirs(tmp_path) == _committed(tmp_path) == [4, 6]
+    assert step_dirs(tmp_path) == committed(tmp_path) == [4, 6]
     for step in (4, 6):
         files = _commit(tmp_path, step)["files"]
         assert sorted(files) == sorted(_commit(ref_run, step)["files"])
@@ -159,7 +148,7 @@ def test_a_late_copy_holds_the_next_optimizer_step_back(corpus, tmp_path, saved_
     monkeypatch.setattr(deepspeed_save.Snapshot, "copy", late_copy)
     train(_cfg(corpus, True, save_final=False, stop_at=3), Session(run_dir=str(tmp_path)))
     assert order.index("copied") < order.index(("step done", 2))
-    assert _committed(tmp_path) == [2]
+    assert committed(tmp_path) == [2]
     monkeypatch.undo()
     second = train(_cfg(corpus, True), Session(run_dir=str(tmp_path)))  # resumes from step 2
     assert sorted(second.losses) == [3, 4, 5, 6]
@@ -170,7 +159,7 @@ def test_a_save_in_flight_at_the_end_is_committed_and_resumes_exactly(corpus, tm
     """`save_final: false`, stopped at step 5: step 4's background save is still committed when
     training ends, and a resume from it gives the synchronous run's losses bitwise."""
     train(_cfg(corpus, True, save_final=False, stop_at=5), Session(run_dir=str(tmp_path)))
-    assert _committed(tmp_path) == [2, 4]
+    assert committed(tmp_path) == [2, 4]
     second = train(_cfg(corpus, True), Session(run_dir=str(tmp_path)))
     assert sorted(second.losses) == [5, 6]
     assert all(loss == saved_in_step[0].losses[s] for s, loss in second.losses.items())
@@ -196,11 +185,11 @@ def test_io_error_in_the_background_write(corpus, tmp_path, saved_in_step, on_er
             assert message.startswith(f"checkpoint step 4 could not be saved to {ck / 'step_4'}: rank 0: ")
             assert "[Errno 5] Input/output error" in message and "optim_states.pt" in message
             assert "the uncommitted step 4 was removed; the newest intact checkpoint is step 2" in message
-            assert _step_dirs(tmp_path) == _committed(tmp_path) == [2]
+            assert step_dirs(tmp_path) == committed(tmp_path) == [2]
         else:
             result = train(cfg, Session(run_dir=str(tmp_path)))
             assert result.losses == saved_in_step[0].losses
-            assert _step_dirs(tmp_path) == _committed(tmp_path) == [2, 6]
+            assert step_dirs(tmp_path) == committed(tmp_path) == [2, 6]
         failed = [e for e in EventLog(str(tmp_path)).read() if e["event"] == "checkpoint_failed"]
         assert [e["step"] for e in failed] == [4]
     finally:
@@ -325,7 +314,7 @@ def test_sigterm_with_a_save_in_flight_commits_both_and_stops(corpus, tmp_path, 
     monkeypatch.setattr(loop, "train_step", sigterm_in_step_3)
     monkeypatch.setattr(deepspeed_save.Snapshot, "write", late_write)
     stopped = train(_cfg(corpus, True), Session(run_dir=str(tmp_path)))
-    assert stopped.steps == 3 and _step_dirs(tmp_path) == _committed(tmp_path) == [2, 3]
+    assert stopped.steps == 3 and step_dirs(tmp_path) == committed(tmp_path) == [2, 3]
     monkeypatch.undo()
     resumed = train(_cfg(corpus, True), Session(run_dir=str(tmp_path)))
     assert resumed.losses == {k: v for k, v in saved_in_step[0].losses.items() if k > 3}
@@ -365,7 +354,7 @@ def test_pipeline_stages_save_in_the_background(tmp_path):
 
     per_rank = run_world(2, tmp_path, _pp2_runs, str(tmp_path))
     runs = {b: tmp_path / str(b) for b in (False, True)}
-    assert _committed(runs[False]) == _committed(runs[True]) == [2, 4]
+    assert committed(runs[False]) == committed(runs[True]) == [2, 4]
     for step in (2, 4):
         names = sorted(_commit(runs[False], step)["files"])
         assert names == sorted(_commit(runs[True], step)["files"]) and any("layer_" in n for n in names)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.run_fixtures import hooked_env, run_pretrain, tiny_run
+from tests.run_fixtures import committed, hooked_env, run_pretrain, step_dirs, tiny_run
 
 pytestmark = pytest.mark.slow
 
@@ -45,17 +45,6 @@ def losses(run: Path) -> dict[int, float]:
 
 def events(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines() if line.strip()]
-
-
-def committed(run: Path) -> list[int]:
-    ck = run / "checkpoints"
-    return sorted(
-        int(p.name[5:]) for p in ck.iterdir() if p.name.startswith("step_") and (p / "commit.json").is_file()
-    )
-
-
-def step_dirs(run: Path) -> list[int]:
-    return sorted(int(p.name[5:]) for p in (run / "checkpoints").iterdir() if p.name.startswith("step_"))
 
 
 def test_full_disk_at_a_save_stops_the_run_then_resume_finishes_it(corpus, tmp_path, small_disk, undisturbed):

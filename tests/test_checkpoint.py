@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from tests.run_fixtures import tiny_config
+from tests.run_fixtures import committed, step_dirs, tiny_config
 from trainer.checkpoint import COMMIT, CheckpointError
 from trainer.loop import train
 from trainer.session import Session
@@ -158,17 +158,6 @@ def test_sigterm_commits_a_checkpoint_and_stops(corpus, tmp_path, uninterrupted)
 # ---------------------------------------------------------------------------------- faults at a save
 
 
-def _committed_steps(run) -> list[int]:
-    ck = run / "checkpoints"
-    return sorted(
-        int(p.name[5:]) for p in ck.iterdir() if p.name.startswith("step_") and (p / COMMIT).is_file()
-    )
-
-
-def _step_dirs(run) -> list[int]:
-    return sorted(int(p.name[5:]) for p in (run / "checkpoints").iterdir() if p.name.startswith("step_"))
-
-
 @pytest.mark.parametrize("on_error", ["stop", "continue"])
 def test_io_error_at_a_save(corpus, tmp_path, uninterrupted, on_error, caplog):
     """A file of step 4 whose write fails with EIO (DeepSpeed's optimizer partition): stop raises one
@@ -196,7 +185,7 @@ def test_io_error_at_a_save(corpus, tmp_path, uninterrupted, on_error, caplog):
             assert "a step needs about " in message and " free of " in message
             assert f"the newest intact checkpoint is step 2 ({ck / 'step_2'})" in message
             assert "the uncommitted step 4 was removed" in message
-            assert _step_dirs(tmp_path) == _committed_steps(tmp_path) == [2]
+            assert step_dirs(tmp_path) == committed(tmp_path) == [2]
             failed = [ev for ev in EventLog(str(tmp_path)).read() if ev["event"] == "checkpoint_failed"]
             assert [ev["step"] for ev in failed] == [4] and failed[0]["error"] == message
         else:
@@ -205,7 +194,7 @@ def test_io_error_at_a_save(corpus, tmp_path, uninterrupted, on_error, caplog):
             assert "Input/output error" in caplog.text and "the next save is at step 6" in caplog.text
             assert result.losses == uninterrupted[0].losses  # the failed save changed nothing
             assert (
-                _step_dirs(tmp_path) == _committed_steps(tmp_path) == [2, STEPS]
+                step_dirs(tmp_path) == committed(tmp_path) == [2, STEPS]
             )  # 4 failed; 6 committed at the next interval
     finally:
         undo()
@@ -224,7 +213,7 @@ def test_retention_counts_only_commits_that_verify(corpus, tmp_path, uninterrupt
     with caplog.at_level(logging.INFO, logger="pretrain"):
         resumed = train(cfg, Session(run_dir=str(tmp_path)))  # resumes at 2, saves 3 and 6
     # Before: retention counted the damaged step 4, deleting step 3 and 2: [4 (damaged), 6].
-    assert _step_dirs(tmp_path) == [3, 6]
+    assert step_dirs(tmp_path) == [3, 6]
     assert "resumed from committed checkpoint step 2" in caplog.text
     assert "checkpoint step 4 does not verify, so it is not one of the 2 kept" in caplog.text
     assert resumed.losses == {k: v for k, v in uninterrupted[0].losses.items() if k > 2}
@@ -235,7 +224,7 @@ def test_retention_counts_only_commits_that_verify(corpus, tmp_path, uninterrupt
     victim = next(p for p in (ck / "step_6").iterdir() if p.name.endswith("optim_states.pt"))
     victim.write_bytes(bytes(victim.stat().st_size))
     train(_cfg(corpus), Session(run_dir=str(tmp_path)))  # resumes at 3, saves 4 and 6
-    assert _step_dirs(tmp_path) == [4, 6] and manager.verify(6).step == 6
+    assert step_dirs(tmp_path) == [4, 6] and manager.verify(6).step == 6
 
 
 def test_checkpoint_files_are_fsynced_before_the_commit(corpus, tmp_path, monkeypatch):
