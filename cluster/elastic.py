@@ -66,7 +66,7 @@ def at_size(cfg: Config, layouts: dict, world_size: int) -> Config:
     driver computed them; JSON keys are strings)."""
     from dataclasses import replace
 
-    tp, pp = layouts.get(str(world_size)) or layouts.get(world_size) or (cfg.parallel.tp, cfg.parallel.pp)
+    tp, pp = layouts.get(str(world_size)) or (cfg.parallel.tp, cfg.parallel.pp)
     if (tp, pp) == (cfg.parallel.tp, cfg.parallel.pp):
         return cfg
     log.info(

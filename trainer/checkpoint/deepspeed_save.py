@@ -108,9 +108,9 @@ class _HostCopy:
     copy (`reuse`, of the same sizes: the same model) are filled again rather than allocated:
     fresh memory costs a page fault per page, pinned memory a slow allocation."""
 
-    def __init__(self, reuse: list[torch.Tensor] = (), defer: bool = False):
-        self.defer = defer  # host tensors' bytes copied later (`pending`), by `Snapshot.copy`
-        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (host buffer, source bytes)
+    def __init__(self, reuse: list[torch.Tensor] = ()):
+        # host tensors' bytes are copied later, by `Snapshot.copy`: (host buffer, source bytes)
+        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.objects: dict[int, tuple[object, object]] = {}  # id -> (original kept alive, copy)
         self.storages: dict[tuple, torch.UntypedStorage] = {}
         self.buffers: list[torch.Tensor] = []  # every host buffer this copy fills
@@ -156,7 +156,7 @@ class _HostCopy:
             buf = spare.pop() if spare else torch.empty(src.nbytes(), dtype=torch.uint8, pin_memory=pinned)
             self.buffers.append(buf)
             source = torch.empty(0, dtype=torch.uint8, device=src.device).set_(src)
-            if self.defer and not pinned:
+            if not pinned:
                 self.pending.append((buf, source))
             else:  # a device's copy is queued on its stream now: it costs the step path nothing
                 buf.copy_(source, non_blocking=pinned)
@@ -227,14 +227,14 @@ class Snapshot:
         return writes.files
 
 
-def snapshot(engine, root: str, tag: str, reuse: list[torch.Tensor] = (), defer: bool = False) -> Snapshot:
+def snapshot(engine, root: str, tag: str, reuse: list[torch.Tensor] = ()) -> Snapshot:
     """`engine.save_checkpoint(root, tag)` with each file's state copied to host memory instead of
     written (directories are made now), into the buffers of an earlier snapshot where they fit
     (`reuse`: `Snapshot.buffers` of one that is written). DeepSpeed's collectives run as in
     `save`; a failed copy (out of host memory) is raised after them. Only directories are made
-    now: every file, the recovery scripts too, is written by `Snapshot.write`. With `defer`, the
-    bytes of tensors already in host memory are copied by `Snapshot.copy` instead of now."""
-    writes, copier, files = _Writes(), _HostCopy(reuse, defer), []
+    now: every file, the recovery scripts too, is written by `Snapshot.write`. The bytes of
+    tensors already in host memory are copied by `Snapshot.copy`, not now."""
+    writes, copier, files = _Writes(), _HostCopy(reuse), []
 
     def hold(write, path: str, state) -> None:
         if state is None:  # DeepSpeed's recovery scripts: copied into the directory `path` later

@@ -359,7 +359,7 @@ class CheckpointManager:
             self.on_all_ranks(
                 lambda: held.append(
                     deepspeed_save.snapshot(
-                        engine, str(self.root), self.store.step_dir(step).name, self._host_buffers, defer=True
+                        engine, str(self.root), self.store.step_dir(step).name, self._host_buffers
                     )
                 )
             )
