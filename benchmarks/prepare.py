@@ -22,8 +22,9 @@ memory; of `prepare()` (reading, tokenizing, shards and manifest) on this machin
 reading the same files and tokenizing them (`read_json` + `map_batches`, counting tokens, writing
 nothing: the alternative to Ray tasks); and of `prepare --dedup exact,near` locally and on Ray
 (clean units: exact and MinHash keys; the decision; the tokenize units; the report's token
-counts). Rounds are interleaved after a warm-up round; the median is printed, with the load average
-before and after. Where Ray's extra time goes: the median wall and CPU seconds of each stage (clean,
+counts). Rounds are interleaved after a warm-up round (Ray Data's come after all the others: its
+actors linger and slowed the next Ray prepare by ~1 s); the median is printed, with the load
+average before and after. Where Ray's extra time goes: the median wall and CPU seconds of each stage (clean,
 tokenize, removed-token and shard units; whole runs) locally and on Ray, and Ray's one-off costs,
 not counted above: `ray.init` and the first task's worker start-up.
 """
@@ -232,17 +233,23 @@ def tokenize_rates(megabytes: float, rounds: int, worker_niceness: int | None = 
             "prepare, Ray 1 node": lambda: run_prepare(runner, "Ray"),
             "prepare + dedup, local": lambda: run_prepare(local, "local", dedup="exact,near"),
             "prepare + dedup, Ray 1 node": lambda: run_prepare(runner, "Ray", dedup="exact,near"),
-            # Last: its actors hold CPUs for a while after it returns, which would starve the next case.
-            "Ray Data, tokenize only": ray_data,
         }
-        rates: dict[str, list[float]] = {name: [] for name in cases}
-        load = [os.getloadavg()[0]]
-        for r in range(rounds + 1):  # round 0 warms up (Ray workers, page cache)
+        rates: dict[str, list[float]] = {name: [] for name in [*cases, "Ray Data, tokenize only"]}
+        load, tokens = [os.getloadavg()[0]], [0]
+
+        def measure(name: str, fn, r: int) -> None:
+            t0 = time.perf_counter()
+            tokens[0] = fn()
+            if r:  # round 0 warms up (Ray workers, page cache)
+                rates[name].append(tokens[0] / (time.perf_counter() - t0))
+
+        for r in range(rounds + 1):
             for name, fn in cases.items():
-                t0 = time.perf_counter()
-                tokens = fn()
-                if r:
-                    rates[name].append(tokens / (time.perf_counter() - t0))
+                measure(name, fn, r)
+        # Ray Data after all the other rounds: its actors and its stats actor stay on the cluster
+        # for a while after it returns and took CPU from the Ray prepare of the next round.
+        for r in range(rounds + 1):
+            measure("Ray Data, tokenize only", ray_data, r)
         load.append(os.getloadavg()[0])
         ray.shutdown()
     finally:
@@ -251,7 +258,7 @@ def tokenize_rates(megabytes: float, rounds: int, worker_niceness: int | None = 
     # Stage seconds without the warm-up round.
     stage_s = {where: {k: statistics.median(v[1:]) for k, v in d.items()} for where, d in stages.items()}
     return {
-        "tokens": tokens,
+        "tokens": tokens[0],
         "cores": cores,
         "load_average": load,
         "tokens_per_s": median,
