@@ -244,3 +244,69 @@ def test_an_mlflow_run_that_fails_after_the_workers_started_leaves_no_run(pretra
     )
     assert "Traceback" not in p.stderr
     assert not run_dir.exists()
+
+
+_RANK = """
+import json, os, sys, time
+import torch, torch.distributed as dist
+from trainer.session import Session
+os.environ.update(json.loads(sys.argv[1]))
+time.sleep(float(sys.argv[2]))
+try:
+    Session().ensure_process_group("gloo", timeout_s=float(sys.argv[3]))
+except dist.DistStoreError as e:
+    print("ERROR", e, flush=True)
+    sys.exit(3)
+t = torch.ones(1)
+dist.all_reduce(t)
+print("SUM", t.item(), flush=True)
+dist.destroy_process_group()
+"""
+
+
+def _rank_env(rank: int, port: int) -> str:
+    return json.dumps(
+        {
+            "RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "PRETRAIN_STORE_BIND": "127.0.0.1",
+            "GLOO_SOCKET_IFNAME": "lo",
+        }
+    )
+
+
+def test_a_rank_that_comes_before_rank_0s_store_joins_it_and_names_it_when_it_never_comes():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # Rank 1 first, rank 0 a second later: rank 1 waits for the store, then both meet.
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-c", _RANK, _rank_env(rank, port), delay, "60"],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank, delay in ((1, "0"), (0, "1"))
+    ]
+    outs = [r.communicate(timeout=120)[0] for r in ranks]
+    assert [r.returncode for r in ranks] == [0, 0], outs
+    assert all("SUM 2.0" in out for out in outs), outs
+    # Rank 0 never comes: rank 1 says which store it waited for, after its timeout.
+    alone = subprocess.run(
+        [sys.executable, "-c", _RANK, _rank_env(1, port), "0", "2"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert alone.returncode == 3, alone.stdout + alone.stderr
+    assert (
+        f"rank 0's rendezvous store at 127.0.0.1:{port} (MASTER_ADDR:MASTER_PORT) accepted no connection within 2 s"
+        in alone.stdout
+    )

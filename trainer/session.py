@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -44,6 +45,8 @@ class Session:
             return
         if "MASTER_ADDR" in os.environ and "RANK" in os.environ:  # torchrun, Ray (cluster/backend.py)
             timeout = timedelta(seconds=timeout_s)
+            if int(os.environ["RANK"]) != 0:
+                wait_for_listener(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), timeout_s)
             if os.environ.get(STORE_BIND_ENV):
                 rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
                 store = rendezvous_store(os.environ[STORE_BIND_ENV], timeout)
@@ -89,9 +92,33 @@ def rendezvous_store(bind: str, timeout: timedelta) -> dist.TCPStore:
             sock.close()
             raise
         listen_fd = sock.detach()  # the store's server owns it now, and closes it
+    # The server does not wait for the clients: init_process_group's rendezvous does.
     return dist.TCPStore(
-        env["MASTER_ADDR"], port, world_size, rank == 0, timeout=timeout, master_listen_fd=listen_fd
+        env["MASTER_ADDR"],
+        port,
+        world_size,
+        rank == 0,
+        timeout=timeout,
+        wait_for_workers=False,
+        master_listen_fd=listen_fd,
     )
+
+
+def wait_for_listener(host: str, port: int, timeout_s: float, poll_s: float = 0.01) -> None:
+    """Return once `host:port` accepts a connection: rank 0's store is up. A TCPStore client that
+    comes first retries only after 250-750 ms (torch's backoff), idle time on every start-up."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection((host, port), timeout=1.0).close()
+            return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise dist.DistStoreError(
+                    f"rank 0's rendezvous store at {host}:{port} (MASTER_ADDR:MASTER_PORT) accepted no "
+                    f"connection within {timeout_s:g} s: {e}"
+                ) from None
+            time.sleep(poll_s)
 
 
 def session_from_env() -> Session:
