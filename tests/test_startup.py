@@ -310,3 +310,21 @@ def test_a_rank_that_comes_before_rank_0s_store_joins_it_and_names_it_when_it_ne
         f"rank 0's rendezvous store at 127.0.0.1:{port} (MASTER_ADDR:MASTER_PORT) accepted no connection within 2 s"
         in alone.stdout
     )
+
+
+def test_the_embedded_cluster_retries_local_connects_every_tenth_of_a_second(tmp_path):
+    # Ray's default retries a refused local connect (the raylet's to its object store, which often
+    # comes first) only after 1 s; an unknown key would stop Ray's start altogether.
+    out = run_python(
+        """
+        import ray._raylet
+        from cluster.driver import start_ray
+        from trainer.config import from_dict, load_yaml
+
+        start_ray(from_dict(load_yaml("configs/tiny-cpu.yaml")))
+        config = ray._raylet.Config
+        print(config.raylet_client_connect_timeout_milliseconds(), config.raylet_client_num_connect_attempts())
+        """,
+        tmp_path,
+    )
+    assert out.split()[-2:] == ["100", "100"], out
