@@ -5,9 +5,9 @@ workers, DeepSpeed ZeRO-3, MLflow in SQLite) for a few steps as a subprocess, `-
 in one working directory, and splits each start-up into where it went:
 
 - driver: the CLI's imports, config and corpus check (until the run directory's config.yaml is
-  written); Ray's import; Ray's start (`ray.init`, from the run's `ray_started` event); what is
-  left of Ray Train's import when Ray is up (until the run's `workers_requested` event). The MLflow
-  run is created on a thread from Ray's import on, while Ray and the worker group start: its
+  written); Ray's import; Ray's start (`ray.init`, from the run's `ray_started` event); Ray
+  Train's import, once Ray is up (until the run's `workers_requested` event). The MLflow run is
+  created on a thread from then on, while the worker group starts: its
   `mlflow_run_created` event is shown apart, as seconds from the command's start (off the path to
   the first step unless the ranks wait for its id);
 - the worker group, from the driver's request (Ray Train's controller log, in the session
@@ -55,7 +55,7 @@ ROWS = [
     ("cli", "CLI: imports, config, corpus check"),
     ("mlflow_run", "driver: Ray's import"),
     ("ray_init", "Ray start (ray.init)"),
-    ("after_ray", "driver: rest of Ray Train's import, the trainer"),
+    ("after_ray", "driver: Ray Train's import, the trainer"),
     ("controller", "worker group: Ray Train's controller starts"),
     ("to_workers", "worker group: placement, worker processes (Ray's imports)"),
     ("ray_train_setup", "worker group: Ray Train's set-up -> rank 0 in the training function"),

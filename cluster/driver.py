@@ -256,15 +256,16 @@ def run_training(cfg: Config) -> dict:
         lease.release()
         shutil.rmtree(run_dir, ignore_errors=True)
         raise
-    # One thread, in this order: Ray Train's import (done while Ray starts), then the MLflow run
-    # (MLflow's import and store set-up: seconds of CPU), which goes on while Ray Train starts the
-    # worker group; the workers read its id from run.json when they need it (cluster/ray_session.py).
-    pool = ThreadPoolExecutor(1, thread_name_prefix="while-ray-starts")
-    imported = pool.submit(_import_ray_train)
-    mlflow_run = pool.submit(_create_mlflow_run, cfg, run_dir) if cfg.tracking.enabled else _known("")
+    # Ray first, alone: imports beside its start slow its agents, and the raylet then registers
+    # after the driver's first look, which Ray repeats only a second later. Then Ray Train's import,
+    # then the MLflow run on a thread (MLflow's import and store set-up: seconds of CPU) while Ray
+    # Train starts the worker group; the workers read its id from run.json (cluster/ray_session.py).
+    pool = ThreadPoolExecutor(1, thread_name_prefix="mlflow-run")
+    mlflow_run = _known("")
     try:
         start_ray_logged(cfg, run_dir)
-        imported.result()
+        _import_ray_train()
+        mlflow_run = pool.submit(_create_mlflow_run, cfg, run_dir) if cfg.tracking.enabled else _known("")
         if mlflow_run.done():
             mlflow_run.result()  # its error now, before any worker starts
         write_run_record(run_dir, {"name": name, "state": "running", "tracking_uri": cfg.tracking.uri})

@@ -144,8 +144,8 @@ def _elastic_group_policy():
 
 
 def __getattr__(name: str):
-    """Ray Train's internals are imported when first used, not with this module: the driver imports
-    Ray Train on a thread while Ray starts, and two threads importing it at once break its imports."""
+    """Ray Train's internals are imported when first used, not with this module: the driver starts
+    Ray before it imports Ray Train (cluster/driver.py `run_training`)."""
     if name == "ClusterSizedScalingPolicy":
         return _cluster_sized_scaling_policy()
     if name == "ElasticGroupPolicy":  # cluster/elastic.py's sizes in Ray Train's elastic policy

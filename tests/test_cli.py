@@ -108,8 +108,8 @@ def test_config_fields_documents_every_field(pretrain_cli):
 
 
 def test_a_tracking_store_that_cannot_be_opened_names_tracking_uri(pretrain_cli, tmp_path, corpus):
-    """The MLflow run is created while Ray starts: its failure still ends the command with the
-    field to fix, and leaves no run behind."""
+    """The MLflow run is created while the worker group starts: its failure still ends the command
+    with the field to fix, and leaves no run behind."""
     from tests.conftest import ROOT
 
     (tmp_path / "afile").write_text("not a directory")
@@ -128,7 +128,7 @@ def test_a_tracking_store_that_cannot_be_opened_names_tracking_uri(pretrain_cli,
 
 
 def test_a_cluster_address_nothing_answers_at_fails_fast_and_leaves_nothing(pretrain_cli, tmp_path, corpus):
-    """`ray.init` would retry for minutes; the MLflow run, created while Ray starts, is deleted."""
+    """`ray.init` would retry for minutes; no MLflow run is left (none is made before Ray is up)."""
     import socket
 
     from tests.conftest import ROOT
@@ -159,7 +159,7 @@ def test_a_cluster_address_nothing_answers_at_fails_fast_and_leaves_nothing(pret
     client = MlflowClient(f"sqlite:///{tmp_path}/m.db")
     exp = client.get_experiment_by_name("pretrain")
     runs = client.search_runs([exp.experiment_id], run_view_type=3) if exp else []  # 3: all
-    assert runs and all(r.info.lifecycle_stage == "deleted" for r in runs)
+    assert all(r.info.lifecycle_stage == "deleted" for r in runs), runs
 
 
 def test_every_expected_failure_is_one_error_type():

@@ -235,7 +235,7 @@ def test_workers_start_while_the_mlflow_run_is_created(pretrain_cli, corpus, tmp
 
 @pytest.mark.slow
 def test_an_mlflow_run_that_fails_after_the_workers_started_leaves_no_run(pretrain_cli, corpus, tmp_path):
-    """Its error is the command's one message (exit 2), as when it fails while Ray starts; the ranks
+    """Its error is the command's one message (exit 2), as when it fails before any worker starts; the ranks
     stop before training and no run directory is left."""
     p, run_dir = _late_mlflow_run(pretrain_cli, corpus, tmp_path, "fail")
     assert p.returncode == 2, p.stderr[-3000:]
@@ -328,3 +328,35 @@ def test_the_embedded_cluster_retries_local_connects_every_tenth_of_a_second(tmp
         tmp_path,
     )
     assert out.split()[-2:] == ["100", "100"], out
+
+
+def test_ray_starts_alone_before_ray_train_and_mlflow_are_imported(corpus, tmp_path):
+    # Imports beside Ray's start slow its agents; the raylet then registers after the driver's first
+    # look, which Ray repeats only a second later (half the starts lost that second).
+    from tests.run_fixtures import tiny_run
+
+    sets = tiny_run(corpus, tmp_path, "alone", 1, tracking=True)
+    out = run_python(
+        f"""
+        import sys
+        import cluster.driver as driver
+        from trainer.config import load_config
+
+        real = driver.start_ray
+
+        def start_ray(cfg):
+            real(cfg)
+            print("after:", sorted(m for m in ("ray.train", "mlflow") if m in sys.modules), flush=True)
+            raise RuntimeError("stop here")
+
+        driver.start_ray = start_ray
+        cfg = load_config("configs/tiny-cpu.yaml", {sets!r})
+        try:
+            driver.run_training(cfg)
+        except RuntimeError as e:
+            print("stopped:", e)
+        """,
+        tmp_path,
+    )
+    assert "after: []" in out, out
+    assert "stopped: stop here" in out, out
