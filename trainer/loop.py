@@ -150,7 +150,7 @@ def after_step(t: Trainer, step: int, losses: list[torch.Tensor], waited: float,
     if t.started_at is None:
         first_step_done(t, cleanup)
     metrics = t.gc.maybe_collect(done)
-    preempted = t.preemption.should_stop(t.device, check_now=t.logger.due(step))
+    preempted = t.preemption.should_stop(check_now=t.logger.due(step))
     metrics.update(t.logger.maybe_log(step))
     metrics.update(evaluate(t, done, last))
     if metrics:

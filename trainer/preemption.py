@@ -5,14 +5,13 @@ from __future__ import annotations
 import signal
 import threading
 
-import torch
-import torch.distributed as dist
+from trainer.session import any_rank
 
 
 class Preemption:
     """SIGTERM (a preempted node, `kill`, a scheduler's stop) asks for a checkpoint and a clean stop.
 
-    The handler only sets a flag; ranks agree on it with a MAX all-reduce at logged steps, so every
+    The handler only sets a flag; ranks agree on it (`any_rank`) at logged steps, so every
     rank saves the same step. A signal handler can only be installed from the main thread: where
     the loop runs elsewhere (a Ray Train worker thread) the launcher's own handling applies.
     """
@@ -27,14 +26,9 @@ class Preemption:
     def _handle(self, signum, frame) -> None:
         self.requested = True
 
-    def agreed(self, device: torch.device) -> bool:
-        flag = torch.tensor(float(self.requested), device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-    def should_stop(self, device: torch.device, check_now: bool) -> bool:
+    def should_stop(self, check_now: bool) -> bool:
         """Collective when `check_now` (the same steps on every rank): stop after this step?"""
-        return check_now and (self.agreed(device) or self._launcher_notice())
+        return check_now and (any_rank(self.requested) or self._launcher_notice())
 
     def restore(self) -> None:
         if self._previous is not None:

@@ -130,3 +130,22 @@ def session_from_env() -> Session:
         local_rank=int(env.get("LOCAL_RANK", 0)),
         local_world_size=int(env.get("LOCAL_WORLD_SIZE", 1)),
     )
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether `flag` holds on some rank (collective: one all-reduce of one number)."""
+    return _agreed(flag, dist.ReduceOp.MAX)
+
+
+def every_rank(flag: bool) -> bool:
+    """Whether `flag` holds on every rank (collective: one all-reduce of one number)."""
+    return _agreed(flag, dist.ReduceOp.MIN)
+
+
+def _agreed(flag: bool, op: dist.ReduceOp) -> bool:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([int(flag)], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=op)
+    return bool(t.item())

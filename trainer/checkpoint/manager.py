@@ -40,7 +40,6 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 from trainer.checkpoint import deepspeed_save
@@ -49,6 +48,7 @@ from trainer.checkpoint.store import COMMIT, MissingObject, ObjectStoreError, St
 from trainer.config import CheckpointConfig
 from trainer.errors import PretrainError
 from trainer.fsutil import sha256_file, write_json_atomic
+from trainer.session import every_rank
 
 log = logging.getLogger("pretrain")
 
@@ -88,17 +88,6 @@ def _parallel(fn, items: list) -> list:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
-
-def _all_ranks(flag: bool) -> bool:
-    """Whether `flag` holds on every rank: one all-reduce of a single number, cheap enough for
-    every step boundary."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return flag
-    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
-    t = torch.tensor([int(flag)], dtype=torch.int32, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
 
 
 def _gather(obj) -> list:
@@ -388,7 +377,7 @@ class CheckpointManager:
             return None
         if wait:
             job.join()
-        if not _all_ranks(job.done()):
+        if not every_rank(job.done()):
             return None
         self._in_flight, self._host_buffers = None, job.buffers
         try:
