@@ -14,10 +14,9 @@ import os
 
 # Ray's config switches (`RAY_<key>` in the environment) for an embedded cluster: no idle workers
 # prestarted for the driver (Ray Train's actors run in a runtime env of their own and never use
-# them); no metrics export (there is no dashboard or Prometheus to read it; its agent took ~1% of a
-# core while training); and local socket connects retried every 0.1 s instead of every 1 s, as
-# often (the same 10 s budget): the raylet's first connect to its object store often comes before
-# the store listens, which cost half the starts a whole second.
+# them); no metrics export (nothing reads an embedded cluster's: no dashboard, no Prometheus); and
+# local connects retried every 0.1 s instead of Ray's 1 s, ten times as often (the same 10 s
+# budget): the raylet's first connect to its object store often comes before the store listens.
 EMBEDDED_SYSTEM_CONFIG = {
     "prestart_worker_first_driver": False,
     "enable_metrics_collection": False,
