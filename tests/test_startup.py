@@ -265,6 +265,8 @@ dist.destroy_process_group()
 
 
 def _rank_env(rank: int, port: int) -> str:
+    from cluster.backend import loopback_interface
+
     return json.dumps(
         {
             "RANK": str(rank),
@@ -272,7 +274,7 @@ def _rank_env(rank: int, port: int) -> str:
             "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(port),
             "PRETRAIN_STORE_BIND": "127.0.0.1",
-            "GLOO_SOCKET_IFNAME": "lo",
+            "GLOO_SOCKET_IFNAME": loopback_interface(),
         }
     )
 
@@ -332,7 +334,7 @@ def test_the_embedded_cluster_retries_local_connects_every_tenth_of_a_second(tmp
 
 def test_ray_starts_alone_before_ray_train_and_mlflow_are_imported(corpus, tmp_path):
     # Imports beside Ray's start slow its agents; the raylet then registers after the driver's first
-    # look, which Ray repeats only a second later (half the starts lost that second).
+    # look, which Ray repeats only a second later.
     from tests.run_fixtures import tiny_run
 
     sets = tiny_run(corpus, tmp_path, "alone", 1, tracking=True)
