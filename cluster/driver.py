@@ -314,7 +314,7 @@ def _record_mlflow_run(cfg: Config, run_dir: Path, mlflow_run: Future) -> str:
         write_run_record(run_dir, {**read_run_record(run_dir), MLFLOW_ERROR: str(e)})
         raise
     write_run_record(run_dir, {**read_run_record(run_dir), "mlflow_run_id": mlflow_run_id})
-    EventLog(str(run_dir)).write("mlflow_run_created")  # overlaps Ray's start and the workers'
+    EventLog(str(run_dir)).write("mlflow_run_created")  # while the worker group starts
     _announce_mlflow_run(cfg, run_dir, mlflow_run_id)
     return mlflow_run_id
 
